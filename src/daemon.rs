@@ -1,0 +1,122 @@
+//! The daemon: an actix system on a multi-threaded tokio runtime hosting each enabled role as a
+//! supervised component, the metrics endpoint, and orderly shutdown on SIGTERM/SIGINT.
+
+use crate::config::Config;
+use crate::metrics::{Metrics, MetricsError};
+use crate::supervisor::{self, ComponentFactory, RestartPolicy};
+use crate::ComponentContext;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How long components get to flush and persist after a shutdown signal.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(9);
+
+/// What keeps the daemon from running.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot listen for {signal}: {source}")]
+    Signal {
+        signal: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs the roles `config` enables until SIGTERM/SIGINT or `shutdown` is cancelled.
+pub fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("pleiades")
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    let system = actix_rt::System::with_tokio_rt(move || runtime);
+    system.block_on(run_roles(Arc::new(config), shutdown))
+}
+
+/// The body of [`run`], inside the actix system.
+pub async fn run_roles(
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
+    let metrics = Arc::new(Metrics::new()?);
+    let (metrics_addr, metrics_server) = metrics
+        .clone()
+        .serve(config.metrics.listen, shutdown.clone())
+        .await?;
+    spawn_signal_listener(shutdown.clone())?;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        metrics = %metrics_addr,
+        roles = ?config.roles(),
+        "pleiades started"
+    );
+
+    let context = ComponentContext {
+        config: config.clone(),
+        metrics,
+        shutdown: shutdown.clone(),
+    };
+    let mut running = Vec::new();
+    if config.ingest.enabled {
+        let factory: ComponentFactory = Arc::new(|ctx| {
+            Box::pin(async move { crate::ingest::run(ctx).await.map_err(Into::into) })
+        });
+        running.push(supervisor::start(
+            "ingest",
+            factory,
+            context.clone(),
+            RestartPolicy::default(),
+        ));
+    }
+    if config.aggregate.enabled {
+        tracing::warn!(
+            "the aggregate role is enabled but not part of this version; it does not run"
+        );
+    }
+    if config.web.enabled {
+        tracing::warn!("the web role is enabled but not part of this version; it does not run");
+    }
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    for component in running {
+        match tokio::time::timeout_at(deadline, component.done).await {
+            Ok(_) => {}
+            Err(_) => tracing::error!(
+                component = component.name,
+                "did not stop within the grace period"
+            ),
+        }
+        drop(component.addr);
+    }
+    let _ = tokio::time::timeout_at(deadline, metrics_server).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn spawn_signal_listener(shutdown: CancellationToken) -> Result<(), DaemonError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|source| DaemonError::Signal {
+        signal: "SIGTERM",
+        source,
+    })?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|source| DaemonError::Signal {
+        signal: "SIGINT",
+        source,
+    })?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutdown requested"),
+            _ = int.recv() => tracing::info!(signal = "SIGINT", "shutdown requested"),
+            _ = shutdown.cancelled() => {}
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}

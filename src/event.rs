@@ -1,0 +1,234 @@
+//! The recentchange event as Pleiades sees it: validity, event time, canaries and SSE ids.
+//!
+//! Every role that looks inside an event goes through this module, so there is exactly one parser
+//! for the event time and one for the SSE id.
+
+use serde::Deserialize;
+use std::borrow::Cow;
+
+/// Milliseconds in one UTC day; `day = floor(epoch_ms / DAY_MS)` (SPEC §5).
+pub const DAY_MS: i64 = 86_400_000;
+
+/// Why an event cannot be counted. The reason strings are metric label values and quarantine
+/// fields, so they are short, stable and lowercase.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("data is not JSON: {0}")]
+    NotJson(String),
+    #[error("data is not a JSON object")]
+    NotObject,
+    #[error("meta is not an object or a field has the wrong type: {0}")]
+    BadMeta(String),
+    #[error("meta.dt is missing")]
+    MissingTime,
+    #[error("meta.dt {value:?} is not an RFC 3339 time: {reason}")]
+    BadTime { value: String, reason: String },
+}
+
+impl Invalid {
+    /// The label used for this kind of problem in metrics and quarantine records.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Invalid::NotJson(_) => "not_json",
+            Invalid::NotObject => "not_object",
+            Invalid::BadMeta(_) => "bad_meta",
+            Invalid::MissingTime => "missing_dt",
+            Invalid::BadTime { .. } => "bad_dt",
+        }
+    }
+}
+
+/// What the ingester needs to know about an event, borrowed from its JSON text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventHead<'a> {
+    /// `meta.id`, the key for dropping repeats; absent in a few malformed events.
+    pub id: Option<Cow<'a, str>>,
+    /// `meta.dt` in milliseconds since the epoch.
+    pub time_ms: i64,
+    /// True for Wikimedia's liveness heartbeats (`meta.domain == "canary"`), which are never counted.
+    pub canary: bool,
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    meta: Option<Meta<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Meta<'a> {
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    dt: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    domain: Option<Cow<'a, str>>,
+}
+
+/// Checks that `data` is a valid event (a JSON object with a parsable `meta.dt`, SPEC §4) and
+/// returns its head. Only the three `meta` fields are materialised; everything else is skipped.
+pub fn inspect(data: &str) -> Result<EventHead<'_>, Invalid> {
+    // serde would happily read a struct from a JSON array, so the object check comes first.
+    if !data.trim_start().starts_with('{') {
+        return Err(match serde_json::from_str::<serde::de::IgnoredAny>(data) {
+            Ok(_) => Invalid::NotObject,
+            Err(e) => Invalid::NotJson(e.to_string()),
+        });
+    }
+    let envelope: Envelope<'_> = serde_json::from_str(data).map_err(|e| {
+        if e.is_data() {
+            Invalid::BadMeta(e.to_string())
+        } else {
+            Invalid::NotJson(e.to_string())
+        }
+    })?;
+    let meta = envelope.meta.ok_or(Invalid::MissingTime)?;
+    let dt = meta.dt.ok_or(Invalid::MissingTime)?;
+    let time_ms = parse_time_ms(&dt)?;
+    let canary = meta.domain.as_deref() == Some("canary");
+    Ok(EventHead {
+        id: meta.id,
+        time_ms,
+        canary,
+    })
+}
+
+/// Parses an event time (`2022-12-11T04:27:02Z`, `…:48.988Z`, `…+00:00`) into epoch milliseconds.
+pub fn parse_time_ms(dt: &str) -> Result<i64, Invalid> {
+    chrono::DateTime::parse_from_rfc3339(dt)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| Invalid::BadTime {
+            value: dt.to_owned(),
+            reason: e.to_string(),
+        })
+}
+
+/// The UTC epoch day of an event time in milliseconds.
+pub fn epoch_day(time_ms: i64) -> i64 {
+    time_ms.div_euclid(DAY_MS)
+}
+
+/// An SSE `id:` that is not the JSON array of Kafka positions EventStreams sends.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("SSE id {id:?} is not a JSON array of positions: {reason}")]
+pub struct BadStreamId {
+    pub id: String,
+    pub reason: String,
+}
+
+/// Returns `id` with every position's `timestamp` moved back by `rewind_ms`, keeping every other
+/// field (topic, partition, offset) as it was. EventStreams resumes at the earliest message whose
+/// timestamp is at or after the one asked for, and timestamps are not monotonic, so resuming
+/// exactly at the last id could skip messages (SPEC §8).
+pub fn rewind_stream_id(id: &str, rewind_ms: i64) -> Result<String, BadStreamId> {
+    let bad = |reason: String| BadStreamId {
+        id: id.to_owned(),
+        reason,
+    };
+    let mut positions: Vec<serde_json::Map<String, serde_json::Value>> =
+        serde_json::from_str(id).map_err(|e| bad(e.to_string()))?;
+    for position in &mut positions {
+        if let Some(ts) = position.get_mut("timestamp") {
+            let millis = ts
+                .as_i64()
+                .ok_or_else(|| bad(format!("timestamp {ts} is not an integer")))?;
+            *ts = serde_json::Value::from(millis.saturating_sub(rewind_ms).max(0));
+        }
+    }
+    serde_json::to_string(&positions).map_err(|e| bad(e.to_string()))
+}
+
+/// The largest position timestamp in an SSE id, if it carries any.
+pub fn stream_id_timestamp_ms(id: &str) -> Option<i64> {
+    let positions: Vec<serde_json::Map<String, serde_json::Value>> =
+        serde_json::from_str(id).ok()?;
+    positions
+        .iter()
+        .filter_map(|p| p.get("timestamp").and_then(|t| t.as_i64()))
+        .max()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inspects_all_three_time_formats() {
+        for (dt, ms) in [
+            ("2022-12-11T04:27:02Z", 1_670_732_822_000),
+            ("2026-06-20T15:49:48.988Z", 1_781_970_588_988),
+            ("2018-03-07T16:16:17+00:00", 1_520_439_377_000),
+        ] {
+            let data =
+                format!(r#"{{"meta":{{"id":"x","dt":"{dt}","domain":"en.wikipedia.org"}}}}"#);
+            let head = inspect(&data).unwrap();
+            assert_eq!(head.time_ms, ms, "{dt}");
+            assert!(!head.canary);
+            assert_eq!(head.id.as_deref(), Some("x"));
+        }
+    }
+
+    #[test]
+    fn classifies_invalid_events() {
+        assert_eq!(inspect("not json").unwrap_err().reason(), "not_json");
+        assert_eq!(inspect("[1,2]").unwrap_err().reason(), "not_object");
+        assert_eq!(inspect("42").unwrap_err().reason(), "not_object");
+        assert_eq!(inspect("{}").unwrap_err().reason(), "missing_dt");
+        assert_eq!(inspect(r#"{"meta":5}"#).unwrap_err().reason(), "bad_meta");
+        assert_eq!(
+            inspect(r#"{"meta":{"dt":"yesterday"}}"#)
+                .unwrap_err()
+                .reason(),
+            "bad_dt"
+        );
+        assert_eq!(
+            inspect(r#"{"meta":{"dt":"2022-12-11T04:27:02Z"}"#)
+                .unwrap_err()
+                .reason(),
+            "not_json"
+        );
+    }
+
+    #[test]
+    fn recognises_canaries() {
+        let data = r#"{"meta":{"id":"c","dt":"2024-01-01T00:00:00Z","domain":"canary"}}"#;
+        assert!(inspect(data).unwrap().canary);
+    }
+
+    #[test]
+    fn every_recorded_event_is_valid() {
+        for file in [
+            "recentchange-2022-2026.jsonl",
+            "recentchange-2018-wikidata.jsonl",
+        ] {
+            let path = format!(
+                "{}/../shared/data/events/{file}",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let text = std::fs::read_to_string(&path).unwrap();
+            for (n, line) in text.lines().enumerate() {
+                let head = inspect(line).unwrap_or_else(|e| panic!("{file}:{}: {e}", n + 1));
+                assert!(head.id.is_some(), "{file}:{} has no meta.id", n + 1);
+            }
+        }
+    }
+
+    #[test]
+    fn epoch_day_floors_before_1970_too() {
+        assert_eq!(epoch_day(1_670_732_822_000), 19_337);
+        assert_eq!(epoch_day(-1), -1);
+    }
+
+    #[test]
+    fn rewinds_timestamps_and_keeps_offsets() {
+        let id = r#"[{"topic":"eqiad.mediawiki.recentchange","partition":0,"timestamp":1781970588989},{"topic":"codfw.mediawiki.recentchange","partition":0,"offset":-1}]"#;
+        let rewound = rewind_stream_id(id, 10_000).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&rewound).unwrap();
+        assert_eq!(v[0]["timestamp"], 1_781_970_578_989_i64);
+        assert_eq!(v[0]["topic"], "eqiad.mediawiki.recentchange");
+        assert_eq!(v[1]["offset"], -1);
+        assert_eq!(stream_id_timestamp_ms(id), Some(1_781_970_588_989));
+        assert!(rewind_stream_id("nope", 1).is_err());
+        assert!(rewind_stream_id(r#"[{"timestamp":"x"}]"#, 1).is_err());
+    }
+}

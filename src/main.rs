@@ -1,0 +1,196 @@
+//! The `pleiades` binary: parses arguments, loads the configuration, runs the library.
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use pleiades::config::{self, ConfigError, LogFormat, Overrides, Role, Sources};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+/// Turns the live edit stream of every Wikimedia wiki into trustworthy statistics.
+#[derive(Debug, Parser)]
+#[command(name = "pleiades", version, about)]
+struct Cli {
+    /// Configuration file (default: ./pleiades.toml if present, else built-in defaults).
+    #[arg(long, short = 'c', global = true)]
+    config: Option<PathBuf>,
+    /// Log errors only.
+    #[arg(long, short = 'q', global = true)]
+    quiet: bool,
+    /// Log debug detail.
+    #[arg(long, short = 'v', global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate the configuration: exit 0 when usable, else print every problem and exit 2.
+    CheckConfig,
+    /// Run only the ingest role (the original personality and flags).
+    Ingest(LegacyFlags),
+    /// Run only the aggregate role (the original personality and flags).
+    Aggregate(LegacyFlags),
+    /// Run only the web role (the original personality and flags).
+    Frontend(LegacyFlags),
+    /// Serve recorded events as an EventStreams-compatible SSE endpoint.
+    Replay(pleiades::replay::ReplayOptions),
+}
+
+/// The original command-line flags; each overrides its configuration key.
+#[derive(Debug, Args)]
+struct LegacyFlags {
+    /// Enable the filesystem publisher (ingest.publisher = "file").
+    #[arg(long = "file.enable")]
+    file_enable: bool,
+    /// The directory to publish events to (file.dir).
+    #[arg(long = "file.publishDir")]
+    file_publish_dir: Option<PathBuf>,
+    /// Enable the Kafka publisher (ingest.publisher = "kafka").
+    #[arg(long = "kafka.enable")]
+    kafka_enable: bool,
+    /// The Kafka broker to connect to (kafka.brokers).
+    #[arg(long = "kafka.broker")]
+    kafka_broker: Option<String>,
+    /// The Kafka topic to publish to (kafka.topic).
+    #[arg(long = "kafka.topic")]
+    kafka_topic: Option<String>,
+    /// The port to serve Prometheus metrics on (the port of metrics.listen).
+    #[arg(long = "metricsPort")]
+    metrics_port: Option<u16>,
+    /// Resume from the last delivered event id (ingest.resume); `-r=false` starts at "now".
+    #[arg(short = 'r', long = "resume", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    resume: Option<bool>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("pleiades: {error:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    let (role, flags, check_only) = match cli.command {
+        Some(Command::Replay(options)) => return run_replay(options, cli.quiet, cli.verbose),
+        Some(Command::CheckConfig) => (None, None, true),
+        Some(Command::Ingest(f)) => (Some(Role::Ingest), Some(f), false),
+        Some(Command::Aggregate(f)) => (Some(Role::Aggregate), Some(f), false),
+        Some(Command::Frontend(f)) => (Some(Role::Web), Some(f), false),
+        None => (None, None, false),
+    };
+    let mut overrides = Overrides {
+        only_role: role,
+        quiet: cli.quiet,
+        verbose: cli.verbose,
+        ..Overrides::default()
+    };
+    if let Some(f) = flags {
+        overrides.file_enable = f.file_enable;
+        overrides.kafka_enable = f.kafka_enable;
+        overrides.file_dir = f.file_publish_dir;
+        overrides.kafka_broker = f.kafka_broker;
+        overrides.kafka_topic = f.kafka_topic;
+        overrides.metrics_port = f.metrics_port;
+        overrides.resume = f.resume;
+    }
+    let default_file = Path::new("pleiades.toml");
+    let file = cli
+        .config
+        .clone()
+        .or_else(|| default_file.exists().then(|| default_file.to_owned()));
+    let sources = Sources {
+        file: file.as_deref(),
+        env: std::env::vars().collect(),
+        overrides,
+    };
+    let config = match config::load(&sources) {
+        Ok(config) => config,
+        Err(error) => {
+            let origin = file
+                .as_deref()
+                .map_or("built-in defaults".to_owned(), |p| p.display().to_string());
+            match &error {
+                ConfigError::Invalid(problems) => {
+                    eprintln!(
+                        "pleiades: {} problem(s) in the configuration ({origin}):",
+                        problems.len()
+                    );
+                    for problem in problems {
+                        eprintln!("  {problem}");
+                    }
+                }
+                ConfigError::Unreadable { .. } => eprintln!("pleiades: {error}"),
+            }
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if check_only {
+        let origin = file
+            .as_deref()
+            .map_or("built-in defaults".to_owned(), |p| p.display().to_string());
+        println!("configuration OK ({origin}); roles: {:?}", config.roles());
+        return Ok(ExitCode::SUCCESS);
+    }
+    init_logging(&config.log.level, config.log.format);
+    pleiades::daemon::run(config, CancellationToken::new()).context("pleiades stopped")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_replay(
+    options: pleiades::replay::ReplayOptions,
+    quiet: bool,
+    verbose: bool,
+) -> anyhow::Result<ExitCode> {
+    if quiet && verbose {
+        eprintln!("pleiades: -q and -v both given; choose one");
+        return Ok(ExitCode::from(2));
+    }
+    let level = if quiet {
+        "error"
+    } else if verbose {
+        "debug"
+    } else {
+        "info"
+    };
+    init_logging(level, LogFormat::Text);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let server = pleiades::replay::serve(options, shutdown.clone()).await?;
+        println!(
+            "replay listening on http://{}/v2/stream/recentchange",
+            server.addr
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("listening for SIGTERM")?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        shutdown.cancel();
+        let _ = server.task.await;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logging(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,299 @@
+//! Every Prometheus metric Pleiades exports, in one registry that is passed in, never global.
+//!
+//! Each role gets a typed handle; no other module defines a metric. Names of SPEC §7 keep their
+//! original meaning; new ones follow Prometheus conventions.
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use warp::Filter;
+
+/// Why the metrics could not be built or served.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("registering metric: {0}")]
+    Register(#[from] prometheus::Error),
+    #[error("cannot listen for /metrics on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The registry and a handle per role.
+pub struct Metrics {
+    registry: Registry,
+    pub ingest: IngestMetrics,
+    pub file_bus: FileBusMetrics,
+    pub supervisor: SupervisorMetrics,
+}
+
+/// Metrics of the ingester: what arrived from upstream and what became of it.
+#[derive(Clone)]
+pub struct IngestMetrics {
+    /// `pleiades_recv_events_total`: events parsed from upstream.
+    pub events: IntCounter,
+    /// `pleiades_recv_event_lines_total`: raw lines read from upstream.
+    pub lines: IntCounter,
+    /// `pleiades_recv_errors_total`: connection, HTTP and stream errors.
+    pub errors: IntCounter,
+    pub canaries: IntCounter,
+    pub duplicates: IntCounter,
+    pub oversize: IntCounter,
+    pub quarantined: IntCounterVec,
+    pub connects: IntCounter,
+    pub disconnects: IntCounterVec,
+    pub connected: IntGauge,
+    pub bytes: IntCounter,
+    pub last_event_time: Arc<AtomicI64>,
+    pub last_event_timestamp: Gauge,
+    pub dedupe_window: IntGauge,
+}
+
+/// Metrics of the event-file bus.
+#[derive(Clone)]
+pub struct FileBusMetrics {
+    /// `pleiades_file_publish_events_total`: events written to segment files.
+    pub events: IntCounter,
+    /// `pleiades_file_publish_errors_total`: failed writes (each retried until it succeeds).
+    pub errors: IntCounter,
+    pub bytes: IntCounter,
+    pub fsync_seconds: Histogram,
+    pub segments: IntCounter,
+    pub quarantine_bytes: IntCounter,
+}
+
+/// Metrics of the actor supervisor.
+#[derive(Clone)]
+pub struct SupervisorMetrics {
+    /// `pleiades_goroutine_restarts{component}`: restarts of each kind of actor after a failure.
+    pub restarts: IntCounterVec,
+}
+
+impl Metrics {
+    /// Builds every metric and registers it.
+    pub fn new() -> Result<Self, MetricsError> {
+        let registry = Registry::new();
+        let r = &registry;
+        let last_event_time = Arc::new(AtomicI64::new(0));
+        let ingest = IngestMetrics {
+            events: counter(r, "pleiades_recv_events_total", "Total number of parsed events received from upstream")?,
+            lines: counter(r, "pleiades_recv_event_lines_total", "Total number of raw lines read from upstream, regardless of whether they become part of an event object")?,
+            errors: counter(r, "pleiades_recv_errors_total", "Total number of errors encountered by the consumer")?,
+            canaries: counter(r, "pleiades_recv_canary_events_total", "Canary (liveness heartbeat) events received from upstream; never counted")?,
+            duplicates: counter(r, "pleiades_recv_duplicate_events_total", "Events dropped because their meta.id was already delivered")?,
+            oversize: counter(r, "pleiades_recv_oversize_events_total", "Events dropped because a line or the data exceeded ingest.max_event_bytes")?,
+            quarantined: counter_vec(r, "pleiades_quarantined_events_total", "Invalid events written to quarantine, by reason", &["reason"])?,
+            connects: counter(r, "pleiades_ingest_connects_total", "Connections opened to upstream that answered 200")?,
+            disconnects: counter_vec(r, "pleiades_ingest_disconnects_total", "Connection attempts or connections that ended, by reason", &["reason"])?,
+            connected: gauge(r, "pleiades_ingest_connected", "1 while a stream from upstream is open, else 0")?,
+            bytes: counter(r, "pleiades_recv_bytes_total", "Bytes received from upstream")?,
+            last_event_timestamp: float_gauge(r, "pleiades_ingest_last_event_timestamp_seconds", "meta.dt of the newest event delivered to the bus, in seconds since the epoch")?,
+            last_event_time: last_event_time.clone(),
+            dedupe_window: gauge(r, "pleiades_ingest_dedupe_window_ids", "meta.ids currently remembered to drop repeats")?,
+        };
+        r.register(Box::new(EventAge::new(last_event_time)?))?;
+        let file_bus = FileBusMetrics {
+            events: counter(
+                r,
+                "pleiades_file_publish_events_total",
+                "Total number of events written to file by the filesystem publisher",
+            )?,
+            errors: counter(
+                r,
+                "pleiades_file_publish_errors_total",
+                "Total number of errors encountered while writing event files",
+            )?,
+            bytes: counter(
+                r,
+                "pleiades_file_publish_bytes_total",
+                "Bytes appended to event segment files",
+            )?,
+            fsync_seconds: histogram(
+                r,
+                "pleiades_file_publish_fsync_seconds",
+                "Time taken to sync event files to disk",
+                prometheus::exponential_buckets(0.0001, 4.0, 9)?,
+            )?,
+            segments: counter(
+                r,
+                "pleiades_file_publish_segments_total",
+                "Segment files opened for writing",
+            )?,
+            quarantine_bytes: counter(
+                r,
+                "pleiades_file_quarantine_bytes_total",
+                "Bytes appended to the quarantine file",
+            )?,
+        };
+        let supervisor = SupervisorMetrics {
+            restarts: counter_vec(
+                r,
+                "pleiades_goroutine_restarts",
+                "Total numbers of restarts of component actors after a failure",
+                &["component"],
+            )?,
+        };
+        Ok(Metrics {
+            registry,
+            ingest,
+            file_bus,
+            supervisor,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec only fails on metric families that cannot exist here.
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .is_err()
+        {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Serves `/metrics` on `addr` until `shutdown` fires; returns the bound address at once.
+    pub async fn serve(
+        self: Arc<Self>,
+        addr: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), MetricsError> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| MetricsError::Bind { addr, source })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| MetricsError::Bind { addr, source })?;
+        let route = warp::path("metrics").and(warp::path::end()).map(move || {
+            warp::reply::with_header(
+                self.render(),
+                "content-type",
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+        });
+        let server = warp::serve(route)
+            .incoming(listener)
+            .graceful(async move { shutdown.cancelled().await })
+            .run();
+        Ok((bound, tokio::spawn(server)))
+    }
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
+    let c = IntCounter::with_opts(Opts::new(name, help))?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn counter_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, prometheus::Error> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
+    let g = IntGauge::with_opts(Opts::new(name, help))?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn float_gauge(r: &Registry, name: &str, help: &str) -> Result<Gauge, prometheus::Error> {
+    let g = Gauge::with_opts(Opts::new(name, help))?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    buckets: Vec<f64>,
+) -> Result<Histogram, prometheus::Error> {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+    r.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+/// `pleiades_ingest_last_event_age_seconds`, computed when scraped so that it keeps growing while
+/// nothing arrives (a stored gauge would freeze at its last value exactly when it matters).
+struct EventAge {
+    last_ms: Arc<AtomicI64>,
+    gauge: Gauge,
+}
+
+impl EventAge {
+    fn new(last_ms: Arc<AtomicI64>) -> Result<Self, prometheus::Error> {
+        let gauge = Gauge::with_opts(Opts::new(
+            "pleiades_ingest_last_event_age_seconds",
+            "Age (now minus meta.dt) of the newest event delivered to the bus; 0 before the first",
+        ))?;
+        Ok(EventAge { last_ms, gauge })
+    }
+}
+
+impl Collector for EventAge {
+    fn desc(&self) -> Vec<&Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let last = self.last_ms.load(Ordering::Relaxed);
+        let age = if last == 0 {
+            0.0
+        } else {
+            (chrono::Utc::now().timestamp_millis() - last) as f64 / 1000.0
+        };
+        self.gauge.set(age);
+        self.gauge.collect()
+    }
+}
+
+impl IngestMetrics {
+    /// Records the event time of the newest event delivered to the bus.
+    pub fn delivered_event_time(&self, time_ms: i64) {
+        let newest = self
+            .last_event_time
+            .fetch_max(time_ms, Ordering::Relaxed)
+            .max(time_ms);
+        self.last_event_timestamp.set(newest as f64 / 1000.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_spec_names() {
+        let m = Metrics::new().unwrap();
+        m.supervisor.restarts.with_label_values(&["ingest"]).inc();
+        m.ingest.delivered_event_time(1_000_000);
+        let text = m.render();
+        for name in [
+            "pleiades_recv_events_total",
+            "pleiades_recv_event_lines_total",
+            "pleiades_recv_errors_total",
+            "pleiades_goroutine_restarts{component=\"ingest\"} 1",
+            "pleiades_file_publish_events_total",
+            "pleiades_file_publish_errors_total",
+            "pleiades_ingest_last_event_age_seconds",
+        ] {
+            assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! Supervision: each component runs under an actix actor that restarts it, with exponential
+//! backoff, whenever it fails, and counts every restart.
+//!
+//! The component itself is a plain `async fn` returning `Result`. It runs as its own tokio task,
+//! so a panic inside it surfaces here as a failed join (a restart), never as the end of the
+//! actor system. Actix restarts an actor only when the actor stops itself, so a failure stops
+//! the actor and `restarting` + `started` run the component again after the backoff.
+
+use crate::metrics::SupervisorMetrics;
+use crate::ComponentContext;
+use actix::prelude::*;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// The error a component returns to its supervisor.
+pub type ComponentError = Box<dyn std::error::Error + Send + Sync>;
+/// A running component.
+pub type ComponentFuture = Pin<Box<dyn Future<Output = Result<(), ComponentError>> + Send>>;
+/// Builds a fresh run of a component; called once per (re)start.
+pub type ComponentFactory = Arc<dyn Fn(ComponentContext) -> ComponentFuture + Send + Sync>;
+
+/// How quickly a failing component is restarted.
+#[derive(Debug, Clone, Copy)]
+pub struct RestartPolicy {
+    /// Delay before the first restart; it doubles with every further failure.
+    pub initial: Duration,
+    /// The longest delay.
+    pub max: Duration,
+    /// A run at least this long counts as stable: the next failure starts the backoff afresh.
+    pub stable_after: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(60),
+            stable_after: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RestartPolicy {
+    /// The wait before run number `failures + 1`, after `failures` failures in a row.
+    pub fn delay(&self, failures: u32) -> Duration {
+        if failures == 0 {
+            return Duration::ZERO;
+        }
+        let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(30));
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+}
+
+/// The actor that owns one component's lifecycle.
+pub struct Supervised {
+    name: &'static str,
+    factory: ComponentFactory,
+    context: ComponentContext,
+    metrics: SupervisorMetrics,
+    policy: RestartPolicy,
+    failures: u32,
+    started_at: Instant,
+    done: Option<oneshot::Sender<()>>,
+}
+
+/// A started component: keep `addr` alive as long as it should be restarted; `done` resolves
+/// once it has stopped for good (after shutdown).
+pub struct Running {
+    pub name: &'static str,
+    pub addr: Addr<Supervised>,
+    pub done: oneshot::Receiver<()>,
+}
+
+/// Starts `factory` under supervision on the current actix arbiter.
+pub fn start(
+    name: &'static str,
+    factory: ComponentFactory,
+    context: ComponentContext,
+    policy: RestartPolicy,
+) -> Running {
+    let (tx, rx) = oneshot::channel();
+    let metrics = context.metrics.supervisor.clone();
+    // Create the label now so that a healthy component shows 0 restarts rather than nothing.
+    metrics.restarts.with_label_values(&[name]);
+    let addr = actix::Supervisor::start(move |_| Supervised {
+        name,
+        factory,
+        context,
+        metrics,
+        policy,
+        failures: 0,
+        started_at: Instant::now(),
+        done: Some(tx),
+    });
+    Running {
+        name,
+        addr,
+        done: rx,
+    }
+}
+
+impl Supervised {
+    fn finish(&mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(());
+        }
+    }
+
+    fn on_exit(
+        &mut self,
+        result: Result<Result<(), ComponentError>, tokio::task::JoinError>,
+        ctx: &mut Context<Self>,
+    ) {
+        let error = match result {
+            Ok(Ok(())) => {
+                tracing::info!(component = self.name, "component stopped");
+                self.finish();
+                return;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(join) if join.is_panic() => format!("panicked: {join}"),
+            Err(join) => format!("was cancelled: {join}"),
+        };
+        if self.context.shutdown.is_cancelled() {
+            tracing::warn!(component = self.name, %error, "component failed while shutting down");
+            self.finish();
+            return;
+        }
+        if self.started_at.elapsed() >= self.policy.stable_after {
+            self.failures = 0;
+        }
+        self.failures += 1;
+        self.metrics.restarts.with_label_values(&[self.name]).inc();
+        tracing::error!(
+            component = self.name,
+            %error,
+            failures = self.failures,
+            restart_in = ?self.policy.delay(self.failures),
+            "component failed; restarting"
+        );
+        ctx.stop();
+    }
+}
+
+impl Actor for Supervised {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if self.context.shutdown.is_cancelled() {
+            self.finish();
+            return;
+        }
+        let delay = self.policy.delay(self.failures);
+        let run = (self.factory)(self.context.clone());
+        let shutdown = self.context.shutdown.clone();
+        self.started_at = Instant::now();
+        let task = tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            run.await
+        });
+        ctx.spawn(
+            task.into_actor(self)
+                .map(|result, act, ctx| act.on_exit(result, ctx)),
+        );
+    }
+}
+
+impl actix::Supervised for Supervised {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        tracing::debug!(component = self.name, "restarting");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use tokio_util::sync::CancellationToken;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let p = RestartPolicy {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+            stable_after: Duration::from_secs(60),
+        };
+        let delays: Vec<u64> = (0..7).map(|f| p.delay(f).as_millis() as u64).collect();
+        assert_eq!(delays, vec![0, 100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(p.delay(u32::MAX), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn failures_and_panics_are_restarted_and_counted() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let system = actix_rt::System::with_tokio_rt(move || runtime);
+        system.block_on(async {
+            let metrics = Arc::new(Metrics::new().unwrap());
+            let context = ComponentContext {
+                config: Arc::new(Config::default()),
+                metrics: metrics.clone(),
+                shutdown: CancellationToken::new(),
+            };
+            let runs = Arc::new(AtomicU32::new(0));
+            let counter = runs.clone();
+            let factory: ComponentFactory = Arc::new(move |ctx: ComponentContext| {
+                let n = counter.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async move {
+                    match n {
+                        0 => Err("first run fails".into()),
+                        1 => panic!("second run panics"),
+                        _ => {
+                            ctx.shutdown.cancel();
+                            Ok(())
+                        }
+                    }
+                })
+            });
+            let policy = RestartPolicy {
+                initial: Duration::from_millis(10),
+                max: Duration::from_millis(50),
+                stable_after: Duration::from_secs(60),
+            };
+            let running = start("test", factory, context, policy);
+            tokio::time::timeout(Duration::from_secs(10), running.done)
+                .await
+                .expect("the component finished")
+                .unwrap();
+            assert_eq!(runs.load(Ordering::SeqCst), 3);
+            assert_eq!(
+                metrics
+                    .supervisor
+                    .restarts
+                    .with_label_values(&["test"])
+                    .get(),
+                2
+            );
+        });
+    }
+}

@@ -1,0 +1,358 @@
+//! Test helpers: a scratch directory, free ports, the real daemon as a child process, an
+//! in-process replay upstream, deadline-bound waits, and an independent reading of the bus.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+pub const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/events");
+
+/// Everything one test owns: a directory and the processes and servers it started.
+pub struct TestScope {
+    pub dir: tempfile::TempDir,
+    children: Vec<Child>,
+    shutdown: CancellationToken,
+}
+
+impl TestScope {
+    pub fn new() -> Self {
+        TestScope {
+            dir: tempfile::tempdir().expect("a scratch directory"),
+            children: Vec::new(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A loopback port the OS says is free now.
+    pub fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port")
+    }
+
+    /// Starts `pleiades replay` in this process on a free port.
+    pub async fn replay(
+        &self,
+        options: pleiades::replay::ReplayOptions,
+    ) -> pleiades::replay::ReplayServer {
+        pleiades::replay::serve(options, self.shutdown.clone())
+            .await
+            .expect("replay starts")
+    }
+
+    /// Writes `config` as pleiades.toml in the scratch directory and starts the daemon on it.
+    pub fn write_config(&self, config: &str) -> PathBuf {
+        let path = self.path("pleiades.toml");
+        std::fs::write(&path, config).expect("config written");
+        path
+    }
+
+    /// Starts the real binary with `args` in the scratch directory; logs go to `daemon-N.log`.
+    pub fn spawn(&mut self, args: &[&str]) -> usize {
+        self.spawn_with_env(args, &[])
+    }
+
+    /// [`TestScope::spawn`] with extra environment variables.
+    pub fn spawn_with_env(&mut self, args: &[&str], env: &[(&str, &str)]) -> usize {
+        let log = self.path(&format!("daemon-{}.log", self.children.len()));
+        let log = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_pleiades"))
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("pleiades starts");
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
+    pub fn child(&mut self, n: usize) -> &mut Child {
+        &mut self.children[n]
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self, n: usize) {
+        let child = &mut self.children[n];
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Sends SIGTERM and returns the exit code, waiting at most `limit`.
+    pub fn terminate(&mut self, n: usize, limit: Duration) -> Option<i32> {
+        let child = &mut self.children[n];
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        let mut all = String::new();
+        for n in 0..self.children.len() {
+            all.push_str(
+                &std::fs::read_to_string(self.path(&format!("daemon-{n}.log"))).unwrap_or_default(),
+            );
+        }
+        all
+    }
+}
+
+impl Drop for TestScope {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Default replay options for a test: the given files, loopback port 0, no faults.
+pub fn replay_options(events: Vec<PathBuf>) -> pleiades::replay::ReplayOptions {
+    pleiades::replay::ReplayOptions {
+        events,
+        listen: "127.0.0.1:0".parse().expect("an address"),
+        cut_after: None,
+        rate: None,
+        step_ms: 10,
+        disorder_ms: 25,
+        heartbeat: Duration::from_millis(200),
+        throttle: 0,
+        retry_after: 1,
+        stall_after: None,
+        stall_connections: 1,
+        topic: "replay.mediawiki.recentchange".into(),
+    }
+}
+
+/// An ingest-only configuration pointed at `upstream`, quick to reconnect, metrics on a free port.
+pub fn ingest_config(upstream: SocketAddr, metrics_port: u16, extra: &str) -> String {
+    format!(
+        r#"
+[ingest]
+url = "http://{upstream}/v2/stream/recentchange"
+user_agent = "pleiades-tests/1.0 (test suite)"
+resume_rewind = "100ms"
+backoff_initial = "50ms"
+backoff_max = "500ms"
+stall_timeout = "5s"
+{extra}
+[aggregate]
+enabled = false
+[web]
+enabled = false
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+"#
+    )
+}
+
+/// Polls `check` until it returns Some, or panics with `what` after `limit`.
+pub async fn wait_until<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Scrapes /metrics until `metric` satisfies `accept`, or panics after `limit`.
+pub async fn wait_for_metric(
+    port: u16,
+    metric: &str,
+    limit: Duration,
+    accept: impl Fn(f64) -> bool,
+) -> f64 {
+    let deadline = Instant::now() + limit;
+    loop {
+        let value = scrape(port).await.and_then(|m| m.get(metric).copied());
+        if let Some(v) = value.filter(|v| accept(*v)) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {metric} (last: {value:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every bus line, in order, read independently of the library: (SSE id, meta.id).
+pub fn bus_lines(dir: &Path) -> Vec<(String, String)> {
+    let mut names: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+            .collect(),
+        Err(_) => return Vec::new(),
+    };
+    names.sort();
+    let mut lines = Vec::new();
+    for name in names {
+        let text = std::fs::read_to_string(&name).unwrap_or_default();
+        for line in text.split_inclusive('\n') {
+            if !line.ends_with('\n') {
+                continue; // a partial line does not count yet
+            }
+            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| {
+                panic!("{}: unreadable bus line {line:?}: {e}", name.display())
+            });
+            let id = v["id"].as_str().expect("id is a string").to_owned();
+            let meta_id = v["data"]["meta"]["id"]
+                .as_str()
+                .expect("meta.id")
+                .to_owned();
+            lines.push((id, meta_id));
+        }
+    }
+    lines
+}
+
+/// The meta.ids a clean pass over `lines` must deliver: valid events (a JSON object whose
+/// meta.dt parses), each id once. Computed here with serde_json and chrono-free parsing rules.
+pub fn expected_ids(lines: &[String]) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    let mut ids = Vec::new();
+    for line in lines {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let Some(dt) = v
+            .get("meta")
+            .and_then(|m| m.get("dt"))
+            .and_then(|d| d.as_str())
+        else {
+            continue;
+        };
+        if !looks_like_rfc3339(dt) {
+            continue;
+        }
+        let id = v["meta"]["id"]
+            .as_str()
+            .expect("test events carry meta.id")
+            .to_owned();
+        if seen.insert(id.clone()) {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
+fn looks_like_rfc3339(dt: &str) -> bool {
+    let b = dt.as_bytes();
+    b.len() >= 20 && b[4] == b'-' && b[7] == b'-' && b[10] == b'T' && b[13] == b':' && b[16] == b':'
+}
+
+/// Both recorded files, line by line.
+pub fn recorded_lines() -> Vec<String> {
+    let mut lines = Vec::new();
+    for file in [
+        "recentchange-2022-2026.jsonl",
+        "recentchange-2018-wikidata.jsonl",
+    ] {
+        let text = std::fs::read_to_string(Path::new(DATA).join(file)).expect("recorded events");
+        lines.extend(text.lines().map(str::to_owned));
+    }
+    lines
+}
+
+/// The recorded events with bad data mixed in: repeats, canaries, non-JSON, non-objects and
+/// events without a time. Returns the lines and how many of them are invalid.
+pub fn mixed_lines() -> (Vec<String>, usize) {
+    let recorded = recorded_lines();
+    let mut lines = Vec::new();
+    let mut invalid = 0;
+    for (n, line) in recorded.iter().enumerate() {
+        lines.push(line.clone());
+        match n % 500 {
+            7 => lines.push(recorded[n / 2].clone()), // a repeat of an earlier event
+            101 => {
+                lines.push(format!(r#"{{"meta":{{"id":"canary-{n}","dt":"2024-05-01T00:00:00Z","domain":"canary"}},"type":"edit"}}"#));
+            }
+            202 => {
+                lines.push(format!("not json at all {n}"));
+                invalid += 1;
+            }
+            303 => {
+                lines.push("[1,2,3]".to_owned());
+                invalid += 1;
+            }
+            404 => {
+                lines.push(format!(r#"{{"meta":{{"id":"no-dt-{n}"}},"type":"edit"}}"#));
+                invalid += 1;
+            }
+            _ => {}
+        }
+    }
+    (lines, invalid)
+}
+
+/// Scrapes /metrics and returns `name{labels} value` lines as a map.
+pub async fn scrape(port: u16) -> Option<HashMap<String, f64>> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    Some(
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
+            .filter_map(|(k, v)| v.parse().ok().map(|v| (k.to_owned(), v)))
+            .collect(),
+    )
+}
+
+/// Asserts the bus holds exactly `expected`, each once, in any order.
+pub fn assert_exactly_once(bus: &[(String, String)], expected: &[String]) {
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for (_, id) in bus {
+        *counts.entry(id.as_str()).or_default() += 1;
+    }
+    let doubled: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(doubled.is_empty(), "events doubled on the bus: {doubled:?}");
+    let missing: Vec<_> = expected
+        .iter()
+        .filter(|id| !counts.contains_key(id.as_str()))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "events missing from the bus: {missing:?} (bus has {})",
+        bus.len()
+    );
+    assert_eq!(
+        bus.len(),
+        expected.len(),
+        "the bus holds events that were not expected"
+    );
+}
