@@ -172,8 +172,17 @@ pub struct AggregateConfig {
     pub enabled: bool,
     /// The bus to read: `"file"` or `"kafka"`; unset means the same as `ingest.publisher`.
     pub source: Option<BusKind>,
-    /// Aggregator actors on this host (with Kafka: members of one consumer group).
+    /// Aggregator actors on this host (with Kafka: members of one consumer group). With event
+    /// files, worker `i` reads the segments whose number modulo `workers` is `i`.
     pub workers: usize,
+    /// A batch is written to the store once it covers this many events…
+    pub batch_events: usize,
+    /// …or once its oldest event has waited this long, whichever comes first.
+    #[serde(with = "humantime_serde")]
+    pub batch_delay: Duration,
+    /// How often an idle aggregator looks for new events.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
 }
 
 impl Default for AggregateConfig {
@@ -182,6 +191,9 @@ impl Default for AggregateConfig {
             enabled: true,
             source: None,
             workers: 2,
+            batch_events: 2000,
+            batch_delay: Duration::from_millis(500),
+            poll_interval: Duration::from_millis(100),
         }
     }
 }
@@ -618,6 +630,8 @@ impl Config {
             ("ingest.backoff_max", i.backoff_max),
             ("ingest.connect_timeout", i.connect_timeout),
             ("file.fsync_interval", self.file.fsync_interval),
+            ("aggregate.batch_delay", self.aggregate.batch_delay),
+            ("aggregate.poll_interval", self.aggregate.poll_interval),
         ] {
             if value.is_zero() {
                 bad(key, "must be longer than zero".into());
@@ -649,6 +663,29 @@ impl Config {
         }
         if self.aggregate.workers == 0 {
             bad("aggregate.workers", "must be at least 1".into());
+        }
+        if self.aggregate.batch_events == 0 {
+            bad("aggregate.batch_events", "must be at least 1".into());
+        }
+        if self.aggregate.enabled
+            && self.aggregate.source_or(self.ingest.publisher) == BusKind::Kafka
+        {
+            bad(
+                "aggregate.source",
+                "the Kafka bus is not available in this version; use \"file\"".into(),
+            );
+        }
+        if self.store.kind == StoreKind::Redis {
+            match reqwest::Url::parse(&self.redis.url) {
+                Ok(url) if url.scheme() == "redis" || url.scheme() == "rediss" => {}
+                _ => bad(
+                    "redis.url",
+                    format!(
+                        "{:?} is not a redis:// or rediss:// URL",
+                        crate::store::redis::redact(&self.redis.url)
+                    ),
+                ),
+            }
         }
         if self.kafka.topic.is_empty() {
             bad("kafka.topic", "must not be empty".into());

@@ -19,6 +19,8 @@ pub enum DaemonError {
     Metrics(#[from] MetricsError),
     #[error("cannot start the runtime: {0}")]
     Runtime(#[source] std::io::Error),
+    #[error("cannot open the counter store: {0}")]
+    Store(#[from] crate::store::StoreError),
     #[error("cannot listen for {signal}: {source}")]
     Signal {
         signal: &'static str,
@@ -74,9 +76,25 @@ pub async fn run_roles(
         ));
     }
     if config.aggregate.enabled {
-        tracing::warn!(
-            "the aggregate role is enabled but not part of this version; it does not run"
-        );
+        // One store handle for the whole process: the embedded database allows one opener.
+        let store = crate::store::Store::open(&config).await?;
+        for index in 0..config.aggregate.workers {
+            let store = store.clone();
+            let factory: ComponentFactory = Arc::new(move |ctx| {
+                let store = store.clone();
+                Box::pin(async move {
+                    crate::aggregate::run(ctx, store, index)
+                        .await
+                        .map_err(Into::into)
+                })
+            });
+            running.push(supervisor::start(
+                "aggregate",
+                factory,
+                context.clone(),
+                RestartPolicy::default(),
+            ));
+        }
     }
     if config.web.enabled {
         tracing::warn!("the web role is enabled but not part of this version; it does not run");

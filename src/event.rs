@@ -4,6 +4,7 @@
 //! for the event time and one for the SSE id.
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use std::borrow::Cow;
 
 /// Milliseconds in one UTC day; `day = floor(epoch_ms / DAY_MS)` (SPEC §5).
@@ -38,8 +39,9 @@ impl Invalid {
     }
 }
 
-/// What the ingester needs to know about an event, borrowed from its JSON text.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What Pleiades reads of an event, borrowed from its JSON text. The counted fields stay raw
+/// JSON here; `aggregate::counters` decides what they mean.
+#[derive(Debug, Clone)]
 pub struct EventHead<'a> {
     /// `meta.id`, the key for dropping repeats; absent in a few malformed events.
     pub id: Option<Cow<'a, str>>,
@@ -47,12 +49,27 @@ pub struct EventHead<'a> {
     pub time_ms: i64,
     /// True for Wikimedia's liveness heartbeats (`meta.domain == "canary"`), which are never counted.
     pub canary: bool,
+    pub wiki: Option<&'a RawValue>,
+    pub kind: Option<&'a RawValue>,
+    pub bot: Option<&'a RawValue>,
+    pub minor: Option<&'a RawValue>,
+    pub length: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
 struct Envelope<'a> {
     #[serde(borrow, default)]
     meta: Option<Meta<'a>>,
+    #[serde(borrow, default)]
+    wiki: Option<&'a RawValue>,
+    #[serde(borrow, default, rename = "type")]
+    kind: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    bot: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    minor: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    length: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -66,7 +83,7 @@ struct Meta<'a> {
 }
 
 /// Checks that `data` is a valid event (a JSON object with a parsable `meta.dt`, SPEC §4) and
-/// returns its head. Only the three `meta` fields are materialised; everything else is skipped.
+/// returns its head. Nothing is copied unless a string holds escapes; other fields are skipped.
 pub fn inspect(data: &str) -> Result<EventHead<'_>, Invalid> {
     // serde would happily read a struct from a JSON array, so the object check comes first.
     if !data.trim_start().starts_with('{') {
@@ -90,6 +107,11 @@ pub fn inspect(data: &str) -> Result<EventHead<'_>, Invalid> {
         id: meta.id,
         time_ms,
         canary,
+        wiki: envelope.wiki,
+        kind: envelope.kind,
+        bot: envelope.bot,
+        minor: envelope.minor,
+        length: envelope.length,
     })
 }
 

@@ -2,6 +2,7 @@
 //!
 //! The library does the work; `main.rs` only parses arguments. See ARCHITECTURE.md for the map.
 
+pub mod aggregate;
 pub mod bus;
 pub mod config;
 pub mod daemon;
@@ -9,6 +10,7 @@ pub mod event;
 pub mod ingest;
 pub mod metrics;
 pub mod replay;
+pub mod store;
 pub mod supervisor;
 
 use std::sync::Arc;

@@ -32,7 +32,26 @@ pub struct Metrics {
     registry: Registry,
     pub ingest: IngestMetrics,
     pub file_bus: FileBusMetrics,
+    pub aggregate: AggregateMetrics,
     pub supervisor: SupervisorMetrics,
+}
+
+/// Metrics of the aggregators and the store.
+#[derive(Clone)]
+pub struct AggregateMetrics {
+    /// `pleiades_aggregator_event_count_total`: events counted into the store.
+    pub events: IntCounter,
+    /// `pleiades_aggregator_message_lag_milliseconds`: age of events (now minus meta.dt) when counted.
+    pub lag_ms: Histogram,
+    pub skipped: IntCounterVec,
+    pub batch_events: Histogram,
+    pub apply_seconds: Histogram,
+    pub stale_batches: IntCounter,
+    pub store_errors: IntCounter,
+    pub position_bytes: IntGauge,
+    /// `pleiades_aggregator_caught_up_timestamp_seconds{worker}`: when the worker's latest pass
+    /// that counted everything on the bus began. Everything written before it is counted.
+    pub caught_up: prometheus::GaugeVec,
 }
 
 /// Metrics of the ingester: what arrived from upstream and what became of it.
@@ -90,7 +109,7 @@ impl Metrics {
             canaries: counter(r, "pleiades_recv_canary_events_total", "Canary (liveness heartbeat) events received from upstream; never counted")?,
             duplicates: counter(r, "pleiades_recv_duplicate_events_total", "Events dropped because their meta.id was already delivered")?,
             oversize: counter(r, "pleiades_recv_oversize_events_total", "Events dropped because a line or the data exceeded ingest.max_event_bytes")?,
-            quarantined: counter_vec(r, "pleiades_quarantined_events_total", "Invalid events written to quarantine, by reason", &["reason"])?,
+            quarantined: counter_vec(r, "pleiades_quarantined_events_total", "Invalid events written to quarantine, by role and reason", &["role", "reason"])?,
             connects: counter(r, "pleiades_ingest_connects_total", "Connections opened to upstream that answered 200")?,
             disconnects: counter_vec(r, "pleiades_ingest_disconnects_total", "Connection attempts or connections that ended, by reason", &["reason"])?,
             connected: gauge(r, "pleiades_ingest_connected", "1 while a stream from upstream is open, else 0")?,
@@ -133,6 +152,21 @@ impl Metrics {
                 "Bytes appended to the quarantine file",
             )?,
         };
+        let aggregate = AggregateMetrics {
+            events: counter(r, "pleiades_aggregator_event_count_total", "Total number of events aggregated")?,
+            lag_ms: histogram(r, "pleiades_aggregator_message_lag_milliseconds", "Age of events at aggregation (now minus meta.dt), in milliseconds", prometheus::exponential_buckets(10.0, 4.0, 12)?)?,
+            skipped: counter_vec(r, "pleiades_aggregator_skipped_events_total", "Events read from the bus and deliberately not counted, by reason", &["reason"])?,
+            batch_events: histogram(r, "pleiades_aggregator_batch_events", "Bus lines covered by one store batch", prometheus::exponential_buckets(1.0, 4.0, 9)?)?,
+            apply_seconds: histogram(r, "pleiades_store_apply_duration_seconds", "Time to apply one batch to the store", prometheus::exponential_buckets(0.0001, 4.0, 10)?)?,
+            stale_batches: counter(r, "pleiades_aggregator_stale_batches_total", "Batches the store refused because their source had moved on (replays after a crash, stale owners)")?,
+            store_errors: counter(r, "pleiades_store_errors_total", "Failed store operations")?,
+            position_bytes: gauge(r, "pleiades_aggregator_bus_position_bytes", "Byte position reached in the newest event segment")?,
+            caught_up: {
+                let g = prometheus::GaugeVec::new(Opts::new("pleiades_aggregator_caught_up_timestamp_seconds", "Start time of the worker's latest pass that counted every complete line on the bus; everything written before it is counted"), &["worker"])?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+        };
         let supervisor = SupervisorMetrics {
             restarts: counter_vec(
                 r,
@@ -145,6 +179,7 @@ impl Metrics {
             registry,
             ingest,
             file_bus,
+            aggregate,
             supervisor,
         })
     }

@@ -176,6 +176,42 @@ pub struct QuarantineRecord<'a> {
     pub data: &'a str,
 }
 
+/// An append-only quarantine file under `<file.dir>/quarantine/`.
+pub struct Quarantine {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl Quarantine {
+    /// The quarantine file `name` in the bus directory `dir`; created on first use.
+    pub fn new(dir: &Path, name: &str) -> Self {
+        Quarantine {
+            path: dir.join("quarantine").join(name),
+            file: None,
+        }
+    }
+
+    /// Appends one record and syncs it; returns the bytes written.
+    pub fn write(&mut self, record: &QuarantineRecord<'_>) -> Result<u64, FileBusError> {
+        let path = &self.path;
+        if self.file.is_none() {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+            }
+            let file = open_append(path)?;
+            cut_torn_line(&file, path)?;
+            self.file = Some(file);
+        }
+        let mut line = serde_json::to_vec(record).map_err(|e| io_err("encode", path)(e.into()))?;
+        line.push(b'\n');
+        if let Some(file) = self.file.as_mut() {
+            file.write_all(&line).map_err(io_err("append to", path))?;
+            file.sync_data().map_err(io_err("sync", path))?;
+        }
+        Ok(line.len() as u64)
+    }
+}
+
 /// The single writer of a bus directory.
 pub struct SegmentWriter {
     dir: PathBuf,
@@ -188,7 +224,7 @@ pub struct SegmentWriter {
     len: u64,
     dirty: bool,
     last_sync: Instant,
-    quarantine: Option<File>,
+    quarantine: Quarantine,
     metrics: FileBusMetrics,
 }
 
@@ -225,7 +261,7 @@ impl SegmentWriter {
             len,
             dirty: false,
             last_sync: Instant::now(),
-            quarantine: None,
+            quarantine: Quarantine::new(&config.dir, "quarantine.jsonl"),
             metrics,
         })
     }
@@ -285,21 +321,8 @@ impl SegmentWriter {
 
     /// Keeps an invalid event, with its reason, in the quarantine file.
     pub fn quarantine(&mut self, record: &QuarantineRecord<'_>) -> Result<(), FileBusError> {
-        let path = self.dir.join("quarantine").join("quarantine.jsonl");
-        if self.quarantine.is_none() {
-            let qdir = self.dir.join("quarantine");
-            std::fs::create_dir_all(&qdir).map_err(io_err("create directory", &qdir))?;
-            let file = open_append(&path)?;
-            cut_torn_line(&file, &path)?;
-            self.quarantine = Some(file);
-        }
-        let mut line = serde_json::to_vec(record).map_err(|e| io_err("encode", &path)(e.into()))?;
-        line.push(b'\n');
-        if let Some(file) = self.quarantine.as_mut() {
-            file.write_all(&line).map_err(io_err("append to", &path))?;
-            file.sync_data().map_err(io_err("sync", &path))?;
-        }
-        self.metrics.quarantine_bytes.inc_by(line.len() as u64);
+        let bytes = self.quarantine.write(record)?;
+        self.metrics.quarantine_bytes.inc_by(bytes);
         Ok(())
     }
 
@@ -324,6 +347,65 @@ impl SegmentWriter {
         self.len = 0;
         Ok(())
     }
+}
+
+/// Reads whole lines of one segment from a byte position, for aggregators and other readers.
+pub struct SegmentReader {
+    path: PathBuf,
+    file: File,
+    position: u64,
+    buf: Vec<u8>,
+}
+
+impl SegmentReader {
+    /// A reader of `path` starting at byte `position` (the start of a line).
+    pub fn open(path: &Path, position: u64) -> Result<Self, FileBusError> {
+        let file = File::open(path).map_err(io_err("open", path))?;
+        Ok(SegmentReader {
+            path: path.to_owned(),
+            file,
+            position,
+            buf: Vec::new(),
+        })
+    }
+
+    /// The position of the next unread line.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// The complete lines available now, about `want` bytes of them (more when one line is
+    /// longer), each ending in `\n`; empty when only a partial line (or nothing) follows.
+    pub fn read_lines(&mut self, want: usize) -> Result<&[u8], FileBusError> {
+        use std::os::unix::fs::FileExt;
+        self.buf.clear();
+        let mut chunk = want.max(4096);
+        loop {
+            let start = self.buf.len();
+            self.buf.resize(start + chunk, 0);
+            let n = self
+                .file
+                .read_at(&mut self.buf[start..], self.position + start as u64)
+                .map_err(io_err("read", &self.path))?;
+            self.buf.truncate(start + n);
+            if let Some(last) = self.buf.iter().rposition(|&b| b == b'\n') {
+                self.buf.truncate(last + 1);
+                self.position += self.buf.len() as u64;
+                return Ok(&self.buf);
+            }
+            if n == 0 {
+                // Only a partial line so far: it counts once its newline is written.
+                self.buf.clear();
+                return Ok(&self.buf);
+            }
+            chunk *= 2;
+        }
+    }
+}
+
+/// The sequence number in a segment file's name.
+pub fn segment_number(path: &Path) -> Option<u64> {
+    segment_seq(&path.file_name()?.to_string_lossy())
 }
 
 /// Opens (creating if needed) a file for appending; readable too, for torn-line repair.

@@ -298,7 +298,7 @@ impl Ingester {
                 Err(invalid) => {
                     self.metrics
                         .quarantined
-                        .with_label_values(&[invalid.reason()])
+                        .with_label_values(&["ingest", invalid.reason()])
                         .inc();
                     tracing::warn!(reason = invalid.reason(), error = %invalid, id = %event.id, "quarantined an invalid event");
                     self.writer.quarantine(&QuarantineRecord {

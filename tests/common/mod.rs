@@ -356,3 +356,272 @@ pub fn assert_exactly_once(bus: &[(String, String)], expected: &[String]) {
         "the bus holds events that were not expected"
     );
 }
+
+/// A real `redis-server` on a free loopback port, with AOF when asked, in the scratch directory.
+pub struct RedisServer {
+    pub port: u16,
+    dir: PathBuf,
+    aof: bool,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub async fn start(scope: &TestScope, aof: bool) -> RedisServer {
+        let dir = scope.path(&format!("redis-{}", TestScope::free_port()));
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        let mut server = RedisServer {
+            port: TestScope::free_port(),
+            dir,
+            aof,
+            child: None,
+        };
+        server.launch().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    async fn launch(&mut self) {
+        let port = self.port.to_string();
+        let mut args = vec![
+            "--port",
+            port.as_str(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--protected-mode",
+            "no",
+        ];
+        if self.aof {
+            args.extend(["--appendonly", "yes", "--appendfsync", "always"]);
+        }
+        let child = Command::new("redis-server")
+            .args(&args)
+            .current_dir(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts (apt-get install redis-server)");
+        self.child = Some(child);
+        let url = self.url();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.query(&["PING"]).await.is_some() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server at {url} did not answer"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// kill -9, then start again on the same port and directory (AOF replays what was synced).
+    pub async fn crash_and_restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.launch().await;
+    }
+
+    /// One command; None when the server does not answer.
+    pub async fn query(&self, args: &[&str]) -> Option<redis::Value> {
+        let client = redis::Client::open(self.url()).ok()?;
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query_async(&mut conn).await.ok()
+    }
+
+    /// `INFO commandstats` as command → calls.
+    pub async fn command_calls(&self) -> HashMap<String, u64> {
+        let Some(redis::Value::VerbatimString { text, .. } | redis::Value::SimpleString(text)) =
+            self.query(&["INFO", "commandstats"])
+                .await
+                .map(|v| match v {
+                    redis::Value::BulkString(b) => {
+                        redis::Value::SimpleString(String::from_utf8_lossy(&b).into_owned())
+                    }
+                    other => other,
+                })
+        else {
+            panic!("INFO commandstats answered");
+        };
+        text.lines()
+            .filter_map(|l| l.strip_prefix("cmdstat_"))
+            .filter_map(|l| {
+                let (name, rest) = l.split_once(':')?;
+                let calls = rest
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix("calls="))?
+                    .parse()
+                    .ok()?;
+                Some((name.to_owned(), calls))
+            })
+            .collect()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Counters per day and all-time, as the test computes them.
+#[derive(Debug, Default, PartialEq)]
+pub struct Expected {
+    pub days: std::collections::BTreeMap<i64, std::collections::BTreeMap<String, i64>>,
+    pub all_time: std::collections::BTreeMap<String, i64>,
+    pub events: u64,
+}
+
+/// An independent recomputation of SPEC §5 over the events a clean pass delivers: valid,
+/// non-canary, each meta.id once. Written from the contract, not from the library's code.
+pub fn oracle(lines: &[String]) -> Expected {
+    let mut expected = Expected::default();
+    let mut seen = std::collections::HashSet::new();
+    for line in lines {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if !v.is_object() {
+            continue;
+        }
+        let Some(dt) = v["meta"]["dt"].as_str() else {
+            continue;
+        };
+        let Ok(time) = chrono::DateTime::parse_from_rfc3339(dt) else {
+            continue;
+        };
+        if let Some(id) = v["meta"]["id"].as_str() {
+            if !seen.insert(id.to_owned()) {
+                continue;
+            }
+        }
+        if v["meta"]["domain"] == "canary" {
+            continue;
+        }
+        let day = time.timestamp_millis().div_euclid(86_400_000);
+        let mut add = |name: String, delta: i64| {
+            *expected
+                .days
+                .entry(day)
+                .or_default()
+                .entry(name.clone())
+                .or_default() += delta;
+            *expected.all_time.entry(name).or_default() += delta;
+        };
+        add("pleiades_total".into(), 1);
+        if let Some(wiki) = v["wiki"].as_str().filter(|w| !w.is_empty()) {
+            add(format!("pleiades_wiki_{wiki}"), 1);
+        }
+        match &v["type"] {
+            serde_json::Value::String(t) if !t.is_empty() => add(format!("pleiades_type_{t}"), 1),
+            serde_json::Value::Number(n) if n.is_i64() => add(format!("pleiades_type_{n}"), 1),
+            _ => {}
+        }
+        if v["bot"] == true {
+            add("pleiades_bot".into(), 1);
+        }
+        if v["minor"] == true {
+            add("pleiades_minor".into(), 1);
+        }
+        if let Some(length) = v["length"].as_object() {
+            let old = length.get("old").and_then(|x| x.as_i64()).unwrap_or(0);
+            let new = length.get("new").and_then(|x| x.as_i64()).unwrap_or(0);
+            if new > old {
+                add("pleiades_length_inc".into(), 1);
+            }
+            if new < old {
+                add("pleiades_length_dec".into(), 1);
+            }
+            add("pleiades_growth".into(), new - old);
+        }
+        expected.events += 1;
+    }
+    expected
+}
+
+/// Reads every day and the all-time counters from a store.
+pub async fn stored(store: &pleiades::store::Store) -> Expected {
+    let mut found = Expected::default();
+    for day in store.days().await.expect("days") {
+        let counters = store
+            .day(day)
+            .await
+            .expect("a day")
+            .expect("a listed day has data");
+        found.days.insert(day, counters);
+    }
+    found.all_time = store.all_time().await.expect("all-time");
+    found.events = found.all_time.get("pleiades_total").copied().unwrap_or(0) as u64;
+    found
+}
+
+/// Compares stored counters with the oracle, counter by counter, naming the first difference.
+pub fn assert_counters_equal(found: &Expected, expected: &Expected) {
+    assert_eq!(
+        found.days.keys().collect::<Vec<_>>(),
+        expected.days.keys().collect::<Vec<_>>(),
+        "days differ"
+    );
+    for (day, counters) in &expected.days {
+        let got = &found.days[day];
+        for (name, value) in counters {
+            assert_eq!(got.get(name), Some(value), "day {day}, counter {name}");
+        }
+        assert_eq!(
+            got.len(),
+            counters.len(),
+            "day {day} has unexpected counters"
+        );
+    }
+    assert_eq!(
+        found.all_time, expected.all_time,
+        "all-time counters differ"
+    );
+}
+
+/// `count` events made from the recorded ones, each with a new meta.id and a meta.dt spread over
+/// `days` days, so that volume tests exercise many days and never repeat an id.
+pub fn synthetic_events(count: usize, days: i64) -> Vec<String> {
+    let recorded = recorded_lines();
+    let base = 1_767_225_600_000_i64; // 2026-01-01T00:00:00Z
+    let span = days * 86_400_000;
+    (0..count)
+        .map(|i| {
+            let mut v: serde_json::Value =
+                serde_json::from_str(&recorded[i % recorded.len()]).expect("recorded JSON");
+            let ms = base + (i as i64 * 7_919_000) % span;
+            let dt = chrono::DateTime::from_timestamp_millis(ms)
+                .expect("a time")
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            v["meta"]["id"] = serde_json::Value::from(format!("synthetic-{i}"));
+            v["meta"]["dt"] = serde_json::Value::from(dt);
+            v.to_string()
+        })
+        .collect()
+}
+
+/// Writes events straight onto the file bus, as the ingester would, in one segment.
+pub fn write_bus(dir: &Path, events: &[String]) {
+    std::fs::create_dir_all(dir).expect("bus dir");
+    let mut text = String::new();
+    for (i, event) in events.iter().enumerate() {
+        text.push_str(&format!(
+            "{{\"id\":\"[{{\\\"offset\\\":{i}}}]\",\"data\":{event}}}\n"
+        ));
+    }
+    std::fs::write(dir.join("segment-00000000000000000001.jsonl"), text).expect("segment written");
+}

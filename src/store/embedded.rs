@@ -1,0 +1,169 @@
+//! The embedded store: one redb database file, for a single host.
+//!
+//! redb is a pure-Rust, crash-safe B-tree store with serialisable write transactions and
+//! copy-on-write commits: a batch and its position commit together or not at all, with no server
+//! to run and nothing to build from C. Tables: counters keyed by (day, name), all-time totals,
+//! the set of days (so listing days reads an index, not the counters), and source positions.
+
+use super::{Applied, Batch, Counters, StoreError};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const COUNTERS: TableDefinition<(i64, &str), i64> = TableDefinition::new("counters");
+const ALL_TIME: TableDefinition<&str, i64> = TableDefinition::new("all_time");
+const DAYS: TableDefinition<i64, u64> = TableDefinition::new("days");
+const POSITIONS: TableDefinition<&str, u64> = TableDefinition::new("positions");
+
+/// A handle to the database file; cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    path: Arc<PathBuf>,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the database at `path`.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let owned = path.to_owned();
+        let err = |e: String| StoreError::Embedded {
+            path: path.display().to_string(),
+            message: e,
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| err(e.to_string()))?;
+        }
+        let db = tokio::task::spawn_blocking(move || -> Result<Database, redb::Error> {
+            let db = Database::create(&owned)?;
+            // Create every table up front so that readers never meet a missing one.
+            let txn = db.begin_write()?;
+            txn.open_table(COUNTERS)?;
+            txn.open_table(ALL_TIME)?;
+            txn.open_table(DAYS)?;
+            txn.open_table(POSITIONS)?;
+            txn.commit()?;
+            Ok(db)
+        })
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .map_err(|e| err(e.to_string()))?;
+        Ok(EmbeddedStore {
+            db: Arc::new(db),
+            path: Arc::new(path.to_owned()),
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Database) -> Result<T, redb::Error> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        let path = self.path.display().to_string();
+        let result = tokio::task::spawn_blocking(move || work(&db)).await;
+        match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(StoreError::Embedded {
+                path,
+                message: e.to_string(),
+            }),
+            Err(e) => Err(StoreError::Embedded {
+                path,
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    pub async fn position(&self, source: &str) -> Result<u64, StoreError> {
+        let source = source.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(POSITIONS)?;
+            Ok(table.get(source.as_str())?.map_or(0, |v| v.value()))
+        })
+        .await
+    }
+
+    pub async fn apply(&self, batch: &Batch) -> Result<Applied, StoreError> {
+        let batch = batch.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_write()?;
+            {
+                let mut positions = txn.open_table(POSITIONS)?;
+                let stored = positions
+                    .get(batch.source.as_str())?
+                    .map_or(0, |v| v.value());
+                if stored != batch.start {
+                    drop(positions);
+                    txn.abort()?;
+                    return Ok(Applied::Stale { stored });
+                }
+                positions.insert(batch.source.as_str(), batch.end)?;
+                let mut counters = txn.open_table(COUNTERS)?;
+                let mut days = txn.open_table(DAYS)?;
+                for (day, values) in &batch.tally.days {
+                    let mut events = 0;
+                    for (name, delta) in values {
+                        let key = (*day, name.as_str());
+                        let current = counters.get(key)?.map_or(0, |v| v.value());
+                        counters.insert(key, current + delta)?;
+                        if name == crate::aggregate::counters::TOTAL {
+                            events = *delta;
+                        }
+                    }
+                    let seen = days.get(*day)?.map_or(0, |v| v.value());
+                    days.insert(*day, seen + events as u64)?;
+                }
+                let mut all_time = txn.open_table(ALL_TIME)?;
+                for (name, delta) in &batch.tally.all_time {
+                    let current = all_time.get(name.as_str())?.map_or(0, |v| v.value());
+                    all_time.insert(name.as_str(), current + delta)?;
+                }
+            }
+            txn.commit()?;
+            Ok(Applied::Counted)
+        })
+        .await
+    }
+
+    pub async fn days(&self) -> Result<Vec<i64>, StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(DAYS)?;
+            let mut days = Vec::new();
+            for entry in table.iter()? {
+                days.push(entry?.0.value());
+            }
+            Ok(days)
+        })
+        .await
+    }
+
+    pub async fn day(&self, day: i64) -> Result<Option<Counters>, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(COUNTERS)?;
+            let mut counters = Counters::new();
+            // Keys sort by day first, so one day is one contiguous range.
+            for entry in table.range((day, "")..(day.saturating_add(1), ""))? {
+                let (key, value) = entry?;
+                counters.insert(key.value().1.to_owned(), value.value());
+            }
+            Ok((!counters.is_empty()).then_some(counters))
+        })
+        .await
+    }
+
+    pub async fn all_time(&self) -> Result<Counters, StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(ALL_TIME)?;
+            let mut counters = Counters::new();
+            for entry in table.iter()? {
+                let (key, value) = entry?;
+                counters.insert(key.value().to_owned(), value.value());
+            }
+            Ok(counters)
+        })
+        .await
+    }
+}

@@ -1,0 +1,234 @@
+//! The aggregate role over the whole single-host pipeline (`pleiades replay` → ingest → event
+//! files → aggregators → store), for both stores, against an independent recomputation; through
+//! kill -9 of the daemon and a Redis crash; and the Redis command budget per event.
+
+mod common;
+
+use common::*;
+use rand::{Rng, SeedableRng};
+use std::time::Duration;
+
+enum StoreChoice {
+    Embedded,
+    /// The Redis URL.
+    Redis(String),
+}
+
+fn pipeline_config(upstream: std::net::SocketAddr, metrics: u16, store: &StoreChoice) -> String {
+    let store = match store {
+        StoreChoice::Embedded => {
+            "[store]\nkind = \"embedded\"\npath = \"counters.db\"\n".to_owned()
+        }
+        StoreChoice::Redis(url) => format!("[store]\nkind = \"redis\"\n[redis]\nurl = \"{url}\"\n"),
+    };
+    ingest_config(upstream, metrics, "[file]\nsegment_bytes = 262144\n")
+        .replace("[aggregate]\nenabled = false", "[aggregate]\nenabled = true\nworkers = 2\nbatch_events = 500\nbatch_delay = \"100ms\"\npoll_interval = \"20ms\"")
+        + &store
+}
+
+async fn read_store(scope: &TestScope, choice: &StoreChoice) -> Expected {
+    let mut config = pleiades::config::Config::default();
+    match choice {
+        StoreChoice::Embedded => config.store.path = scope.path("counters.db"),
+        StoreChoice::Redis(url) => {
+            config.store.kind = pleiades::config::StoreKind::Redis;
+            config.redis.url = url.clone();
+        }
+    }
+    let store = pleiades::store::Store::open(&config)
+        .await
+        .expect("store opens");
+    stored(&store).await
+}
+
+async fn whole_pipeline(choice: StoreChoice) {
+    let mut scope = TestScope::new();
+    let (lines, _) = mixed_lines();
+    let expected = oracle(&lines);
+    let events = scope.path("upstream.jsonl");
+    std::fs::write(&events, lines.join("\n")).unwrap();
+    let mut options = replay_options(vec![events]);
+    options.cut_after = Some(300);
+    let upstream = scope.replay(options).await.addr;
+    let metrics = TestScope::free_port();
+    scope.write_config(&pipeline_config(upstream, metrics, &choice));
+    let daemon = scope.spawn(&["--config", "pleiades.toml"]);
+    let counted = wait_for_metric(
+        metrics,
+        "pleiades_aggregator_event_count_total",
+        Duration::from_secs(120),
+        |v| v >= expected.events as f64,
+    )
+    .await;
+    assert_eq!(counted, expected.events as f64);
+    assert_eq!(scope.terminate(daemon, Duration::from_secs(10)), Some(0));
+    let found = read_store(&scope, &choice).await;
+    assert_counters_equal(&found, &expected);
+    let segments = bus_segment_count(&scope.path("events"));
+    assert!(
+        segments >= 2,
+        "both workers had segments to read ({segments})"
+    );
+    println!(
+        "{} events counted exactly, {} days, {} counters all-time, {segments} segments",
+        expected.events,
+        expected.days.len(),
+        expected.all_time.len()
+    );
+}
+
+fn bus_segment_count(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "jsonl"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_pipeline_counts_exactly_into_the_embedded_store() {
+    whole_pipeline(StoreChoice::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_pipeline_counts_exactly_into_redis() {
+    let scope = TestScope::new();
+    let redis = RedisServer::start(&scope, false).await;
+    whole_pipeline(StoreChoice::Redis(redis.url())).await;
+}
+
+/// Kills the daemon with SIGKILL at random moments while it ingests and aggregates; with Redis,
+/// also crashes Redis (AOF on) once midway.
+async fn crash_repeatedly(choice: StoreChoice, mut redis_crash: Option<&mut RedisServer>) {
+    let mut scope = TestScope::new();
+    let lines = recorded_lines();
+    let expected = oracle(&lines);
+    let events = scope.path("upstream.jsonl");
+    std::fs::write(&events, lines.join("\n")).unwrap();
+    let mut options = replay_options(vec![events]);
+    options.cut_after = Some(300);
+    options.rate = Some(1200.0);
+    let upstream = scope.replay(options).await.addr;
+    let metrics = TestScope::free_port();
+    scope.write_config(&pipeline_config(upstream, metrics, &choice));
+
+    let seed: u64 = rand::thread_rng().gen();
+    println!("kill -9 schedule seed: {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let bus = scope.path("events");
+    let mut daemon = scope.spawn(&["--config", "pleiades.toml"]);
+    let mut kills = 0;
+    while kills < 10 {
+        let have = bus_lines(&bus).len();
+        let target = (have + rng.gen_range(1..350)).min(lines.len() - 1);
+        wait_until(Duration::from_secs(60), "ingest progress", || {
+            (bus_lines(&bus).len() >= target).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_micros(rng.gen_range(0..30_000))).await;
+        scope.kill9(daemon);
+        kills += 1;
+        if kills == 5 {
+            if let Some(redis) = redis_crash.as_deref_mut() {
+                redis.crash_and_restart().await;
+                println!("redis crashed and restarted after kill {kills}");
+            }
+        }
+        daemon = scope.spawn(&["--config", "pleiades.toml"]);
+    }
+    if let Some(redis) = redis_crash {
+        // And once more while the daemon is running and aggregating.
+        wait_for_metric(
+            metrics,
+            "pleiades_aggregator_event_count_total",
+            Duration::from_secs(60),
+            |v| v > 0.0,
+        )
+        .await;
+        redis.crash_and_restart().await;
+    }
+    wait_until(Duration::from_secs(120), "every event on the bus", || {
+        (bus_lines(&bus).len() >= lines.len()).then_some(())
+    })
+    .await;
+    wait_until_counted(metrics, 2).await;
+    assert_eq!(scope.terminate(daemon, Duration::from_secs(10)), Some(0));
+    let found = read_store(&scope, &choice).await;
+    assert_counters_equal(&found, &expected);
+    println!(
+        "{kills} kills: {} events counted exactly once",
+        found.events
+    );
+}
+
+/// Waits until every aggregator has begun a full pass after now: all that the bus holds now is
+/// then counted.
+async fn wait_until_counted(metrics: u16, workers: usize) {
+    let now = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
+    for worker in 0..workers {
+        let name =
+            format!("pleiades_aggregator_caught_up_timestamp_seconds{{worker=\"{worker}\"}}");
+        wait_for_metric(metrics, &name, Duration::from_secs(120), |t| t > now).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_aggregation_keeps_embedded_counters_exact() {
+    crash_repeatedly(StoreChoice::Embedded, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_and_a_redis_crash_keep_redis_counters_exact() {
+    let scope = TestScope::new();
+    let mut redis = RedisServer::start(&scope, true).await;
+    let url = redis.url();
+    crash_repeatedly(StoreChoice::Redis(url), Some(&mut redis)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_commands_per_event_stay_under_budget() {
+    let mut scope = TestScope::new();
+    let redis = RedisServer::start(&scope, false).await;
+    let events = synthetic_events(100_000, 40);
+    let expected = oracle(&events);
+    write_bus(&scope.path("events"), &events);
+    let metrics = TestScope::free_port();
+    scope.write_config(&format!(
+        "[ingest]\nenabled = false\n[aggregate]\nworkers = 2\n[web]\nenabled = false\n[store]\nkind = \"redis\"\n[redis]\nurl = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
+        redis.url()
+    ));
+    redis
+        .query(&["CONFIG", "RESETSTAT"])
+        .await
+        .expect("resetstat");
+    let started = std::time::Instant::now();
+    let daemon = scope.spawn(&["--config", "pleiades.toml"]);
+    wait_for_metric(
+        metrics,
+        "pleiades_aggregator_event_count_total",
+        Duration::from_secs(180),
+        |v| v >= 100_000.0,
+    )
+    .await;
+    let elapsed = started.elapsed();
+    let calls = redis.command_calls().await;
+    assert_eq!(scope.terminate(daemon, Duration::from_secs(10)), Some(0));
+    let total: u64 = calls
+        .iter()
+        .filter(|(name, _)| !name.starts_with("info") && !name.starts_with("config"))
+        .map(|(_, n)| n)
+        .sum();
+    let per_event = total as f64 / 100_000.0;
+    println!(
+        "100000 events in {elapsed:?}: {total} Redis commands, {per_event:.4} per event: {calls:?}"
+    );
+    assert!(per_event <= 0.05, "{per_event} commands per event");
+    assert!(
+        !calls.keys().any(|c| c == "keys" || c == "scan"),
+        "the keyspace was scanned: {calls:?}"
+    );
+    let found = read_store(&scope, &StoreChoice::Redis(redis.url())).await;
+    assert_counters_equal(&found, &expected);
+}
