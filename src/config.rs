@@ -251,6 +251,14 @@ pub struct WebConfig {
     pub enabled: bool,
     /// Address of the REST API, the dashboard and the health endpoints.
     pub listen: SocketAddr,
+    /// How long a day's counters may be served from memory before the store is read again.
+    /// Batches counted by this process refresh the cache at once; this bounds the delay for
+    /// batches counted on other hosts.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+    /// How often live updates are pushed to open dashboards (when something changed).
+    #[serde(with = "humantime_serde")]
+    pub live_interval: Duration,
 }
 
 impl Default for WebConfig {
@@ -258,6 +266,8 @@ impl Default for WebConfig {
         WebConfig {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            cache_ttl: Duration::from_secs(1),
+            live_interval: Duration::from_secs(1),
         }
     }
 }
@@ -632,6 +642,7 @@ impl Config {
             ("file.fsync_interval", self.file.fsync_interval),
             ("aggregate.batch_delay", self.aggregate.batch_delay),
             ("aggregate.poll_interval", self.aggregate.poll_interval),
+            ("web.live_interval", self.web.live_interval),
         ] {
             if value.is_zero() {
                 bad(key, "must be longer than zero".into());

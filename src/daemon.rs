@@ -75,9 +75,13 @@ pub async fn run_roles(
             RestartPolicy::default(),
         ));
     }
-    if config.aggregate.enabled {
-        // One store handle for the whole process: the embedded database allows one opener.
-        let store = crate::store::Store::open(&config).await?;
+    // One store handle for the whole process: the embedded database allows one opener.
+    let store = if config.aggregate.enabled || config.web.enabled {
+        Some(crate::store::Store::open(&config).await?)
+    } else {
+        None
+    };
+    if let Some(store) = store.clone().filter(|_| config.aggregate.enabled) {
         for index in 0..config.aggregate.workers {
             let store = store.clone();
             let factory: ComponentFactory = Arc::new(move |ctx| {
@@ -96,8 +100,17 @@ pub async fn run_roles(
             ));
         }
     }
-    if config.web.enabled {
-        tracing::warn!("the web role is enabled but not part of this version; it does not run");
+    if let Some(store) = store.filter(|_| config.web.enabled) {
+        let factory: ComponentFactory = Arc::new(move |ctx| {
+            let store = store.clone();
+            Box::pin(async move { crate::web::run(ctx, store).await.map_err(Into::into) })
+        });
+        running.push(supervisor::start(
+            "web",
+            factory,
+            context.clone(),
+            RestartPolicy::default(),
+        ));
     }
 
     shutdown.cancelled().await;

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod replay;
 pub mod store;
 pub mod supervisor;
+pub mod web;
 
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;

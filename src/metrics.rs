@@ -33,7 +33,22 @@ pub struct Metrics {
     pub ingest: IngestMetrics,
     pub file_bus: FileBusMetrics,
     pub aggregate: AggregateMetrics,
+    pub web: WebMetrics,
     pub supervisor: SupervisorMetrics,
+}
+
+/// Metrics of the web role.
+#[derive(Clone)]
+pub struct WebMetrics {
+    /// `pleiades_web_http_response_total{path,status}`.
+    pub responses: IntCounterVec,
+    /// `pleiades_web_http_duration_seconds{path}`.
+    pub duration: prometheus::HistogramVec,
+    /// `pleiades_web_counter_marshal_duration_seconds`: turning counters into a JSON body.
+    pub marshal: Histogram,
+    pub cache_hits: IntCounter,
+    pub cache_misses: IntCounter,
+    pub live_clients: IntGauge,
 }
 
 /// Metrics of the aggregators and the store.
@@ -167,6 +182,47 @@ impl Metrics {
                 g
             },
         };
+        let web = WebMetrics {
+            responses: counter_vec(
+                r,
+                "pleiades_web_http_response_total",
+                "Total number of HTTP responses by path and status code",
+                &["path", "status"],
+            )?,
+            duration: {
+                let h = prometheus::HistogramVec::new(
+                    HistogramOpts::new(
+                        "pleiades_web_http_duration_seconds",
+                        "Time taken to generate responses, by path",
+                    )
+                    .buckets(prometheus::exponential_buckets(0.0001, 3.0, 12)?),
+                    &["path"],
+                )?;
+                r.register(Box::new(h.clone()))?;
+                h
+            },
+            marshal: histogram(
+                r,
+                "pleiades_web_counter_marshal_duration_seconds",
+                "Time taken to marshal JSON for response bodies",
+                prometheus::exponential_buckets(0.00001, 3.0, 12)?,
+            )?,
+            cache_hits: counter(
+                r,
+                "pleiades_web_cache_hits_total",
+                "Counter responses served from the in-memory cache",
+            )?,
+            cache_misses: counter(
+                r,
+                "pleiades_web_cache_misses_total",
+                "Counter responses built from the store",
+            )?,
+            live_clients: gauge(
+                r,
+                "pleiades_web_live_clients",
+                "Open live-update (server-sent events) connections",
+            )?,
+        };
         let supervisor = SupervisorMetrics {
             restarts: counter_vec(
                 r,
@@ -180,6 +236,7 @@ impl Metrics {
             ingest,
             file_bus,
             aggregate,
+            web,
             supervisor,
         })
     }

@@ -153,6 +153,26 @@ impl EmbeddedStore {
         .await
     }
 
+    pub async fn range(&self, from: i64, to: i64) -> Result<Vec<(i64, Counters)>, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(COUNTERS)?;
+            let mut days: Vec<(i64, Counters)> = Vec::new();
+            for entry in table.range((from, "")..(to.saturating_add(1), ""))? {
+                let (key, value) = entry?;
+                let (day, name) = key.value();
+                match days.last_mut() {
+                    Some((last, counters)) if *last == day => {
+                        counters.insert(name.to_owned(), value.value());
+                    }
+                    _ => days.push((day, Counters::from([(name.to_owned(), value.value())]))),
+                }
+            }
+            Ok(days)
+        })
+        .await
+    }
+
     pub async fn all_time(&self) -> Result<Counters, StoreError> {
         self.blocking(|db| {
             let txn = db.begin_read()?;

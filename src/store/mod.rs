@@ -12,7 +12,11 @@ pub mod redis;
 
 use crate::aggregate::counters::Tally;
 use crate::config::{Config, StoreKind};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+/// The key [`Store::generation`] uses for the all-time counters.
+pub const ALL_TIME_DAY: i64 = i64::MIN;
 
 /// Counters by name, in name order.
 pub type Counters = BTreeMap<String, i64>;
@@ -44,69 +48,117 @@ pub enum StoreError {
     Embedded { path: String, message: String },
 }
 
-/// The configured store.
+/// The configured store, and what this process changed in it.
 #[derive(Clone)]
-pub enum Store {
+pub struct Store {
+    backend: Backend,
+    changes: Arc<Changes>,
+}
+
+#[derive(Clone)]
+enum Backend {
     Embedded(embedded::EmbeddedStore),
     Redis(redis::RedisStore),
+}
+
+/// Change counters for the days this process's batches touched, so that readers in the same
+/// process (the web role's cache) see their own writes at once. Writes from other hosts are not
+/// seen here; readers bound their staleness by time for those.
+#[derive(Default)]
+struct Changes {
+    days: Mutex<HashMap<i64, u64>>,
 }
 
 impl Store {
     /// Opens the store `config.store.kind` names.
     pub async fn open(config: &Config) -> Result<Store, StoreError> {
-        Ok(match config.store.kind {
+        let backend = match config.store.kind {
             StoreKind::Embedded => {
-                Store::Embedded(embedded::EmbeddedStore::open(&config.store.path).await?)
+                Backend::Embedded(embedded::EmbeddedStore::open(&config.store.path).await?)
             }
-            StoreKind::Redis => Store::Redis(redis::RedisStore::open(&config.redis.url)?),
+            StoreKind::Redis => Backend::Redis(redis::RedisStore::open(&config.redis.url)?),
+        };
+        Ok(Store {
+            backend,
+            changes: Arc::default(),
         })
+    }
+
+    /// How many batches of this process touched `day`; all-time is [`ALL_TIME_DAY`].
+    pub fn generation(&self, day: i64) -> u64 {
+        self.changes
+            .days
+            .lock()
+            .map(|days| days.get(&day).copied().unwrap_or(0))
+            .unwrap_or(0)
     }
 
     /// The next position to read from `source` (0 when it was never read).
     pub async fn position(&self, source: &str) -> Result<u64, StoreError> {
-        match self {
-            Store::Embedded(s) => s.position(source).await,
-            Store::Redis(s) => s.position(source).await,
+        match &self.backend {
+            Backend::Embedded(s) => s.position(source).await,
+            Backend::Redis(s) => s.position(source).await,
         }
     }
 
     /// Applies `batch` atomically with its position, or refuses it whole.
     pub async fn apply(&self, batch: &Batch) -> Result<Applied, StoreError> {
-        match self {
-            Store::Embedded(s) => s.apply(batch).await,
-            Store::Redis(s) => s.apply(batch).await,
+        let applied = match &self.backend {
+            Backend::Embedded(s) => s.apply(batch).await?,
+            Backend::Redis(s) => s.apply(batch).await?,
+        };
+        if applied == Applied::Counted && !batch.tally.is_empty() {
+            if let Ok(mut days) = self.changes.days.lock() {
+                for day in batch
+                    .tally
+                    .days
+                    .keys()
+                    .chain(std::iter::once(&ALL_TIME_DAY))
+                {
+                    *days.entry(*day).or_default() += 1;
+                }
+            }
         }
+        Ok(applied)
     }
 
     /// The epoch days that have data, ascending.
     pub async fn days(&self) -> Result<Vec<i64>, StoreError> {
-        match self {
-            Store::Embedded(s) => s.days().await,
-            Store::Redis(s) => s.days().await,
+        match &self.backend {
+            Backend::Embedded(s) => s.days().await,
+            Backend::Redis(s) => s.days().await,
         }
     }
 
     /// One day's counters; `None` when the day has no data.
     pub async fn day(&self, day: i64) -> Result<Option<Counters>, StoreError> {
-        match self {
-            Store::Embedded(s) => s.day(day).await,
-            Store::Redis(s) => s.day(day).await,
+        match &self.backend {
+            Backend::Embedded(s) => s.day(day).await,
+            Backend::Redis(s) => s.day(day).await,
+        }
+    }
+
+    /// The counters of every day with data in `from..=to`, ascending.
+    pub async fn range(&self, from: i64, to: i64) -> Result<Vec<(i64, Counters)>, StoreError> {
+        match &self.backend {
+            Backend::Embedded(s) => s.range(from, to).await,
+            Backend::Redis(s) => s.range(from, to).await,
         }
     }
 
     /// All-time counters.
     pub async fn all_time(&self) -> Result<Counters, StoreError> {
-        match self {
-            Store::Embedded(s) => s.all_time().await,
-            Store::Redis(s) => s.all_time().await,
+        match &self.backend {
+            Backend::Embedded(s) => s.all_time().await,
+            Backend::Redis(s) => s.all_time().await,
         }
     }
 
     /// Checks that the store answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        match self {
-            Store::Embedded(_) => Ok(()),
-            Store::Redis(s) => s.ping().await,
+        match &self.backend {
+            Backend::Embedded(_) => Ok(()),
+            Backend::Redis(s) => s.ping().await,
         }
     }
 }

@@ -168,6 +168,29 @@ impl RedisStore {
         Ok((!values.is_empty()).then(|| values.into_iter().collect()))
     }
 
+    pub async fn range(&self, from: i64, to: i64) -> Result<Vec<(i64, Counters)>, StoreError> {
+        let mut conn = self.conn().await?;
+        let days: Vec<i64> = conn
+            .zrangebyscore(DAYS, from, to)
+            .await
+            .map_err(|e| self.err(e))?;
+        if days.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One round trip for all the days.
+        let mut pipe = redis::pipe();
+        for day in &days {
+            pipe.hgetall(day_key(*day));
+        }
+        let values: Vec<HashMap<String, i64>> =
+            pipe.query_async(&mut conn).await.map_err(|e| self.err(e))?;
+        Ok(days
+            .into_iter()
+            .zip(values)
+            .map(|(day, counters)| (day, counters.into_iter().collect()))
+            .collect())
+    }
+
     pub async fn all_time(&self) -> Result<Counters, StoreError> {
         let mut conn = self.conn().await?;
         let values: HashMap<String, i64> = conn.hgetall(ALL_TIME).await.map_err(|e| self.err(e))?;

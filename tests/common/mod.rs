@@ -422,10 +422,20 @@ impl RedisServer {
 
     /// kill -9, then start again on the same port and directory (AOF replays what was synced).
     pub async fn crash_and_restart(&mut self) {
+        self.stop();
+        self.launch().await;
+    }
+
+    /// kill -9, leaving it down.
+    pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Starts it again after [`RedisServer::stop`].
+    pub async fn start_again(&mut self) {
         self.launch().await;
     }
 
