@@ -395,10 +395,16 @@ pub fn load(sources: &Sources<'_>) -> Result<Config, ConfigError> {
         })?;
         builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
     }
+    // Only PLEIADES_<SECTION>__<KEY> names configure Pleiades; other variables that happen to
+    // start with PLEIADES_ belong to someone else and are left alone.
     let env: HashMap<String, String> = sources
         .env
         .iter()
-        .filter(|(k, _)| k.starts_with("PLEIADES_"))
+        .filter(|(k, _)| {
+            k.strip_prefix("PLEIADES_")
+                .and_then(|rest| rest.split_once("__"))
+                .is_some_and(|(section, key)| !section.is_empty() && !key.is_empty())
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     builder = builder.add_source(
@@ -845,6 +851,7 @@ mod tests {
                 ("PLEIADES_INGEST__RESUME", "false"),
                 ("PLEIADES_AGGREGATE__WORKERS", "5"),
                 ("HOME", "/root"),
+                ("PLEIADES_HOME", "/opt/pleiades"),
             ],
         )
         .unwrap();

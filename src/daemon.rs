@@ -4,6 +4,7 @@
 use crate::config::Config;
 use crate::metrics::{Metrics, MetricsError};
 use crate::supervisor::{self, ComponentFactory, RestartPolicy};
+use crate::systemd::Notifier;
 use crate::ComponentContext;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,27 +30,43 @@ pub enum DaemonError {
     },
 }
 
-/// Runs the roles `config` enables until SIGTERM/SIGINT or `shutdown` is cancelled.
-pub fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+/// Runs the roles `config` enables until SIGTERM/SIGINT or `shutdown` is cancelled, telling
+/// systemd through `notifier` when it is ready, alive and stopping.
+pub fn run(
+    config: Config,
+    notifier: Notifier,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("pleiades")
         .build()
         .map_err(DaemonError::Runtime)?;
     let system = actix_rt::System::with_tokio_rt(move || runtime);
-    system.block_on(run_roles(Arc::new(config), shutdown))
+    system.block_on(run_roles(Arc::new(config), notifier, shutdown))
 }
 
 /// The body of [`run`], inside the actix system.
 pub async fn run_roles(
     config: Arc<Config>,
+    notifier: Notifier,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
     let metrics = Arc::new(Metrics::new()?);
-    let (metrics_addr, metrics_server) = metrics
-        .clone()
-        .serve(config.metrics.listen, shutdown.clone())
-        .await?;
+    // One store handle for the whole process: the embedded database allows one opener.
+    let store = if config.aggregate.enabled || config.web.enabled {
+        Some(crate::store::Store::open(&config).await?)
+    } else {
+        None
+    };
+    let (metrics_addr, metrics_server) = crate::health::serve(
+        config.metrics.listen,
+        metrics.clone(),
+        config.clone(),
+        store.clone(),
+        shutdown.clone(),
+    )
+    .await?;
     spawn_signal_listener(shutdown.clone())?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -75,12 +92,6 @@ pub async fn run_roles(
             RestartPolicy::default(),
         ));
     }
-    // One store handle for the whole process: the embedded database allows one opener.
-    let store = if config.aggregate.enabled || config.web.enabled {
-        Some(crate::store::Store::open(&config).await?)
-    } else {
-        None
-    };
     if let Some(store) = store.clone().filter(|_| config.aggregate.enabled) {
         for index in 0..config.aggregate.workers {
             let store = store.clone();
@@ -113,8 +124,22 @@ pub async fn run_roles(
         ));
     }
 
+    let roles = format!("{:?}", config.roles());
+    notify(&notifier, &format!("READY=1\nSTATUS=running {roles}"));
+    if let Some(interval) = notifier.watchdog_interval() {
+        // Taken here, on the system's own thread: tokio's workers have no current actix system.
+        let arbiter = actix_rt::System::current().arbiter().clone();
+        tokio::spawn(watchdog(
+            notifier.clone(),
+            arbiter,
+            interval,
+            shutdown.clone(),
+        ));
+    }
+
     shutdown.cancelled().await;
     tracing::info!("shutting down");
+    notify(&notifier, "STOPPING=1");
     let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
     for component in running {
         match tokio::time::timeout_at(deadline, component.done).await {
@@ -129,6 +154,38 @@ pub async fn run_roles(
     let _ = tokio::time::timeout_at(deadline, metrics_server).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+fn notify(notifier: &Notifier, state: &str) {
+    if let Err(error) = notifier.notify(state) {
+        tracing::warn!(%error, "cannot notify systemd");
+    }
+}
+
+/// Pings the systemd watchdog only while the actor system answers: each ping first runs a task
+/// on the actix arbiter that hosts every supervisor, so a wedged system stops the pings and
+/// systemd restarts the service.
+async fn watchdog(
+    notifier: Notifier,
+    arbiter: actix_rt::ArbiterHandle,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let posted = arbiter.spawn(async move {
+            let _ = tx.send(());
+        });
+        match tokio::time::timeout(interval, rx).await {
+            Ok(Ok(())) if posted => notify(&notifier, "WATCHDOG=1"),
+            _ => tracing::error!("the actor system did not answer; withholding the watchdog ping"),
+        }
+    }
 }
 
 fn spawn_signal_listener(shutdown: CancellationToken) -> Result<(), DaemonError> {

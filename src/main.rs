@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Turns the live edit stream of every Wikimedia wiki into trustworthy statistics.
 #[derive(Debug, Parser)]
-#[command(name = "pleiades", version, about)]
+#[command(name = "pleiades", version = pleiades::build::LONG_VERSION, about)]
 struct Cli {
     /// Configuration file (default: ./pleiades.toml if present, else built-in defaults).
     #[arg(long, short = 'c', global = true)]
@@ -104,9 +104,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         .config
         .clone()
         .or_else(|| default_file.exists().then(|| default_file.to_owned()));
+    let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+    let notifier = pleiades::systemd::Notifier::from_env(&env);
     let sources = Sources {
         file: file.as_deref(),
-        env: std::env::vars().collect(),
+        env,
         overrides,
     };
     let config = match config::load(&sources) {
@@ -138,7 +140,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     init_logging(&config.log.level, config.log.format);
-    pleiades::daemon::run(config, CancellationToken::new()).context("pleiades stopped")?;
+    pleiades::daemon::run(config, notifier, CancellationToken::new())
+        .context("pleiades stopped")?;
     Ok(ExitCode::SUCCESS)
 }
 

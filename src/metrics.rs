@@ -12,8 +12,6 @@ use prometheus::{
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use tokio_util::sync::CancellationToken;
-use warp::Filter;
 
 /// Why the metrics could not be built or served.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +24,9 @@ pub enum MetricsError {
         source: std::io::Error,
     },
 }
+
+/// The reasons `event::Invalid::reason` gives, for label values known in advance.
+const INVALID_REASONS: [&str; 5] = ["not_json", "not_object", "bad_meta", "missing_dt", "bad_dt"];
 
 /// The registry and a handle per role.
 pub struct Metrics {
@@ -59,6 +60,8 @@ pub struct AggregateMetrics {
     /// `pleiades_aggregator_message_lag_milliseconds`: age of events (now minus meta.dt) when counted.
     pub lag_ms: Histogram,
     pub skipped: IntCounterVec,
+    /// `pleiades_quarantined_events_total{role="aggregate", reason}`, shared with ingest.
+    pub quarantined: IntCounterVec,
     pub batch_events: Histogram,
     pub apply_seconds: Histogram,
     pub stale_batches: IntCounter,
@@ -134,6 +137,21 @@ impl Metrics {
             dedupe_window: gauge(r, "pleiades_ingest_dedupe_window_ids", "meta.ids currently remembered to drop repeats")?,
         };
         r.register(Box::new(EventAge::new(last_event_time)?))?;
+        // Series for every known label value exist from the start (at 0), so that dashboards and
+        // alerts see "none yet" rather than "no data".
+        for reason in [
+            "closed",
+            "stalled",
+            "broken",
+            "throttled",
+            "status",
+            "transport",
+        ] {
+            ingest.disconnects.with_label_values(&[reason]);
+        }
+        for reason in INVALID_REASONS {
+            ingest.quarantined.with_label_values(&["ingest", reason]);
+        }
         let file_bus = FileBusMetrics {
             events: counter(
                 r,
@@ -171,6 +189,7 @@ impl Metrics {
             events: counter(r, "pleiades_aggregator_event_count_total", "Total number of events aggregated")?,
             lag_ms: histogram(r, "pleiades_aggregator_message_lag_milliseconds", "Age of events at aggregation (now minus meta.dt), in milliseconds", prometheus::exponential_buckets(10.0, 4.0, 12)?)?,
             skipped: counter_vec(r, "pleiades_aggregator_skipped_events_total", "Events read from the bus and deliberately not counted, by reason", &["reason"])?,
+            quarantined: ingest.quarantined.clone(),
             batch_events: histogram(r, "pleiades_aggregator_batch_events", "Bus lines covered by one store batch", prometheus::exponential_buckets(1.0, 4.0, 9)?)?,
             apply_seconds: histogram(r, "pleiades_store_apply_duration_seconds", "Time to apply one batch to the store", prometheus::exponential_buckets(0.0001, 4.0, 10)?)?,
             stale_batches: counter(r, "pleiades_aggregator_stale_batches_total", "Batches the store refused because their source had moved on (replays after a crash, stale owners)")?,
@@ -182,6 +201,12 @@ impl Metrics {
                 g
             },
         };
+        aggregate.skipped.with_label_values(&["canary"]);
+        for reason in INVALID_REASONS.iter().chain(&["bad_record"]) {
+            aggregate
+                .quarantined
+                .with_label_values(&["aggregate", reason]);
+        }
         let web = WebMetrics {
             responses: counter_vec(
                 r,
@@ -223,6 +248,22 @@ impl Metrics {
                 "Open live-update (server-sent events) connections",
             )?,
         };
+        let build_info = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "pleiades_build_info",
+                "Always 1; labels carry the version, commit, compiler and target of this binary",
+            ),
+            &["version", "commit", "rustc", "target"],
+        )?;
+        build_info
+            .with_label_values(&[
+                crate::build::VERSION,
+                crate::build::COMMIT,
+                crate::build::RUSTC,
+                crate::build::TARGET,
+            ])
+            .set(1);
+        r.register(Box::new(build_info))?;
         let supervisor = SupervisorMetrics {
             restarts: counter_vec(
                 r,
@@ -252,32 +293,6 @@ impl Metrics {
             return String::new();
         }
         String::from_utf8(buf).unwrap_or_default()
-    }
-
-    /// Serves `/metrics` on `addr` until `shutdown` fires; returns the bound address at once.
-    pub async fn serve(
-        self: Arc<Self>,
-        addr: SocketAddr,
-        shutdown: CancellationToken,
-    ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), MetricsError> {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| MetricsError::Bind { addr, source })?;
-        let bound = listener
-            .local_addr()
-            .map_err(|source| MetricsError::Bind { addr, source })?;
-        let route = warp::path("metrics").and(warp::path::end()).map(move || {
-            warp::reply::with_header(
-                self.render(),
-                "content-type",
-                "text/plain; version=0.0.4; charset=utf-8",
-            )
-        });
-        let server = warp::serve(route)
-            .incoming(listener)
-            .graceful(async move { shutdown.cancelled().await })
-            .run();
-        Ok((bound, tokio::spawn(server)))
     }
 }
 

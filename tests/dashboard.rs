@@ -175,11 +175,12 @@ async fn the_dashboard_shows_the_stored_numbers_and_updates_live() {
     let upstream = scope.replay(options).await.addr;
     let metrics = TestScope::free_port();
     let web_port = TestScope::free_port();
-    scope.write_config(
-        &(ingest_config(upstream, metrics, "")
-            .replace("[aggregate]\nenabled = false", "[aggregate]\nenabled = true\nbatch_delay = \"100ms\"\npoll_interval = \"20ms\"")
-            .replace("[web]\nenabled = false", &format!("[web]\nenabled = true\nlisten = \"127.0.0.1:{web_port}\"\nlive_interval = \"300ms\""))),
-    );
+    scope.write_config(&all_roles_config(
+        upstream,
+        metrics,
+        web_port,
+        "live_interval = \"300ms\"\n",
+    ));
     scope.spawn(&["--config", "pleiades.toml"]);
     let base = format!("http://127.0.0.1:{web_port}");
     wait_for_metric(

@@ -44,16 +44,7 @@ async fn filled(scope: &mut TestScope, store_toml: &str) -> (Web, u16, Expected)
     let upstream = scope.replay(replay_options(vec![events])).await.addr;
     let metrics = TestScope::free_port();
     let web = TestScope::free_port();
-    let config = ingest_config(upstream, metrics, "")
-        .replace(
-            "[aggregate]\nenabled = false",
-            "[aggregate]\nenabled = true\nbatch_delay = \"50ms\"\npoll_interval = \"20ms\"",
-        )
-        .replace(
-            "[web]\nenabled = false",
-            &format!("[web]\nenabled = true\nlisten = \"127.0.0.1:{web}\""),
-        )
-        + store_toml;
+    let config = all_roles_config(upstream, metrics, web, "") + store_toml;
     scope.write_config(&config);
     scope.spawn(&["--config", "pleiades.toml"]);
     wait_for_metric(

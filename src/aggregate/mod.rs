@@ -286,7 +286,10 @@ fn reject(
     id: &str,
     data: &str,
 ) -> Result<(), FileBusError> {
-    metrics.skipped.with_label_values(&[reason]).inc();
+    metrics
+        .quarantined
+        .with_label_values(&["aggregate", reason])
+        .inc();
     tracing::warn!(
         reason,
         error,

@@ -5,7 +5,7 @@ pub mod api;
 pub mod assets;
 pub mod live;
 
-use crate::config::{BusKind, Config};
+use crate::config::Config;
 use crate::metrics::WebMetrics;
 use crate::store::Store;
 use crate::ComponentContext;
@@ -162,7 +162,10 @@ fn routes(
         .and(with_api.clone())
         .then(move |api: Arc<Api>| {
             let config = config.clone();
-            async move { json(readiness(&config, api.store()).await) }
+            async move {
+                let (status, body) = crate::health::readiness(&config, Some(api.store())).await;
+                json(JsonReply { status, body })
+            }
         });
     let assets =
         warp::path::tail().map(|tail: warp::path::Tail| match assets::find(tail.as_str()) {
@@ -260,40 +263,4 @@ fn tokio_stream_from_watch(
             }
         }
     })
-}
-
-/// Ready when every enabled role can reach what it needs: the store for aggregate and web, the
-/// event-file directory for ingest and aggregate.
-async fn readiness(config: &Config, store: &Store) -> JsonReply {
-    let mut checks = Vec::new();
-    if config.aggregate.enabled || config.web.enabled {
-        let result = store.ping().await;
-        checks.push(("store", result.as_ref().err().map(ToString::to_string)));
-    }
-    let uses_files = (config.ingest.enabled && config.ingest.publisher == BusKind::File)
-        || (config.aggregate.enabled
-            && config.aggregate.source_or(config.ingest.publisher) == BusKind::File);
-    if uses_files {
-        let ok = config.file.dir.is_dir();
-        checks.push((
-            "event_files",
-            (!ok).then(|| format!("{} is not a directory", config.file.dir.display())),
-        ));
-    }
-    let ready = checks.iter().all(|(_, error)| error.is_none());
-    let body = serde_json::json!({
-        "ready": ready,
-        "checks": checks
-            .iter()
-            .map(|(name, error)| serde_json::json!({ "name": name, "ok": error.is_none(), "error": error }))
-            .collect::<Vec<_>>(),
-    });
-    JsonReply {
-        status: if ready {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        },
-        body: bytes::Bytes::from(body.to_string()),
-    }
 }

@@ -169,6 +169,25 @@ listen = "127.0.0.1:{metrics_port}"
     )
 }
 
+/// Every role on one host: ingest from `upstream`, quick aggregation into the embedded store,
+/// and the web role on `web_port` (with `web_extra` keys, e.g. a live interval).
+pub fn all_roles_config(
+    upstream: SocketAddr,
+    metrics_port: u16,
+    web_port: u16,
+    web_extra: &str,
+) -> String {
+    ingest_config(upstream, metrics_port, "")
+        .replace(
+            "[aggregate]\nenabled = false",
+            "[aggregate]\nenabled = true\nbatch_delay = \"50ms\"\npoll_interval = \"20ms\"",
+        )
+        .replace(
+            "[web]\nenabled = false",
+            &format!("[web]\nenabled = true\nlisten = \"127.0.0.1:{web_port}\"\n{web_extra}"),
+        )
+}
+
 /// Polls `check` until it returns Some, or panics with `what` after `limit`.
 pub async fn wait_until<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + limit;
