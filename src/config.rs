@@ -233,12 +233,16 @@ impl Default for StoreConfig {
 pub struct RedisConfig {
     /// `redis://` or `rediss://`, with a password in the URL if needed.
     pub url: String,
+    /// The longest one store operation may take before it counts as failed (and is retried).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: "redis://127.0.0.1:6379".to_owned(),
+            timeout: Duration::from_secs(10),
         }
     }
 }
@@ -649,6 +653,7 @@ impl Config {
             ("aggregate.batch_delay", self.aggregate.batch_delay),
             ("aggregate.poll_interval", self.aggregate.poll_interval),
             ("web.live_interval", self.web.live_interval),
+            ("redis.timeout", self.redis.timeout),
         ] {
             if value.is_zero() {
                 bad(key, "must be longer than zero".into());

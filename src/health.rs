@@ -45,7 +45,13 @@ pub async fn readiness(config: &Config, store: Option<&Store>) -> (StatusCode, B
     (status, Bytes::from(body.to_string()))
 }
 
-fn json(status: StatusCode, body: Bytes) -> warp::reply::Response {
+/// `/healthz`: the process answers.
+pub fn healthz() -> warp::reply::Response {
+    json(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"))
+}
+
+/// A JSON response with `status`.
+pub fn json(status: StatusCode, body: Bytes) -> warp::reply::Response {
     let mut response = warp::reply::Response::new(body.into());
     *response.status_mut() = status;
     response.headers_mut().insert(
@@ -53,6 +59,13 @@ fn json(status: StatusCode, body: Bytes) -> warp::reply::Response {
         warp::http::HeaderValue::from_static("application/json"),
     );
     response
+}
+
+/// Binds a listener and tells which address it got (port 0 picks a free one).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(tokio::net::TcpListener, SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    Ok((listener, bound))
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until `shutdown`; returns at once with
@@ -64,11 +77,8 @@ pub async fn serve(
     store: Option<Store>,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), MetricsError> {
-    let listener = tokio::net::TcpListener::bind(addr)
+    let (listener, bound) = bind(addr)
         .await
-        .map_err(|source| MetricsError::Bind { addr, source })?;
-    let bound = listener
-        .local_addr()
         .map_err(|source| MetricsError::Bind { addr, source })?;
     let scrape = warp::path!("metrics").map(move || {
         warp::reply::with_header(
@@ -77,8 +87,7 @@ pub async fn serve(
             "text/plain; version=0.0.4; charset=utf-8",
         )
     });
-    let healthz = warp::path!("healthz")
-        .map(|| json(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}")));
+    let healthz = warp::path!("healthz").map(healthz);
     let readyz = warp::path!("readyz").then(move || {
         let config = config.clone();
         let store = store.clone();

@@ -154,6 +154,13 @@ async fn the_api_serves_exactly_what_was_counted() {
         );
     }
 
+    let posted = reqwest::Client::new()
+        .post(format!("{}/api/days", web.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 405);
+
     // Health.
     assert_eq!(web.get("/healthz").await.0, 200);
     let (status, ready) = web.get("/readyz").await;

@@ -55,7 +55,6 @@ pub struct Ingester {
     upstream: Upstream,
     since_ms: Option<i64>,
     batch: Vec<u8>,
-    now_iso: fn() -> String,
     /// The reconnection time the server last asked for with `retry:`.
     server_retry: Option<Duration>,
 }
@@ -104,7 +103,6 @@ impl Ingester {
             upstream,
             since_ms,
             batch: Vec::new(),
-            now_iso: || chrono::Utc::now().to_rfc3339(),
             server_retry: None,
         })
     }
@@ -302,7 +300,7 @@ impl Ingester {
                         .inc();
                     tracing::warn!(reason = invalid.reason(), error = %invalid, id = %event.id, "quarantined an invalid event");
                     self.writer.quarantine(&QuarantineRecord {
-                        time: (self.now_iso)(),
+                        time: chrono::Utc::now().to_rfc3339(),
                         reason: invalid.reason(),
                         error: invalid.to_string(),
                         id: &event.id,

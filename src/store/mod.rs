@@ -76,7 +76,10 @@ impl Store {
             StoreKind::Embedded => {
                 Backend::Embedded(embedded::EmbeddedStore::open(&config.store.path).await?)
             }
-            StoreKind::Redis => Backend::Redis(redis::RedisStore::open(&config.redis.url)?),
+            StoreKind::Redis => Backend::Redis(redis::RedisStore::open(
+                &config.redis.url,
+                config.redis.timeout,
+            )?),
         };
         Ok(Store {
             backend,
@@ -97,7 +100,7 @@ impl Store {
     pub async fn position(&self, source: &str) -> Result<u64, StoreError> {
         match &self.backend {
             Backend::Embedded(s) => s.position(source).await,
-            Backend::Redis(s) => s.position(source).await,
+            Backend::Redis(s) => s.bounded(s.position(source)).await,
         }
     }
 
@@ -105,7 +108,7 @@ impl Store {
     pub async fn apply(&self, batch: &Batch) -> Result<Applied, StoreError> {
         let applied = match &self.backend {
             Backend::Embedded(s) => s.apply(batch).await?,
-            Backend::Redis(s) => s.apply(batch).await?,
+            Backend::Redis(s) => s.bounded(s.apply(batch)).await?,
         };
         if applied == Applied::Counted && !batch.tally.is_empty() {
             if let Ok(mut days) = self.changes.days.lock() {
@@ -126,7 +129,7 @@ impl Store {
     pub async fn days(&self) -> Result<Vec<i64>, StoreError> {
         match &self.backend {
             Backend::Embedded(s) => s.days().await,
-            Backend::Redis(s) => s.days().await,
+            Backend::Redis(s) => s.bounded(s.days()).await,
         }
     }
 
@@ -134,7 +137,7 @@ impl Store {
     pub async fn day(&self, day: i64) -> Result<Option<Counters>, StoreError> {
         match &self.backend {
             Backend::Embedded(s) => s.day(day).await,
-            Backend::Redis(s) => s.day(day).await,
+            Backend::Redis(s) => s.bounded(s.day(day)).await,
         }
     }
 
@@ -142,7 +145,7 @@ impl Store {
     pub async fn range(&self, from: i64, to: i64) -> Result<Vec<(i64, Counters)>, StoreError> {
         match &self.backend {
             Backend::Embedded(s) => s.range(from, to).await,
-            Backend::Redis(s) => s.range(from, to).await,
+            Backend::Redis(s) => s.bounded(s.range(from, to)).await,
         }
     }
 
@@ -150,7 +153,7 @@ impl Store {
     pub async fn all_time(&self) -> Result<Counters, StoreError> {
         match &self.backend {
             Backend::Embedded(s) => s.all_time().await,
-            Backend::Redis(s) => s.all_time().await,
+            Backend::Redis(s) => s.bounded(s.all_time()).await,
         }
     }
 
@@ -158,7 +161,7 @@ impl Store {
     pub async fn ping(&self) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Embedded(_) => Ok(()),
-            Backend::Redis(s) => s.ping().await,
+            Backend::Redis(s) => s.bounded(s.ping()).await,
         }
     }
 }

@@ -64,6 +64,8 @@ pub struct RedisStore {
     /// The URL with any password hidden, for errors and logs.
     peer: Arc<str>,
     script: Arc<redis::Script>,
+    /// The longest one operation may take (`redis.timeout`).
+    deadline: std::time::Duration,
 }
 
 /// `url` with its password replaced, so it can be logged.
@@ -79,7 +81,7 @@ pub fn redact(url: &str) -> String {
 
 impl RedisStore {
     /// A pool for `url`; connections are made on first use.
-    pub fn open(url: &str) -> Result<Self, StoreError> {
+    pub fn open(url: &str, deadline: std::time::Duration) -> Result<Self, StoreError> {
         let peer: Arc<str> = redact(url).into();
         let pool = deadpool_redis::Config::from_url(url)
             .create_pool(Some(Runtime::Tokio1))
@@ -91,7 +93,19 @@ impl RedisStore {
             pool,
             peer,
             script: Arc::new(redis::Script::new(APPLY)),
+            deadline,
         })
+    }
+
+    /// Runs one store operation with a deadline, so that a Redis that hangs (rather than
+    /// refusing) fails the call instead of stalling its caller, and shutdown, indefinitely.
+    pub async fn bounded<T>(
+        &self,
+        operation: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.deadline, operation)
+            .await
+            .unwrap_or_else(|_| Err(self.err(format!("no answer within {:?}", self.deadline))))
     }
 
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
@@ -201,6 +215,29 @@ impl RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_fails_the_call_in_time() {
+        // Accepts connections and reads, but never writes a byte back.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let store = RedisStore::open(
+            &format!("redis://{addr}/"),
+            std::time::Duration::from_millis(300),
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let error = store.bounded(store.position("file:x")).await.unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert!(error.to_string().contains(&addr.to_string()), "{error}");
+        assert!(error.to_string().contains("no answer within"), "{error}");
+    }
 
     #[test]
     fn passwords_never_reach_logs() {

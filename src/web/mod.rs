@@ -44,11 +44,8 @@ pub async fn serve(
     store: Store,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), WebError> {
     let addr = ctx.config.web.listen;
-    let listener = tokio::net::TcpListener::bind(addr)
+    let (listener, bound) = crate::health::bind(addr)
         .await
-        .map_err(|source| WebError::Bind { addr, source })?;
-    let bound = listener
-        .local_addr()
         .map_err(|source| WebError::Bind { addr, source })?;
     let (tx, rx) = watch::channel(String::new());
     tokio::spawn(live::publish(
@@ -78,13 +75,7 @@ pub async fn serve(
 }
 
 fn json(reply: JsonReply) -> warp::reply::Response {
-    let mut response = warp::reply::Response::new(reply.body.into());
-    *response.status_mut() = reply.status;
-    response.headers_mut().insert(
-        warp::http::header::CONTENT_TYPE,
-        warp::http::HeaderValue::from_static("application/json"),
-    );
-    response
+    crate::health::json(reply.status, reply.body)
 }
 
 /// The path label of a request: fixed routes as they are, `/api/stats/{day}` folded, anything
@@ -152,12 +143,7 @@ fn routes(
         warp::path!("api" / "live")
             .map(move || live_stream(live.clone(), metrics.clone(), shutdown.clone()))
     };
-    let healthz = warp::path!("healthz").map(|| {
-        json(JsonReply {
-            status: StatusCode::OK,
-            body: bytes::Bytes::from_static(b"{\"status\":\"ok\"}"),
-        })
-    });
+    let healthz = warp::path!("healthz").map(crate::health::healthz);
     let readyz = warp::path!("readyz")
         .and(with_api.clone())
         .then(move |api: Arc<Api>| {
@@ -204,6 +190,8 @@ fn routes(
         .recover(|rejection: warp::Rejection| async move {
             let (status, message) = if rejection.is_not_found() {
                 (StatusCode::NOT_FOUND, "no such page")
+            } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+                (StatusCode::METHOD_NOT_ALLOWED, "only GET is served here")
             } else {
                 (StatusCode::BAD_REQUEST, "bad request")
             };
