@@ -282,3 +282,41 @@ async fn resume_false_starts_at_now_and_user_agent_is_sent() {
         Some("pleiades-tests/1.0 (test suite)")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn since_starts_at_a_point_in_time_when_there_is_nothing_to_resume() {
+    // The replay stamps event i at first_dt + 10 ms × i (no disorder here), and `since` asks
+    // for the earliest event at or after a time, as EventStreams does.
+    let mut scope = TestScope::new();
+    let lines: Vec<String> = recorded_lines().into_iter().take(681).collect();
+    let first_ms = chrono::DateTime::parse_from_rfc3339(
+        serde_json::from_str::<serde_json::Value>(&lines[0]).unwrap()["meta"]["dt"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap()
+    .timestamp_millis();
+    let mut options = replay_options(vec![write_events(&scope, &lines)]);
+    options.disorder_ms = 0;
+    let replay = scope.replay(options).await;
+    let since = chrono::DateTime::from_timestamp_millis(first_ms + 10 * 500)
+        .unwrap()
+        .to_rfc3339();
+    let metrics = TestScope::free_port();
+    scope.write_config(&ingest_config(
+        replay.addr,
+        metrics,
+        &format!("since = \"{since}\"\n"),
+    ));
+    let daemon = scope.spawn(&["--config", "pleiades.toml"]);
+    let expected = expected_ids(&lines[500..]);
+    let bus_dir = scope.path("events");
+    wait_for_bus(&bus_dir, expected.len(), Duration::from_secs(30)).await;
+    assert_eq!(scope.terminate(daemon, Duration::from_secs(10)), Some(0));
+    assert_exactly_once(&bus_lines(&bus_dir), &expected);
+    assert_eq!(
+        replay.stats.last_event_id(),
+        None,
+        "the first connection asks by time, not by id"
+    );
+}
