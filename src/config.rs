@@ -148,9 +148,24 @@ impl Default for FileConfig {
 pub struct KafkaConfig {
     /// Bootstrap brokers, `host:port[,host:port…]`.
     pub brokers: String,
-    /// The topic events are published to and aggregated from.
+    /// The topic events are published to and aggregated from. Each message is one event's data
+    /// exactly as received, keyed by its `meta.id`, with its SSE id in the `sse-id` header.
     pub topic: String,
-    /// Passed to librdkafka unchanged (SASL, TLS, …).
+    /// Partitions of `topic` when Pleiades creates it (it does when the topic is missing).
+    /// Aggregators share the partitions, so this caps how many can work at once.
+    pub partitions: i32,
+    /// Replicas of each partition when Pleiades creates a topic; -1 takes the broker's default.
+    pub replication_factor: i32,
+    /// Invalid events, with the reason, go to this topic (created like `topic`, one partition).
+    pub quarantine_topic: String,
+    /// The consumer group every aggregator of the deployment joins.
+    pub group: String,
+    /// The most event data the ingester holds in memory waiting for the brokers. When it is
+    /// full, reading from upstream pauses until the brokers catch up (backpressure), so a broker
+    /// outage costs time, never memory or events.
+    pub buffer_bytes: u64,
+    /// Passed to librdkafka unchanged (SASL, TLS, timeouts, …), for producers and consumers.
+    /// Pleiades sets `acks`, `enable.idempotence`, `bootstrap.servers` and `group.id` itself.
     pub properties: BTreeMap<String, String>,
 }
 
@@ -159,6 +174,11 @@ impl Default for KafkaConfig {
         KafkaConfig {
             brokers: "localhost:9092".to_owned(),
             topic: "pleiades-events".to_owned(),
+            partitions: 4,
+            replication_factor: -1,
+            quarantine_topic: "pleiades-quarantine".to_owned(),
+            group: "pleiades-aggregators".to_owned(),
+            buffer_bytes: 64 * 1024 * 1024,
             properties: BTreeMap::new(),
         }
     }
@@ -689,14 +709,6 @@ impl Config {
         if self.aggregate.batch_events == 0 {
             bad("aggregate.batch_events", "must be at least 1".into());
         }
-        if self.aggregate.enabled
-            && self.aggregate.source_or(self.ingest.publisher) == BusKind::Kafka
-        {
-            bad(
-                "aggregate.source",
-                "the Kafka bus is not available in this version; use \"file\"".into(),
-            );
-        }
         if self.store.kind == StoreKind::Redis {
             match reqwest::Url::parse(&self.redis.url) {
                 Ok(url) if url.scheme() == "redis" || url.scheme() == "rediss" => {}
@@ -709,14 +721,10 @@ impl Config {
                 ),
             }
         }
-        if self.kafka.topic.is_empty() {
-            bad("kafka.topic", "must not be empty".into());
-        }
-        if self.ingest.enabled && self.ingest.publisher == BusKind::Kafka {
-            bad(
-                "ingest.publisher",
-                "the Kafka bus is not available in this version; use \"file\"".into(),
-            );
+        if self.uses_kafka() {
+            for problem in crate::bus::kafka::check_config(&self.kafka) {
+                bad(&problem.key, problem.message);
+            }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             bad(
@@ -734,6 +742,13 @@ impl Config {
             );
         }
         p
+    }
+
+    /// True when an enabled role of this host reads or writes the Kafka bus.
+    pub fn uses_kafka(&self) -> bool {
+        (self.ingest.enabled && self.ingest.publisher == BusKind::Kafka)
+            || (self.aggregate.enabled
+                && self.aggregate.source_or(self.ingest.publisher) == BusKind::Kafka)
     }
 
     /// The roles this host runs, for logs and readiness.
@@ -902,6 +917,38 @@ mod tests {
         let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
         assert!(keys.contains(&"ingest.publisher"));
         assert!(keys.contains(&"log.level"));
+    }
+
+    #[test]
+    fn kafka_settings_are_checked_by_key_and_by_librdkafka() {
+        let kafka = "[ingest]\npublisher = \"kafka\"\n[kafka]\n";
+        let p = problems(load_toml(
+            &format!("{kafka}partitions = 0\nbuffer_bytes = 10\nquarantine_topic = \"pleiades-events\"\n[kafka.properties]\n\"group.id\" = \"mine\"\n"),
+            &[],
+        ));
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "kafka.partitions",
+            "kafka.buffer_bytes",
+            "kafka.quarantine_topic",
+            "kafka.properties.group.id",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {p:?}");
+        }
+        let p = problems(load_toml(
+            &format!("{kafka}[kafka.properties]\n\"no.such.setting\" = \"1\"\n"),
+            &[],
+        ));
+        assert_eq!(p[0].key, "kafka.properties");
+        assert!(p[0].message.contains("no.such.setting"), "{p:?}");
+        let config = load_toml(
+            &format!("{kafka}[kafka.properties]\n\"security.protocol\" = \"ssl\"\n\"socket.timeout.ms\" = \"30000\"\n"),
+            &[],
+        )
+        .unwrap();
+        assert!(config.uses_kafka());
+        // A host that uses files never checks the Kafka section's properties.
+        assert!(load_toml("[kafka.properties]\n\"no.such.setting\" = \"1\"\n", &[]).is_ok());
     }
 
     #[test]

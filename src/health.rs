@@ -1,5 +1,5 @@
 //! Health: `/healthz` (the process answers) and `/readyz` (this host's roles reach their store and
-//! event files), served with `/metrics` on `metrics.listen` on every host, and by the web role.
+//! bus), served with `/metrics` on `metrics.listen` on every host, and by the web role.
 
 use crate::config::{BusKind, Config};
 use crate::metrics::{Metrics, MetricsError};
@@ -11,8 +11,9 @@ use tokio_util::sync::CancellationToken;
 use warp::http::StatusCode;
 use warp::Filter;
 
-/// Ready when every enabled role can reach what it needs: the store (when this host uses one)
-/// and the event-file directory (for ingest and aggregate on the file bus).
+/// Ready when every enabled role can reach what it needs: the store (when this host uses one),
+/// the event-file directory (for ingest and aggregate on the file bus) and the Kafka topic (on
+/// the Kafka bus).
 pub async fn readiness(config: &Config, store: Option<&Store>) -> (StatusCode, Bytes) {
     let mut checks = Vec::new();
     if let Some(store) = store {
@@ -28,6 +29,10 @@ pub async fn readiness(config: &Config, store: Option<&Store>) -> (StatusCode, B
             "event_files",
             (!ok).then(|| format!("{} is not a directory", config.file.dir.display())),
         ));
+    }
+    if config.uses_kafka() {
+        let result = crate::bus::kafka::probe(&config.kafka).await;
+        checks.push(("kafka", result.err().map(|e| e.to_string())));
     }
     let ready = checks.iter().all(|(_, error)| error.is_none());
     let body = serde_json::json!({

@@ -6,8 +6,8 @@
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -34,6 +34,7 @@ pub struct Metrics {
     pub ingest: IngestMetrics,
     pub file_bus: FileBusMetrics,
     pub aggregate: AggregateMetrics,
+    pub kafka: KafkaMetrics,
     pub web: WebMetrics,
     pub supervisor: SupervisorMetrics,
 }
@@ -105,6 +106,35 @@ pub struct FileBusMetrics {
     pub fsync_seconds: Histogram,
     pub segments: IntCounter,
     pub quarantine_bytes: IntCounter,
+}
+
+/// Metrics of the Kafka bus: the publisher in the ingester, the consumers in the aggregators.
+#[derive(Clone)]
+pub struct KafkaMetrics {
+    /// `pleiades_kafka_publish_events_total`: events the brokers acknowledged.
+    pub events: IntCounter,
+    /// `pleiades_kafka_publish_writes_total`: messages handed to the producer (events and
+    /// quarantine records).
+    pub writes: IntCounter,
+    /// `pleiades_kafka_writer_errors_total`: messages refused or not acknowledged.
+    pub errors: IntCounter,
+    /// `pleiades_kafka_publish_write_time_seconds`: from handing a message over to its
+    /// acknowledgement.
+    pub write_seconds: Histogram,
+    /// `pleiades_kafka_publish_wait_time_seconds`: time reading paused for room in the buffer.
+    pub wait_seconds: Histogram,
+    /// `pleiades_kafka_publish_lag_milliseconds`: age of events (now minus meta.dt) when
+    /// acknowledged.
+    pub lag_ms: Histogram,
+    pub buffered: IntGauge,
+    pub buffer_limit: IntGauge,
+    /// `pleiades_kafka_consumer_lag_messages{partition}`: messages behind the partition's end,
+    /// for the partitions this host's aggregators own.
+    pub consumer_lag: IntGaugeVec,
+    pub assigned: IntGaugeVec,
+    pub rebalances: IntCounterVec,
+    pub seeks: IntCounter,
+    pub retention_gap: IntCounter,
 }
 
 /// Metrics of the actor supervisor.
@@ -207,6 +237,32 @@ impl Metrics {
                 .quarantined
                 .with_label_values(&["aggregate", reason]);
         }
+        let kafka = KafkaMetrics {
+            events: counter(r, "pleiades_kafka_publish_events_total", "Total number of events published to Kafka and acknowledged by the brokers")?,
+            writes: counter(r, "pleiades_kafka_publish_writes_total", "Total number of messages handed to the Kafka producer")?,
+            errors: counter(r, "pleiades_kafka_writer_errors_total", "Total number of messages the Kafka producer could not queue or the brokers did not acknowledge")?,
+            write_seconds: histogram(r, "pleiades_kafka_publish_write_time_seconds", "Time from handing a message to the Kafka producer to its acknowledgement", prometheus::exponential_buckets(0.0005, 4.0, 10)?)?,
+            wait_seconds: histogram(r, "pleiades_kafka_publish_wait_time_seconds", "Time reading from upstream paused waiting for room in the Kafka buffer", prometheus::exponential_buckets(0.0005, 4.0, 10)?)?,
+            lag_ms: histogram(r, "pleiades_kafka_publish_lag_milliseconds", "Age of events (now minus meta.dt) when Kafka acknowledged them, in milliseconds", prometheus::exponential_buckets(10.0, 4.0, 12)?)?,
+            buffered: gauge(r, "pleiades_kafka_buffered_bytes", "Event bytes handed to the Kafka producer and not yet acknowledged")?,
+            buffer_limit: gauge(r, "pleiades_kafka_buffer_limit_bytes", "kafka.buffer_bytes: the most event bytes held waiting for the brokers")?,
+            consumer_lag: {
+                let g = IntGaugeVec::new(Opts::new("pleiades_kafka_consumer_lag_messages", "Messages between an aggregator's position and the end of its partition"), &["partition"])?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            assigned: {
+                let g = IntGaugeVec::new(Opts::new("pleiades_kafka_assigned_partitions", "Partitions assigned to each aggregator worker of this host"), &["worker"])?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            rebalances: counter_vec(r, "pleiades_kafka_rebalances_total", "Partition assignments and revocations seen by this host's aggregators", &["kind"])?,
+            seeks: counter(r, "pleiades_kafka_seeks_total", "Times an aggregator moved a partition to the position recorded in the store")?,
+            retention_gap: counter(r, "pleiades_kafka_retention_gap_messages_total", "Messages deleted by topic retention before any aggregator counted them")?,
+        };
+        for kind in ["assign", "revoke"] {
+            kafka.rebalances.with_label_values(&[kind]);
+        }
         let web = WebMetrics {
             responses: counter_vec(
                 r,
@@ -277,6 +333,7 @@ impl Metrics {
             ingest,
             file_bus,
             aggregate,
+            kafka,
             web,
             supervisor,
         })

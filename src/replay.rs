@@ -34,6 +34,11 @@ pub struct ReplayOptions {
     /// Pace the stream at this many events per second (default: as fast as the client reads).
     #[arg(long)]
     pub rate: Option<f64>,
+    /// With `--rate`: event `i` becomes available `i / rate` seconds after the server starts, as
+    /// on a live stream, and a client that fell behind receives the backlog as fast as it reads.
+    /// Without it, every connection is paced from where it starts.
+    #[arg(long)]
+    pub live: bool,
     /// Milliseconds between the timestamps of consecutive events.
     #[arg(long, default_value_t = 10)]
     pub step_ms: i64,
@@ -85,6 +90,7 @@ struct Recorded {
 }
 
 struct State {
+    started: tokio::time::Instant,
     events: Vec<Recorded>,
     options: ReplayOptions,
     stats: Arc<ReplayStats>,
@@ -149,6 +155,7 @@ pub async fn serve(
     let count = events.len();
     let stats = Arc::new(ReplayStats::default());
     let state = Arc::new(State {
+        started: tokio::time::Instant::now(),
         events,
         options,
         stats: stats.clone(),
@@ -325,7 +332,13 @@ async fn next_event(mut c: Cursor) -> Option<(Result<Event, Infallible>, Cursor)
         }
         return Some((Ok(Event::default().comment("")), c));
     };
-    if let Some(rate) = o.rate.filter(|r| *r > 0.0) {
+    if let Some(rate) = o.rate.filter(|r| *r > 0.0 && o.live) {
+        let due = c.state.started + Duration::from_secs_f64(c.index as f64 / rate);
+        tokio::select! {
+            _ = c.state.shutdown.cancelled() => return None,
+            _ = tokio::time::sleep_until(due) => {}
+        }
+    } else if let Some(rate) = o.rate.filter(|r| *r > 0.0) {
         tokio::time::sleep_until(c.next_at).await;
         c.next_at = c
             .next_at

@@ -1,11 +1,13 @@
-//! The aggregate role: read the event-file bus, turn events into counter increments, and apply
-//! them to the store in batches, each atomically with the bus position it covers.
+//! The aggregate role: read the bus, turn events into counter increments, and apply them to the
+//! store in batches, each atomically with the bus position it covers.
 //!
-//! Worker `i` of `n` owns the segments whose number is `i` modulo `n`. Where a segment resumes is
+//! This module reads event files; `kafka` reads a topic as a consumer group. On files, worker
+//! `i` of `n` owns the segments whose number is `i` modulo `n`. Where a segment resumes is
 //! read from the store, never remembered locally, so a crash at any instant costs only a re-read
 //! of the batch that was not applied.
 
 pub mod counters;
+pub mod kafka;
 
 use crate::bus::file::{
     segment_number, segments, BusRecord, FileBusError, Quarantine, QuarantineRecord, SegmentReader,
@@ -23,6 +25,8 @@ use std::time::Instant;
 pub enum AggregateError {
     #[error(transparent)]
     Bus(#[from] FileBusError),
+    #[error(transparent)]
+    Kafka(#[from] crate::bus::kafka::KafkaBusError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -223,11 +227,19 @@ impl Aggregator {
         &self,
         call: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, AggregateError> {
-        call.await.map_err(|e| {
-            self.metrics.store_errors.inc();
-            e.into()
-        })
+        store_call(&self.metrics, call).await
     }
+}
+
+/// Awaits a store operation, counting it in `pleiades_store_errors_total` when it fails.
+pub(crate) async fn store_call<T>(
+    metrics: &AggregateMetrics,
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, AggregateError> {
+    call.await.map_err(|e| {
+        metrics.store_errors.inc();
+        e.into()
+    })
 }
 
 /// Counts complete bus lines into `tally`; returns how many lines were read.
@@ -240,7 +252,6 @@ fn count_lines(
 ) -> Result<usize, FileBusError> {
     let now_ms = chrono::Utc::now().timestamp_millis();
     let mut lines = 0;
-    let mut scratch = Scratch::default();
     for line in chunk.split_inclusive(|&b| b == b'\n') {
         lines += 1;
         let text = String::from_utf8_lossy(line);
@@ -252,40 +263,44 @@ fn count_lines(
                 continue;
             }
         };
-        let head = match crate::event::inspect(record.data.get()) {
-            Ok(head) => head,
-            Err(invalid) => {
-                reject(
-                    metrics,
-                    quarantine,
-                    invalid.reason(),
-                    &invalid.to_string(),
-                    &record.id,
-                    record.data.get(),
-                )?;
-                continue;
-            }
-        };
-        if head.canary {
-            metrics.skipped.with_label_values(&["canary"]).inc();
-            continue;
+        if let Err(invalid) = count_event(record.data.get(), tally, name, metrics, now_ms) {
+            reject(
+                metrics,
+                quarantine,
+                invalid.reason(),
+                &invalid.to_string(),
+                &record.id,
+                record.data.get(),
+            )?;
         }
-        metrics
-            .lag_ms
-            .observe((now_ms - head.time_ms).max(0) as f64);
-        tally.add(&Deltas::of(&head, &mut scratch), name);
     }
     Ok(lines)
 }
 
-fn reject(
-    metrics: &AggregateMetrics,
-    quarantine: &mut Quarantine,
-    reason: &str,
-    error: &str,
-    id: &str,
+/// Counts one event's data into `tally`, the one path from the bus to the counter rules for every
+/// source. Canaries are skipped and counted as such; invalid data is returned for quarantine.
+pub(crate) fn count_event(
     data: &str,
-) -> Result<(), FileBusError> {
+    tally: &mut Tally,
+    name: &mut String,
+    metrics: &AggregateMetrics,
+    now_ms: i64,
+) -> Result<(), crate::event::Invalid> {
+    let head = crate::event::inspect(data)?;
+    if head.canary {
+        metrics.skipped.with_label_values(&["canary"]).inc();
+        return Ok(());
+    }
+    metrics
+        .lag_ms
+        .observe((now_ms - head.time_ms).max(0) as f64);
+    let mut scratch = Scratch::default();
+    tally.add(&Deltas::of(&head, &mut scratch), name);
+    Ok(())
+}
+
+/// Counts and logs an event the aggregators cannot count; the caller keeps it in quarantine.
+pub(crate) fn note_rejected(metrics: &AggregateMetrics, reason: &str, error: &str, id: &str) {
     metrics
         .quarantined
         .with_label_values(&["aggregate", reason])
@@ -296,6 +311,17 @@ fn reject(
         id,
         "an event on the bus cannot be counted; quarantined"
     );
+}
+
+fn reject(
+    metrics: &AggregateMetrics,
+    quarantine: &mut Quarantine,
+    reason: &str,
+    error: &str,
+    id: &str,
+    data: &str,
+) -> Result<(), FileBusError> {
+    note_rejected(metrics, reason, error, id);
     quarantine.write(&QuarantineRecord {
         time: chrono::Utc::now().to_rfc3339(),
         reason,
@@ -306,7 +332,17 @@ fn reject(
     Ok(())
 }
 
-/// Builds and runs aggregator `index`: the supervised unit of the aggregate role.
+/// Builds and runs aggregator `index` on the configured bus: the supervised unit of the
+/// aggregate role.
 pub async fn run(ctx: ComponentContext, store: Store, index: usize) -> Result<(), AggregateError> {
-    Aggregator::new(ctx, store, index).run().await
+    let source = ctx.config.aggregate.source_or(ctx.config.ingest.publisher);
+    match source {
+        crate::config::BusKind::File => Aggregator::new(ctx, store, index).run().await,
+        crate::config::BusKind::Kafka => {
+            kafka::KafkaAggregator::start(ctx, store, index)
+                .await?
+                .run()
+                .await
+        }
+    }
 }

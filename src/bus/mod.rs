@@ -1,6 +1,5 @@
-//! The bus between the ingester and the aggregators: event files in a directory (one host).
-//!
-//! A Kafka topic is the multi-host alternative; it will sit beside `file` behind the same record
-//! format.
+//! The bus between the ingester and the aggregators: event files in a directory (one host) or
+//! a Kafka topic (many hosts).
 
 pub mod file;
+pub mod kafka;

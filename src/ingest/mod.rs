@@ -10,7 +10,8 @@ pub mod cursor;
 pub mod sse;
 
 use crate::bus::file::{encode_record, read_tail, FileBusError, QuarantineRecord, SegmentWriter};
-use crate::config::{self, Config};
+use crate::bus::kafka::{KafkaBusError, KafkaPublisher, Refused};
+use crate::config::{self, BusKind, Config};
 use crate::metrics::IngestMetrics;
 use crate::ComponentContext;
 use client::{Backoff, ConnectError, Upstream};
@@ -25,6 +26,8 @@ use std::time::Duration;
 pub enum IngestError {
     #[error(transparent)]
     Bus(#[from] FileBusError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaBusError),
     #[error("ingest configuration: {0}")]
     Config(String),
     #[error(transparent)]
@@ -46,11 +49,19 @@ enum Ended {
     Shutdown,
 }
 
+/// Where the ingester publishes.
+enum Bus {
+    /// Appended and synced before the cursor moves: accepted means durable.
+    File(SegmentWriter),
+    /// Handed to the producer; acknowledged later, in any order across partitions.
+    Kafka(KafkaPublisher),
+}
+
 /// The ingest role's state; built by [`Ingester::start`], driven by [`Ingester::run`].
 pub struct Ingester {
     config: Arc<Config>,
     metrics: IngestMetrics,
-    writer: SegmentWriter,
+    bus: Bus,
     cursor: Cursor,
     upstream: Upstream,
     since_ms: Option<i64>,
@@ -63,23 +74,39 @@ impl Ingester {
     /// Opens the bus and rebuilds the cursor from its tail.
     pub async fn start(ctx: &ComponentContext) -> Result<Self, IngestError> {
         let config = ctx.config.clone();
-        let file_config = config.file.clone();
         let window = config.ingest.dedupe_window;
-        let bus_metrics = ctx.metrics.file_bus.clone();
-        let (writer, tail) = tokio::task::spawn_blocking(move || {
-            let writer = SegmentWriter::open(&file_config, bus_metrics)?;
-            let tail = read_tail(&file_config.dir, window)?;
-            Ok::<_, FileBusError>((writer, tail))
-        })
-        .await??;
+        let (bus, tail) = match config.ingest.publisher {
+            BusKind::File => {
+                let file_config = config.file.clone();
+                let bus_metrics = ctx.metrics.file_bus.clone();
+                let (writer, tail) = tokio::task::spawn_blocking(move || {
+                    let writer = SegmentWriter::open(&file_config, bus_metrics)?;
+                    let tail = read_tail(&file_config.dir, window)?;
+                    Ok::<_, FileBusError>((writer, tail))
+                })
+                .await??;
+                (Bus::File(writer), tail)
+            }
+            BusKind::Kafka => {
+                let (mut publisher, tail) =
+                    KafkaPublisher::open(&config.kafka, ctx.metrics.kafka.clone(), window).await?;
+                if !config.ingest.resume {
+                    publisher.forget_cursor();
+                }
+                (Bus::Kafka(publisher), tail)
+            }
+        };
         if tail.unreadable_lines > 0 {
-            tracing::warn!(lines = tail.unreadable_lines, dir = %config.file.dir.display(), "unreadable lines in the event files were skipped");
+            tracing::warn!(
+                records = tail.unreadable_lines,
+                "unreadable records at the bus tail were skipped"
+            );
         }
         let cursor = Cursor::from_tail(tail, window, config.ingest.resume);
         tracing::info!(
             resume_from = cursor.last_id.as_deref().unwrap_or("(now)"),
             remembered_ids = cursor.window.len(),
-            segment = %writer.current_segment().display(),
+            bus = ?config.ingest.publisher,
             "ingester starting"
         );
         let url = reqwest::Url::parse(&config.ingest.url)
@@ -98,7 +125,7 @@ impl Ingester {
         Ok(Ingester {
             config,
             metrics,
-            writer,
+            bus,
             cursor,
             upstream,
             since_ms,
@@ -143,7 +170,7 @@ impl Ingester {
                         .inc();
                     self.after_connection(&mut backoff, delivered)
                 }
-                Err(StreamError::Bus(e)) => return Err(e.into()),
+                Err(StreamError::Bus(e)) => return Err(e),
                 Err(StreamError::Connect(e)) => {
                     self.metrics.errors.inc();
                     let backoff_delay = backoff.next_delay();
@@ -169,7 +196,10 @@ impl Ingester {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
-        tokio::task::block_in_place(|| self.writer.sync())?;
+        match &mut self.bus {
+            Bus::File(writer) => tokio::task::block_in_place(|| writer.sync())?,
+            Bus::Kafka(publisher) => publisher.flush(KAFKA_FLUSH_LIMIT).await?,
+        }
         tracing::info!(
             resume_from = self.cursor.last_id.as_deref().unwrap_or("(none)"),
             "ingester stopped; events synced"
@@ -227,8 +257,15 @@ impl Ingester {
         let mut events = Vec::new();
         let mut delivered = 0u64;
         let mut body = response.bytes_stream();
-        let mut sync_timer = tokio::time::interval(self.config.file.fsync_interval);
-        let interval_sync = self.config.file.fsync == crate::config::FsyncPolicy::Interval;
+        let kafka = matches!(self.bus, Bus::Kafka(_));
+        // Files synced "at most every interval" need a timer; so does taking Kafka's
+        // acknowledgements while upstream is quiet.
+        let mut sync_timer = tokio::time::interval(if kafka {
+            KAFKA_ACK_INTERVAL
+        } else {
+            self.config.file.fsync_interval
+        });
+        let timed = kafka || self.config.file.fsync == crate::config::FsyncPolicy::Interval;
         // The watchdog measures silence from the last byte received, so other wake-ups in this
         // loop (the sync timer) cannot postpone it.
         let mut last_byte = tokio::time::Instant::now();
@@ -237,13 +274,18 @@ impl Ingester {
                 biased;
                 _ = ctx.shutdown.cancelled() => return Ok(Ended::Shutdown),
                 _ = tokio::time::sleep_until(last_byte + stall) => return Ok(Ended::Stalled { delivered }),
-                _ = sync_timer.tick(), if interval_sync => {
-                    tokio::task::block_in_place(|| self.writer.sync_if_due()).map_err(StreamError::Bus)?;
+                _ = sync_timer.tick(), if timed => {
+                    match &mut self.bus {
+                        Bus::File(writer) => tokio::task::block_in_place(|| writer.sync_if_due())
+                            .map_err(|e| StreamError::Bus(e.into()))?,
+                        Bus::Kafka(publisher) => publisher
+                            .collect_acks()
+                            .map_err(|e| StreamError::Bus(e.into()))?,
+                    }
                     continue;
                 }
                 next = body.next() => next,
             };
-            last_byte = tokio::time::Instant::now();
             let bytes = match chunk {
                 None => return Ok(Ended::Closed { delivered }),
                 Some(Err(e)) => {
@@ -267,23 +309,37 @@ impl Ingester {
                 );
             }
             seen = stats;
-            delivered += tokio::task::block_in_place(|| self.deliver(&mut events))
-                .map_err(StreamError::Bus)?;
+            match self.deliver(&mut events, &ctx.shutdown).await {
+                Ok(Some(n)) => delivered += n,
+                Ok(None) => return Ok(Ended::Shutdown),
+                Err(e) => return Err(StreamError::Bus(e)),
+            }
             // Everything parsed so far is on the bus (or deliberately dropped): the cursor moves.
+            // On Kafka "on the bus" means queued; the resume point written into the topic moves
+            // only once the brokers acknowledge (see `bus::kafka`).
             if !parser.last_event_id().is_empty() {
                 self.cursor.last_id = Some(parser.last_event_id().to_owned());
+                if let Bus::Kafka(publisher) = &mut self.bus {
+                    publisher.mark(parser.last_event_id());
+                }
             }
+            // Silence is measured from here: time spent waiting for room on the bus (Kafka's
+            // backpressure) is ours, not upstream's.
+            last_byte = tokio::time::Instant::now();
         }
     }
 
-    /// Classifies and publishes parsed events; returns how many reached the bus.
-    fn deliver(&mut self, events: &mut Vec<SseEvent>) -> Result<u64, FileBusError> {
+    /// Classifies and publishes parsed events; returns how many reached the bus, or `None` when
+    /// shutdown interrupted a wait for room on the bus.
+    async fn deliver(
+        &mut self,
+        events: &mut Vec<SseEvent>,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<Option<u64>, IngestError> {
         if events.is_empty() {
-            return Ok(0);
+            return Ok(Some(0));
         }
-        self.batch.clear();
-        let mut published = 0u64;
-        let mut newest_ms = i64::MIN;
+        let mut accepted = Vec::with_capacity(events.len());
         for event in events.drain(..) {
             self.metrics.events.inc();
             if event.event_type != "message" {
@@ -291,52 +347,104 @@ impl Ingester {
                 tracing::warn!(event_type = %event.event_type, id = %event.id, data = %event.data, "upstream sent a non-message event");
                 continue;
             }
-            let head = match crate::event::inspect(&event.data) {
-                Ok(head) => head,
+            let (time_ms, key, canary) = match crate::event::inspect(&event.data) {
+                Ok(head) => (head.time_ms, head.id.map(|id| id.into_owned()), head.canary),
                 Err(invalid) => {
-                    self.metrics
-                        .quarantined
-                        .with_label_values(&["ingest", invalid.reason()])
-                        .inc();
-                    tracing::warn!(reason = invalid.reason(), error = %invalid, id = %event.id, "quarantined an invalid event");
-                    self.writer.quarantine(&QuarantineRecord {
-                        time: chrono::Utc::now().to_rfc3339(),
-                        reason: invalid.reason(),
-                        error: invalid.to_string(),
-                        id: &event.id,
-                        data: &event.data,
-                    })?;
+                    let (reason, error) = (invalid.reason(), invalid.to_string());
+                    self.quarantine(reason, error, &event, shutdown).await?;
                     continue;
                 }
             };
-            if let Some(id) = head.id.as_deref() {
+            if let Some(id) = key.as_deref() {
                 if !self.cursor.window.insert(id) {
                     self.metrics.duplicates.inc();
                     continue;
                 }
             }
-            if head.canary {
+            if canary {
                 self.metrics.canaries.inc();
             }
-            newest_ms = newest_ms.max(head.time_ms);
-            encode_record(&event.id, &event.data, &mut self.batch);
-            published += 1;
+            accepted.push((event, time_ms, key));
         }
-        self.writer.append(&self.batch, published)?;
+        let mut published = 0u64;
+        let mut newest_ms = i64::MIN;
+        match &mut self.bus {
+            Bus::File(writer) => {
+                self.batch.clear();
+                for (event, time_ms, _) in &accepted {
+                    newest_ms = newest_ms.max(*time_ms);
+                    encode_record(&event.id, &event.data, &mut self.batch);
+                    published += 1;
+                }
+                tokio::task::block_in_place(|| writer.append(&self.batch, published))?;
+            }
+            Bus::Kafka(publisher) => {
+                let mut too_large = Vec::new();
+                for (event, time_ms, key) in &accepted {
+                    match publisher
+                        .publish(&event.id, &event.data, key.as_deref(), *time_ms, shutdown)
+                        .await
+                    {
+                        Ok(true) => {
+                            newest_ms = newest_ms.max(*time_ms);
+                            published += 1;
+                        }
+                        Ok(false) => return Ok(None),
+                        Err(Refused::TooLarge(error)) => too_large.push((event, error)),
+                        Err(Refused::Failed(e)) => return Err(e.into()),
+                    }
+                }
+                for (event, error) in too_large {
+                    self.quarantine("too_large", error, event, shutdown).await?;
+                }
+            }
+        }
         if published > 0 {
             self.metrics.delivered_event_time(newest_ms);
         }
         self.metrics
             .dedupe_window
             .set(self.cursor.window.len() as i64);
-        Ok(published)
+        Ok(Some(published))
+    }
+
+    /// Keeps an event that cannot be published, with the reason, and counts it.
+    async fn quarantine(
+        &mut self,
+        reason: &str,
+        error: String,
+        event: &SseEvent,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), IngestError> {
+        self.metrics
+            .quarantined
+            .with_label_values(&["ingest", reason])
+            .inc();
+        tracing::warn!(reason, error = %error, id = %event.id, "quarantined an event");
+        let record = QuarantineRecord {
+            time: chrono::Utc::now().to_rfc3339(),
+            reason,
+            error,
+            id: &event.id,
+            data: &event.data,
+        };
+        match &mut self.bus {
+            Bus::File(writer) => tokio::task::block_in_place(|| writer.quarantine(&record))?,
+            Bus::Kafka(publisher) => publisher.quarantine(&record, shutdown).await?,
+        }
+        Ok(())
     }
 }
+
+/// How often the ingester takes Kafka's acknowledgements when nothing else wakes it.
+const KAFKA_ACK_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a stopping ingester waits for Kafka to acknowledge what it has sent.
+const KAFKA_FLUSH_LIMIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 enum StreamError {
     Connect(ConnectError),
-    Bus(FileBusError),
+    Bus(IngestError),
 }
 
 /// Builds and runs the ingester: the supervised unit of the ingest role.

@@ -122,6 +122,13 @@ impl TestScope {
 impl Drop for TestScope {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        if std::thread::panicking() {
+            // A failed test leaves its logs behind for whoever reads the failure.
+            eprintln!(
+                "--- logs of the failed test's processes ---\n{}",
+                self.logs()
+            );
+        }
         for child in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
@@ -136,6 +143,7 @@ pub fn replay_options(events: Vec<PathBuf>) -> pleiades::replay::ReplayOptions {
         listen: "127.0.0.1:0".parse().expect("an address"),
         cut_after: None,
         rate: None,
+        live: false,
         step_ms: 10,
         disorder_ms: 25,
         heartbeat: Duration::from_millis(200),
@@ -447,10 +455,7 @@ impl RedisServer {
 
     /// kill -9, leaving it down.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_child(&mut self.child);
     }
 
     /// Starts it again after [`RedisServer::stop`].
@@ -500,10 +505,15 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_child(&mut self.child);
+    }
+}
+
+/// kill -9 of a server the test started, and waiting for it to be gone.
+fn kill_child(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -653,4 +663,196 @@ pub fn write_bus(dir: &Path, events: &[String]) {
         ));
     }
     std::fs::write(dir.join("segment-00000000000000000001.jsonl"), text).expect("segment written");
+}
+
+/// A real Kafka-protocol broker (`nisshi`, built by `scripts/test`) on a free loopback port,
+/// keeping its log in SQLite under the scratch directory so that it survives its own restart.
+pub struct KafkaBroker {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+    starts: usize,
+}
+
+impl KafkaBroker {
+    pub async fn start(scope: &TestScope) -> KafkaBroker {
+        let port = TestScope::free_port();
+        let dir = scope.path(&format!("kafka-{port}"));
+        std::fs::create_dir_all(dir.join("data")).expect("broker dir");
+        let mut broker = KafkaBroker {
+            port,
+            dir,
+            child: None,
+            starts: 0,
+        };
+        broker.launch().await;
+        broker
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    async fn launch(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::File::create(self.dir.join(format!("broker-{}.log", self.starts)))
+            .expect("broker log");
+        self.starts += 1;
+        let child = Command::new(std::env::var("NISSHI").unwrap_or_else(|_| "nisshi".into()))
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                // The path is relative to the broker's working directory.
+                "--storage-engine",
+                "sqlite://data/broker.db",
+            ])
+            .current_dir(&self.dir)
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("nisshi starts (scripts/test installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr: SocketAddr = self.brokers().parse().expect("an address");
+        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the Kafka broker on {addr} did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// kill -9, leaving it down.
+    pub fn stop(&mut self) {
+        kill_child(&mut self.child);
+    }
+
+    /// Starts it again on the same port and storage.
+    pub async fn start_again(&mut self) {
+        self.launch().await;
+    }
+}
+
+impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Waits until the aggregator workers of the host whose metrics are on `port` own `partitions`
+/// partitions between them.
+pub async fn wait_for_partitions(port: u16, workers: usize, partitions: f64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let owned: Option<f64> = scrape(port).await.map(|m| {
+            (0..workers)
+                .filter_map(|w| {
+                    m.get(&format!(
+                        "pleiades_kafka_assigned_partitions{{worker=\"{w}\"}}"
+                    ))
+                })
+                .sum()
+        });
+        if owned == Some(partitions) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {partitions} partitions on :{port} (owned: {owned:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One message read back from a topic.
+#[derive(Debug, Clone)]
+pub struct TopicMessage {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub value: String,
+    pub headers: HashMap<String, String>,
+}
+
+/// Reads every message of `topic`, from the start of each partition to its current end, with a
+/// consumer of its own (no group, nothing committed).
+pub fn read_topic(brokers: &str, topic: &str) -> Vec<TopicMessage> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "pleiades-tests-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("a consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("topic metadata");
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for partition in metadata.topics()[0].partitions() {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition.id(), Duration::from_secs(10))
+            .expect("watermarks");
+        if high > low {
+            assignment
+                .add_partition_offset(topic, partition.id(), rdkafka::Offset::Offset(low))
+                .expect("assignment");
+            ends.insert(partition.id(), high);
+        }
+    }
+    let mut messages = Vec::new();
+    if ends.is_empty() {
+        return messages;
+    }
+    consumer.assign(&assignment).expect("assign");
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(600);
+    while !ends.is_empty() {
+        assert!(Instant::now() < deadline, "reading {topic} took too long");
+        let Some(result) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let m = result.expect("a message");
+        let mut headers = HashMap::new();
+        if let Some(h) = m.headers() {
+            for header in h.iter() {
+                headers.insert(
+                    header.key.to_owned(),
+                    String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
+                );
+            }
+        }
+        messages.push(TopicMessage {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            value: String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+            headers,
+        });
+        if ends
+            .get(&m.partition())
+            .is_some_and(|end| m.offset() + 1 >= *end)
+        {
+            ends.remove(&m.partition());
+        }
+    }
+    println!(
+        "read {} messages of {topic} in {:?}",
+        messages.len(),
+        started.elapsed()
+    );
+    messages
+}
+
+/// A process's resident memory in bytes, from /proc.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

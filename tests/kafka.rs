@@ -1,0 +1,481 @@
+//! The Kafka bus across processes: one ingesting, two aggregating (one also serving the web), a
+//! real broker, a real Redis, and the faults of a multi-host deployment: kill -9 of an
+//! aggregator and of the ingester, a broker restart, and a minute-long broker outage.
+
+mod common;
+
+use common::*;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+const TOPIC: &str = "pleiades-events";
+const QUARANTINE: &str = "pleiades-quarantine";
+
+/// The roles one host runs.
+#[derive(Clone, Copy, Default)]
+struct Roles {
+    ingest: bool,
+    aggregate: bool,
+    web: Option<u16>,
+}
+
+/// A host's configuration: the upstream, the broker, Redis, a metrics port, its roles, and extra
+/// `[kafka]` keys.
+fn host_config(
+    upstream: std::net::SocketAddr,
+    brokers: &str,
+    redis: &str,
+    metrics_port: u16,
+    roles: Roles,
+    kafka_extra: &str,
+) -> String {
+    let web = match roles.web {
+        Some(port) => format!("enabled = true\nlisten = \"127.0.0.1:{port}\""),
+        None => "enabled = false".to_owned(),
+    };
+    format!(
+        r#"
+[ingest]
+enabled = {}
+url = "http://{upstream}/v2/stream/recentchange"
+user_agent = "pleiades-tests/1.0 (test suite)"
+publisher = "kafka"
+resume_rewind = "100ms"
+backoff_initial = "50ms"
+backoff_max = "1s"
+stall_timeout = "10s"
+[kafka]
+brokers = "{brokers}"
+partitions = 4
+replication_factor = 1
+{kafka_extra}
+[kafka.properties]
+"reconnect.backoff.max.ms" = "500"
+[aggregate]
+enabled = {}
+batch_delay = "100ms"
+poll_interval = "50ms"
+[store]
+kind = "redis"
+[redis]
+url = "{redis}"
+[web]
+{web}
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+"#,
+        roles.ingest, roles.aggregate
+    )
+}
+
+/// Counters read from Redis, and every partition's stored position.
+async fn stored_state(redis: &str) -> (Expected, i64) {
+    let mut config = pleiades::config::Config::default();
+    config.store.kind = pleiades::config::StoreKind::Redis;
+    config.redis.url = redis.to_owned();
+    let store = pleiades::store::Store::open(&config).await.expect("store");
+    let mut positions = 0;
+    for p in 0..4 {
+        positions += store
+            .position(&format!("kafka:{TOPIC}:{p}"))
+            .await
+            .expect("position") as i64;
+    }
+    (stored(&store).await, positions)
+}
+
+/// Asserts the topic holds every expected event exactly once, each value exactly the line that
+/// upstream sent, keyed by its meta.id, with its SSE id in a header.
+fn assert_topic_exactly_once(messages: &[TopicMessage], lines: &[String]) {
+    let expected = expected_ids(lines);
+    let mut originals: HashMap<String, &String> = HashMap::new();
+    for line in lines {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+            if let Some(id) = v["meta"]["id"].as_str() {
+                originals.entry(id.to_owned()).or_insert(line);
+            }
+        }
+    }
+    let mut seen = HashSet::new();
+    for m in messages {
+        let key = m.key.clone().expect("every message is keyed by meta.id");
+        assert!(seen.insert(key.clone()), "{key} is on the topic twice");
+        assert_eq!(
+            &m.value, originals[&key],
+            "the message for {key} is not the event as received"
+        );
+        assert!(
+            m.headers
+                .get("sse-id")
+                .is_some_and(|id| id.starts_with('[')),
+            "{key} has no sse-id header"
+        );
+        assert!(m.headers.contains_key("pleiades-cursor"));
+    }
+    let missing: Vec<_> = expected
+        .iter()
+        .filter(|id| !seen.contains(*id))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "events missing from the topic: {missing:?}"
+    );
+    assert_eq!(seen.len(), expected.len(), "unexpected events on the topic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_hosts_count_exactly_once_through_kills_and_a_broker_restart() {
+    let mut scope = TestScope::new();
+    let mut broker = KafkaBroker::start(&scope).await;
+    let redis = RedisServer::start(&scope, true).await;
+    let (lines, invalid) = mixed_lines();
+    let events = scope.path("upstream.jsonl");
+    std::fs::write(&events, lines.join("\n")).expect("events written");
+    let mut options = replay_options(vec![events]);
+    // Slow enough that every fault below lands while upstream still has events to send.
+    options.rate = Some(120.0);
+    let upstream = scope.replay(options).await;
+    let brokers = broker.brokers();
+    let url = redis.url();
+
+    let ports = [
+        TestScope::free_port(),
+        TestScope::free_port(),
+        TestScope::free_port(),
+    ];
+    let web_port = TestScope::free_port();
+    let ingest = host_config(
+        upstream.addr,
+        &brokers,
+        &url,
+        ports[0],
+        Roles {
+            ingest: true,
+            ..Roles::default()
+        },
+        "",
+    );
+    let aggregate = host_config(
+        upstream.addr,
+        &brokers,
+        &url,
+        ports[1],
+        Roles {
+            aggregate: true,
+            ..Roles::default()
+        },
+        "",
+    );
+    let aggregate_web = host_config(
+        upstream.addr,
+        &brokers,
+        &url,
+        ports[2],
+        Roles {
+            aggregate: true,
+            web: Some(web_port),
+            ..Roles::default()
+        },
+        "",
+    );
+    let write = |name: &str, text: &str| {
+        let path = scope.path(name);
+        std::fs::write(&path, text).expect("config written");
+        path.display().to_string()
+    };
+    let (ingest_toml, aggregate_toml, web_toml) = (
+        write("ingest.toml", &ingest),
+        write("aggregate.toml", &aggregate),
+        write("aggregate-web.toml", &aggregate_web),
+    );
+    let mut ingester = scope.spawn(&["--config", &ingest_toml]);
+    let mut aggregator = scope.spawn(&["--config", &aggregate_toml]);
+    let web = scope.spawn(&["--config", &web_toml]);
+
+    // Both aggregating hosts share the four partitions.
+    for port in [ports[1], ports[2]] {
+        wait_for_metric(
+            port,
+            "pleiades_kafka_assigned_partitions{worker=\"0\"}",
+            Duration::from_secs(60),
+            |v| v >= 1.0,
+        )
+        .await;
+    }
+    // kill -9 of the ingester mid-stream, restarted: it resumes from the topic alone.
+    wait_for_metric(
+        ports[0],
+        "pleiades_kafka_publish_events_total",
+        Duration::from_secs(60),
+        |v| v >= 1000.0,
+    )
+    .await;
+    scope.kill9(ingester);
+    ingester = scope.spawn(&["--config", &ingest_toml]);
+    wait_for_metric(
+        ports[0],
+        "pleiades_kafka_publish_events_total",
+        Duration::from_secs(60),
+        |v| v >= 200.0,
+    )
+    .await;
+
+    // kill -9 of an aggregating host: its partitions move to the other one.
+    let assigned_before =
+        scrape(ports[2]).await.expect("scrape")["pleiades_kafka_rebalances_total{kind=\"assign\"}"];
+    scope.kill9(aggregator);
+    wait_for_metric(
+        ports[2],
+        "pleiades_kafka_rebalances_total{kind=\"assign\"}",
+        Duration::from_secs(60),
+        |v| v > assigned_before,
+    )
+    .await;
+    let takeover = Instant::now();
+    wait_for_partitions(ports[2], 2, 4.0, Duration::from_secs(30)).await;
+    println!(
+        "the surviving host owns all four partitions {:?} after the rebalance began",
+        takeover.elapsed()
+    );
+    aggregator = scope.spawn(&["--config", &aggregate_toml]);
+
+    // A broker restart while both sides are busy.
+    let before_restart =
+        scrape(ports[0]).await.expect("scrape")["pleiades_kafka_publish_events_total"];
+    assert!(
+        before_restart < (lines.len() - 1000) as f64,
+        "upstream must still be sending when the broker restarts"
+    );
+    broker.stop();
+    wait_for_metric(
+        ports[0],
+        "pleiades_kafka_buffered_bytes",
+        Duration::from_secs(30),
+        |v| v > 0.0,
+    )
+    .await;
+    broker.start_again().await;
+
+    // Everything arrives, exactly once, and is counted exactly once.
+    let expected = oracle(&lines);
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let topic = loop {
+        let messages = tokio::task::block_in_place(|| read_topic(&brokers, TOPIC));
+        let (found, positions) = stored_state(&url).await;
+        if messages.len() >= expected_ids(&lines).len()
+            && positions == messages.len() as i64
+            && found.events >= expected.events
+        {
+            break messages;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pipeline did not finish: topic {} of {}, positions {positions}, counted {} of {}\n{}",
+            messages.len(),
+            expected_ids(&lines).len(),
+            found.events,
+            expected.events,
+            scope.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_topic_exactly_once(&topic, &lines);
+    let (found, _) = stored_state(&url).await;
+    assert_counters_equal(&found, &expected);
+    assert_eq!(found.events, expected.events);
+
+    // The invalid lines went to the quarantine topic, not to the aggregators.
+    let quarantined = tokio::task::block_in_place(|| read_topic(&brokers, QUARANTINE));
+    let reasons: HashSet<String> = quarantined
+        .iter()
+        .filter_map(|m| m.headers.get("reason").cloned())
+        .collect();
+    assert!(
+        quarantined.len() >= invalid,
+        "{} quarantined of {invalid}",
+        quarantined.len()
+    );
+    assert!(reasons.contains("not_json"), "{reasons:?}");
+
+    // The web host answers from the shared store.
+    let days: Vec<String> = reqwest::get(format!("http://127.0.0.1:{web_port}/api/days"))
+        .await
+        .expect("web answers")
+        .json()
+        .await
+        .expect("days");
+    assert_eq!(days.len(), expected.days.len());
+    let ready = reqwest::get(format!("http://127.0.0.1:{}/readyz", ports[0]))
+        .await
+        .expect("readyz answers");
+    assert_eq!(
+        ready.status(),
+        200,
+        "{}",
+        ready.text().await.unwrap_or_default()
+    );
+
+    // The dashboard and the alerts refer only to metrics these hosts export.
+    let mut exported = String::new();
+    for port in ports {
+        exported.push_str(
+            &reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+                .await
+                .expect("scrape")
+                .text()
+                .await
+                .expect("scrape text"),
+        );
+    }
+    for file in [
+        "deploy/grafana/pleiades.json",
+        "deploy/prometheus/alerts.yml",
+    ] {
+        let text =
+            std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file))
+                .expect("deploy file");
+        for name in kafka_names(&text) {
+            assert!(
+                exported.contains(&format!("\n{name}")),
+                "{file} refers to {name}, which no Kafka host exports"
+            );
+        }
+    }
+    let metrics = scrape(ports[2]).await.expect("scrape");
+    println!(
+        "three hosts: {} events on the topic ({} messages read back), {} counted, {} days, {} quarantined; seeks {}, stale batches {}",
+        topic.len(),
+        topic.len(),
+        found.events,
+        found.days.len(),
+        quarantined.len(),
+        metrics.get("pleiades_kafka_seeks_total").copied().unwrap_or(0.0),
+        metrics.get("pleiades_aggregator_stale_batches_total").copied().unwrap_or(0.0),
+    );
+    for n in [ingester, aggregator, web] {
+        assert_eq!(scope.terminate(n, Duration::from_secs(15)), Some(0));
+    }
+}
+
+/// The `pleiades_kafka_*` metric names a text mentions, without histogram suffixes.
+fn kafka_names(text: &str) -> HashSet<String> {
+    let mut names = HashSet::new();
+    for (start, _) in text.match_indices("pleiades_kafka_") {
+        let name: String = text[start..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .fold(name.as_str(), |n, s| n.strip_suffix(s).unwrap_or(n))
+            .to_owned();
+        names.insert(base);
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_outage_costs_time_not_memory_or_events() {
+    const RATE: f64 = 400.0;
+    const CAP: u64 = 4 * 1024 * 1024;
+    let mut scope = TestScope::new();
+    let mut broker = KafkaBroker::start(&scope).await;
+    let lines = synthetic_events(28_000, 3);
+    let events = scope.path("upstream.jsonl");
+    std::fs::write(&events, lines.join("\n")).expect("events written");
+    let bytes: usize = lines.iter().map(String::len).sum();
+    let mut options = replay_options(vec![events]);
+    options.rate = Some(RATE);
+    options.live = true;
+    let upstream = scope.replay(options).await;
+    let brokers = broker.brokers();
+    let port = TestScope::free_port();
+    let config = host_config(
+        upstream.addr,
+        &brokers,
+        "redis://127.0.0.1:1/",
+        port,
+        Roles {
+            ingest: true,
+            ..Roles::default()
+        },
+        &format!("buffer_bytes = {CAP}"),
+    );
+    let path = scope.path("ingest.toml");
+    std::fs::write(&path, config).expect("config written");
+    let ingester = scope.spawn(&["--config", &path.display().to_string()]);
+    let pid = scope.child(ingester).id();
+
+    wait_for_metric(
+        port,
+        "pleiades_kafka_publish_events_total",
+        Duration::from_secs(60),
+        |v| v >= 2000.0,
+    )
+    .await;
+    let baseline = rss_bytes(pid).expect("rss");
+    let outage_start = Instant::now();
+    broker.stop();
+    let mut peak_rss = baseline;
+    let mut peak_buffered = 0.0f64;
+    while outage_start.elapsed() < Duration::from_secs(60) {
+        peak_rss = peak_rss.max(rss_bytes(pid).expect("the ingester is alive"));
+        if let Some(m) = scrape(port).await {
+            peak_buffered = peak_buffered.max(m["pleiades_kafka_buffered_bytes"]);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    broker.start_again().await;
+    let upstream_during_outage = (60.0 * RATE) as usize * bytes / lines.len();
+
+    // Catching up: the topic fills to the last event, and the newest delivered event is recent.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let caught_up = loop {
+        let m = scrape(port).await.unwrap_or_default();
+        let published = m
+            .get("pleiades_kafka_publish_events_total")
+            .copied()
+            .unwrap_or(0.0);
+        if published >= lines.len() as f64 {
+            break outage_start.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ingestion did not catch up: {published} of {}\n{}",
+            lines.len(),
+            scope.logs()
+        );
+        peak_rss = peak_rss.max(rss_bytes(pid).unwrap_or(0));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let topic = tokio::task::block_in_place(|| read_topic(&brokers, TOPIC));
+    assert_topic_exactly_once(&topic, &lines);
+    let m = scrape(port).await.expect("scrape");
+    let waited = m["pleiades_kafka_publish_wait_time_seconds_sum"];
+    println!(
+        "outage: 60 s at {RATE} events/s ({} MiB arrived upstream meanwhile); cap {} MiB; peak buffered {:.2} MiB; RSS {:.1} MiB before, peak {:.1} MiB (+{:.1} MiB); reading paused {waited:.1} s; all {} events on the topic exactly once {:.1} s after the outage began",
+        upstream_during_outage / (1 << 20),
+        CAP >> 20,
+        peak_buffered / (1u64 << 20) as f64,
+        baseline as f64 / (1u64 << 20) as f64,
+        peak_rss as f64 / (1u64 << 20) as f64,
+        (peak_rss - baseline) as f64 / (1u64 << 20) as f64,
+        topic.len(),
+        caught_up.as_secs_f64(),
+    );
+    assert!(
+        peak_buffered <= CAP as f64,
+        "buffered {peak_buffered} over the cap"
+    );
+    assert!(
+        (upstream_during_outage as u64) > 2 * CAP,
+        "the outage must produce more data than the cap for this test to mean anything"
+    );
+    assert!(waited > 10.0, "backpressure never engaged ({waited} s)");
+    assert!(
+        peak_rss - baseline < CAP + 16 * 1024 * 1024,
+        "memory grew by {} bytes during the outage",
+        peak_rss - baseline
+    );
+}
