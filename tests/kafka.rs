@@ -203,16 +203,27 @@ async fn three_hosts_count_exactly_once_through_kills_and_a_broker_restart() {
         )
         .await;
     }
-    // kill -9 of the ingester mid-stream, restarted: it resumes from the topic alone.
-    wait_for_metric(
-        ports[0],
-        "pleiades_kafka_publish_events_total",
-        Duration::from_secs(60),
-        |v| v >= 1000.0,
-    )
-    .await;
-    scope.kill9(ingester);
-    ingester = scope.spawn(&["--config", &ingest_toml]);
+    // kill -9 of the ingester at moments drawn at random, each time restarted: it resumes from
+    // the topic alone, whatever was in flight.
+    let mut kills = Vec::new();
+    for round in 0..4 {
+        let threshold = if round == 0 {
+            600.0
+        } else {
+            rand::Rng::gen_range(&mut rand::thread_rng(), 150.0..350.0_f64).round()
+        };
+        wait_for_metric(
+            ports[0],
+            "pleiades_kafka_publish_events_total",
+            Duration::from_secs(60),
+            |v| v >= threshold,
+        )
+        .await;
+        scope.kill9(ingester);
+        kills.push(threshold);
+        ingester = scope.spawn(&["--config", &ingest_toml]);
+    }
+    println!("ingester killed after {kills:?} acknowledged events of each run");
     wait_for_metric(
         ports[0],
         "pleiades_kafka_publish_events_total",
