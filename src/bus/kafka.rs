@@ -18,7 +18,7 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -198,9 +198,19 @@ pub fn check_config(k: &KafkaConfig) -> Vec<Problem> {
 
 /// The settings every client shares: the brokers and the user's properties.
 pub fn client_config(k: &KafkaConfig) -> ClientConfig {
+    with_properties(base_config(k), k)
+}
+
+fn base_config(k: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &k.brokers);
     c.set("client.id", format!("pleiades-{}", crate::build::VERSION));
+    c
+}
+
+/// The user's settings come last, so that timeouts, TLS and SASL can be tuned; the ones
+/// Pleiades owns are refused by `check_config`.
+fn with_properties(mut c: ClientConfig, k: &KafkaConfig) -> ClientConfig {
     for (key, value) in &k.properties {
         c.set(key, value);
     }
@@ -210,13 +220,10 @@ pub fn client_config(k: &KafkaConfig) -> ClientConfig {
 /// The publisher's settings: idempotent, every in-sync replica acknowledges, deliveries are
 /// retried until they succeed (no message timeout), and the queue is capped in bytes.
 fn producer_config(k: &KafkaConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &k.brokers);
-    c.set("client.id", format!("pleiades-{}", crate::build::VERSION));
+    let mut c = base_config(k);
     c.set("enable.idempotence", "true");
     c.set("acks", "all");
     c.set("message.timeout.ms", "0");
-    c.set("linger.ms", "5");
     // The publisher enforces `buffer_bytes` itself, counting what it hands over; librdkafka's
     // limit sits a quarter above it to cover its per-message bookkeeping.
     c.set(
@@ -229,20 +236,13 @@ fn producer_config(k: &KafkaConfig) -> ClientConfig {
         "queue.buffering.max.messages",
         (k.buffer_bytes / 256).clamp(1000, 10_000_000).to_string(),
     );
-    // The user's settings come last so that timeouts, TLS and SASL can be tuned; the reserved
-    // ones are refused by `check_config`.
-    for (key, value) in &k.properties {
-        c.set(key, value);
-    }
-    c
+    with_properties(c, k)
 }
 
 /// The settings of a consumer in the aggregators' group. Offsets are committed for monitoring
 /// only; the store decides where each partition resumes.
 pub fn consumer_config(k: &KafkaConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &k.brokers);
-    c.set("client.id", format!("pleiades-{}", crate::build::VERSION));
+    let mut c = base_config(k);
     c.set("group.id", &k.group);
     c.set("enable.auto.commit", "false");
     c.set("enable.auto.offset.store", "false");
@@ -250,10 +250,7 @@ pub fn consumer_config(k: &KafkaConfig) -> ClientConfig {
     c.set("statistics.interval.ms", "5000");
     c.set("session.timeout.ms", "10000");
     c.set("heartbeat.interval.ms", "1000");
-    for (key, value) in &k.properties {
-        c.set(key, value);
-    }
-    c
+    with_properties(c, k)
 }
 
 fn client_err<'a>(
@@ -464,14 +461,14 @@ impl KafkaPublisher {
                 record.data.len()
             ));
         }
-        let body = serde_json::json!({
-            "time": record.time,
-            "reason": record.reason,
-            "error": error,
-            "id": record.id,
-            "data": &record.data[..cut],
+        let body = serde_json::to_string(&QuarantineRecord {
+            time: record.time.clone(),
+            reason: record.reason,
+            error,
+            id: record.id,
+            data: &record.data[..cut],
         })
-        .to_string();
+        .unwrap_or_default();
         let headers = OwnedHeaders::new().insert(Header {
             key: REASON_HEADER,
             value: Some(record.reason),
@@ -653,21 +650,21 @@ impl KafkaPublisher {
 
     /// Waits until every event handed over is acknowledged, or `limit` passes.
     pub async fn flush(&mut self, limit: Duration) -> Result<(), KafkaBusError> {
-        let deadline = CancellationToken::new();
-        let guard = deadline.clone();
-        let timer = tokio::spawn(async move {
-            tokio::time::sleep(limit).await;
-            guard.cancel();
-        });
-        while !self.pending.is_empty() {
-            if !self.complete_front(&deadline).await? {
+        let never = CancellationToken::new();
+        let drained = tokio::time::timeout(limit, async {
+            while !self.pending.is_empty() {
+                self.complete_front(&never).await?;
+            }
+            Ok::<_, KafkaBusError>(())
+        })
+        .await;
+        match drained {
+            Ok(result) => result,
+            Err(_) => {
                 tracing::warn!(unacknowledged = self.pending.len(), "shutting down before the brokers acknowledged every event; they will be fetched again from upstream");
-                break;
+                Ok(())
             }
         }
-        timer.abort();
-        self.producer.flush(Duration::ZERO).ok();
-        Ok(())
     }
 
     /// Starts afresh (`ingest.resume = false`): until the first acknowledgement, messages carry

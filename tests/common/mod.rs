@@ -778,32 +778,55 @@ pub struct TopicMessage {
     pub headers: HashMap<String, String>,
 }
 
-/// Reads every message of `topic`, from the start of each partition to its current end, with a
-/// consumer of its own (no group, nothing committed).
-pub fn read_topic(brokers: &str, topic: &str) -> Vec<TopicMessage> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::message::{Headers, Message};
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+fn topic_reader(brokers: &str) -> rdkafka::consumer::BaseConsumer {
+    rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "pleiades-tests-reader")
         .set("enable.auto.commit", "false")
         .create()
-        .expect("a consumer");
+        .expect("a consumer")
+}
+
+/// Each partition of `topic` with messages: (partition, first offset, end offset).
+fn topic_extent(consumer: &rdkafka::consumer::BaseConsumer, topic: &str) -> Vec<(i32, i64, i64)> {
+    use rdkafka::consumer::Consumer;
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .expect("topic metadata");
+    metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|partition| {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, partition.id(), Duration::from_secs(10))
+                .expect("watermarks");
+            (partition.id(), low, high)
+        })
+        .filter(|(_, low, high)| high > low)
+        .collect()
+}
+
+/// How many messages `topic` holds, from its partitions' watermarks (nothing is read).
+pub fn topic_len(brokers: &str, topic: &str) -> i64 {
+    topic_extent(&topic_reader(brokers), topic)
+        .iter()
+        .map(|(_, low, high)| high - low)
+        .sum()
+}
+
+/// Reads every message of `topic`, from the start of each partition to its current end, with a
+/// consumer of its own (no group, nothing committed).
+pub fn read_topic(brokers: &str, topic: &str) -> Vec<TopicMessage> {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::message::{Headers, Message};
+    let consumer = topic_reader(brokers);
     let mut assignment = rdkafka::TopicPartitionList::new();
     let mut ends = HashMap::new();
-    for partition in metadata.topics()[0].partitions() {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, partition.id(), Duration::from_secs(10))
-            .expect("watermarks");
-        if high > low {
-            assignment
-                .add_partition_offset(topic, partition.id(), rdkafka::Offset::Offset(low))
-                .expect("assignment");
-            ends.insert(partition.id(), high);
-        }
+    for (partition, low, high) in topic_extent(&consumer, topic) {
+        assignment
+            .add_partition_offset(topic, partition, rdkafka::Offset::Offset(low))
+            .expect("assignment");
+        ends.insert(partition, high);
     }
     let mut messages = Vec::new();
     if ends.is_empty() {
