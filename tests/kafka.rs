@@ -145,39 +145,29 @@ async fn three_hosts_count_exactly_once_through_kills_and_a_broker_restart() {
         TestScope::free_port(),
     ];
     let web_port = TestScope::free_port();
-    let ingest = host_config(
-        upstream.addr,
-        &brokers,
-        &url,
+    let host =
+        |port: u16, roles: Roles| host_config(upstream.addr, &brokers, &url, port, roles, "");
+    let ingest = host(
         ports[0],
         Roles {
             ingest: true,
             ..Roles::default()
         },
-        "",
     );
-    let aggregate = host_config(
-        upstream.addr,
-        &brokers,
-        &url,
+    let aggregate = host(
         ports[1],
         Roles {
             aggregate: true,
             ..Roles::default()
         },
-        "",
     );
-    let aggregate_web = host_config(
-        upstream.addr,
-        &brokers,
-        &url,
+    let aggregate_web = host(
         ports[2],
         Roles {
             aggregate: true,
             web: Some(web_port),
             ..Roles::default()
         },
-        "",
     );
     let write = |name: &str, text: &str| {
         let path = scope.path(name);
