@@ -2,7 +2,7 @@
 //! issues one INCRBY round trip per counter per event (the original design), on the same
 //! `redis-server` in the same run. Needs `redis-server` on the PATH; prints figures.
 
-use pleiades::aggregate::counters::{Deltas, Scratch, Tally};
+use pleiades::counters::{Deltas, Scratch, Tally};
 use pleiades::store::redis::RedisStore;
 use pleiades::store::{Applied, Batch};
 use std::process::{Command, Stdio};

@@ -101,38 +101,24 @@ async fn pipeline(
 ) -> f64 {
     let upstream = scope.replay(replay_options(vec![file.to_owned()])).await;
     let config = |port: u16, ingest: bool| {
-        format!(
-            r#"
-[ingest]
-enabled = {ingest}
-url = "http://{}/v2/stream/recentchange"
-user_agent = "pleiades-bench/1.0"
-publisher = "kafka"
-[kafka]
-brokers = "{brokers}"
-replication_factor = 1
-[aggregate]
-enabled = {}
-workers = 2
-[store]
-kind = "redis"
-[redis]
-url = "{}"
-[web]
-enabled = false
-[metrics]
-listen = "127.0.0.1:{port}"
-"#,
-            upstream.addr,
-            !ingest,
-            redis.url()
-        )
+        let mut config = pleiades::config::Config::default();
+        config.ingest.enabled = ingest;
+        config.ingest.url = format!("http://{}/v2/stream/recentchange", upstream.addr);
+        config.ingest.user_agent = "pleiades-bench/1.0".into();
+        config.ingest.publisher = pleiades::config::BusKind::Kafka;
+        config.kafka.brokers = brokers.to_owned();
+        config.kafka.replication_factor = 1;
+        config.aggregate.enabled = !ingest;
+        config.aggregate.workers = 2;
+        config.store.kind = pleiades::config::StoreKind::Redis;
+        config.redis.url = redis.url();
+        config.web.enabled = false;
+        config.metrics.listen = loopback(port);
+        config
     };
     let (aggregate_port, ingest_port) = (TestScope::free_port(), TestScope::free_port());
-    let aggregate = scope.path("aggregate.toml");
-    std::fs::write(&aggregate, config(aggregate_port, false)).expect("config");
-    let ingest = scope.path("ingest.toml");
-    std::fs::write(&ingest, config(ingest_port, true)).expect("config");
+    let aggregate = scope.write_config_as("aggregate.toml", &config(aggregate_port, false));
+    let ingest = scope.write_config_as("ingest.toml", &config(ingest_port, true));
     scope.spawn(&["--config", &aggregate.display().to_string()]);
     wait_for_partitions(aggregate_port, 2, 4.0, Duration::from_secs(60)).await;
     let started = Instant::now();

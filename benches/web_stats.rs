@@ -2,8 +2,8 @@
 //! web role serving it, and batches being applied for today the whole time (aggregation running).
 //! Prints requests per second and latency percentiles; the load generator shares the machine.
 
-use pleiades::aggregate::counters::Tally;
 use pleiades::config::Config;
+use pleiades::counters::Tally;
 use pleiades::metrics::Metrics;
 use pleiades::store::{Batch, Store};
 use pleiades::ComponentContext;
@@ -75,7 +75,10 @@ async fn main() {
     let mut config = Config::default();
     config.store.path = dir.path().join("bench.db");
     config.web.listen = "127.0.0.1:0".parse().expect("addr");
-    let store = Store::open(&config).await.expect("store");
+    let metrics = Arc::new(Metrics::new(1).expect("metrics"));
+    let store = Store::open(&config.store_settings(), metrics.store.clone())
+        .await
+        .expect("store");
     let today = pleiades::web::api::today();
     let first = today - DAYS + 1;
     let started = Instant::now();
@@ -97,11 +100,17 @@ async fn main() {
 
     let shutdown = CancellationToken::new();
     let ctx = ComponentContext {
-        config: Arc::new(config),
-        metrics: Arc::new(Metrics::new().expect("metrics")),
+        config: config.web.clone(),
+        metrics,
         shutdown: shutdown.clone(),
     };
-    let (addr, _server) = pleiades::web::serve(ctx, store.clone()).await.expect("web");
+    let (_live_tx, live) = tokio::sync::watch::channel(String::new());
+    let parts = pleiades::web::WebParts {
+        store: store.clone(),
+        readiness: Default::default(),
+        live,
+    };
+    let (addr, _server) = pleiades::web::serve(ctx, parts).await.expect("web");
 
     // Aggregation keeps running: a batch for today every 50 ms.
     let writer = {

@@ -1,13 +1,19 @@
 //! The daemon: an actix system on a multi-threaded tokio runtime hosting each enabled role as a
 //! supervised component, the metrics endpoint, and orderly shutdown on SIGTERM/SIGINT.
 
-use crate::config::Config;
-use crate::metrics::{Metrics, MetricsError};
-use crate::supervisor::{self, ComponentFactory, RestartPolicy};
+use crate::aggregate::AggregateSettings;
+use crate::config::{Config, Problem};
+use crate::health::Readiness;
+use crate::ingest::IngestSettings;
+use crate::metrics::{Component, Metrics, MetricsError};
+use crate::store::Store;
+use crate::supervisor::{self, ComponentFactory, RestartPolicy, Running};
 use crate::systemd::Notifier;
+use crate::web::WebParts;
 use crate::ComponentContext;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// How long components get to flush and persist after a shutdown signal.
@@ -18,6 +24,8 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(9);
 pub enum DaemonError {
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Listen(#[from] crate::http::ServeError),
     #[error("cannot start the runtime: {0}")]
     Runtime(#[source] std::io::Error),
     #[error("cannot open the counter store: {0}")]
@@ -28,6 +36,16 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The checks beyond the configuration's own keys, made before anything starts (and by
+/// `check-config`): what librdkafka says of `[kafka.properties]` on a host that uses Kafka.
+pub fn preflight(config: &Config) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    if config.uses_kafka() {
+        problems.extend(crate::bus::kafka::check_properties(&config.kafka));
+    }
+    problems
 }
 
 /// Runs the roles `config` enables until SIGTERM/SIGINT or `shutdown` is cancelled, telling
@@ -46,27 +64,59 @@ pub fn run(
     system.block_on(run_roles(Arc::new(config), notifier, shutdown))
 }
 
+/// Starts `run` under supervision with the default restart policy; `run` is called again for
+/// every restart.
+fn supervise<F, Fut, E>(
+    component: Component,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+    run: F,
+) -> Running
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<supervisor::ComponentError>,
+{
+    let factory: ComponentFactory = Arc::new(move || {
+        let running = run();
+        Box::pin(async move { running.await.map_err(Into::into) })
+    });
+    supervisor::start(
+        component,
+        factory,
+        shutdown.clone(),
+        metrics.supervisor.clone(),
+        RestartPolicy::default(),
+    )
+}
+
 /// The body of [`run`], inside the actix system.
 pub async fn run_roles(
     config: Arc<Config>,
     notifier: Notifier,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
-    let metrics = Arc::new(Metrics::new()?);
+    let metrics = Arc::new(Metrics::new(config.aggregate.workers)?);
     // One store handle for the whole process: the embedded database allows one opener.
     let store = if config.aggregate.enabled || config.web.enabled {
-        Some(crate::store::Store::open(&config).await?)
+        Some(Store::open(&config.store_settings(), metrics.store.clone()).await?)
     } else {
         None
     };
-    let (metrics_addr, metrics_server) = crate::health::serve(
-        config.metrics.listen,
+    let readiness = Readiness {
+        store: store.clone(),
+        event_files: config.uses_files().then(|| config.file.dir.clone()),
+        kafka: config
+            .uses_kafka()
+            .then(|| crate::bus::kafka::Probe::new(&config.kafka)),
+    };
+    let (metrics_listener, metrics_addr) = crate::http::bind(config.metrics.listen).await?;
+    let metrics_server = tokio::spawn(crate::health::serve(
+        metrics_listener,
         metrics.clone(),
-        config.clone(),
-        store.clone(),
+        readiness.clone(),
         shutdown.clone(),
-    )
-    .await?;
+    ));
     spawn_signal_listener(shutdown.clone())?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -75,53 +125,55 @@ pub async fn run_roles(
         "pleiades started"
     );
 
-    let context = ComponentContext {
-        config: config.clone(),
-        metrics,
+    let base = ComponentContext {
+        config: (),
+        metrics: metrics.clone(),
         shutdown: shutdown.clone(),
     };
     let mut running = Vec::new();
     if config.ingest.enabled {
-        let factory: ComponentFactory = Arc::new(|ctx| {
-            Box::pin(async move { crate::ingest::run(ctx).await.map_err(Into::into) })
+        let ctx = base.with(IngestSettings {
+            ingest: config.ingest.clone(),
+            bus: config.bus(config.ingest.publisher),
         });
-        running.push(supervisor::start(
-            "ingest",
-            factory,
-            context.clone(),
-            RestartPolicy::default(),
+        running.push(supervise(
+            Component::Ingest,
+            &metrics,
+            &shutdown,
+            move || crate::ingest::run(ctx.clone()),
         ));
     }
     if let Some(store) = store.clone().filter(|_| config.aggregate.enabled) {
+        let settings = AggregateSettings {
+            aggregate: config.aggregate.clone(),
+            bus: config.bus(config.aggregate_source()),
+        };
         for index in 0..config.aggregate.workers {
-            let store = store.clone();
-            let factory: ComponentFactory = Arc::new(move |ctx| {
-                let store = store.clone();
-                Box::pin(async move {
-                    crate::aggregate::run(ctx, store, index)
-                        .await
-                        .map_err(Into::into)
-                })
-            });
-            running.push(supervisor::start(
-                "aggregate",
-                factory,
-                context.clone(),
-                RestartPolicy::default(),
+            let (ctx, store) = (base.with(settings.clone()), store.clone());
+            running.push(supervise(
+                Component::Aggregate,
+                &metrics,
+                &shutdown,
+                move || crate::aggregate::run(ctx.clone(), store.clone(), index),
             ));
         }
     }
     if let Some(store) = store.filter(|_| config.web.enabled) {
-        let factory: ComponentFactory = Arc::new(move |ctx| {
-            let store = store.clone();
-            Box::pin(async move { crate::web::run(ctx, store).await.map_err(Into::into) })
-        });
-        running.push(supervisor::start(
-            "web",
-            factory,
-            context.clone(),
-            RestartPolicy::default(),
-        ));
+        let ctx = base.with(config.web.clone());
+        let (tx, rx) = watch::channel(String::new());
+        let tx = Arc::new(tx);
+        let (live_ctx, live_store) = (ctx.clone(), store.clone());
+        running.push(supervise(Component::Live, &metrics, &shutdown, move || {
+            crate::web::live::run(live_ctx.clone(), live_store.clone(), tx.clone())
+        }));
+        let parts = WebParts {
+            store,
+            readiness: readiness.clone(),
+            live: rx,
+        };
+        running.push(supervise(Component::Web, &metrics, &shutdown, move || {
+            crate::web::run(ctx.clone(), parts.clone())
+        }));
     }
 
     let roles = format!("{:?}", config.roles());
@@ -151,7 +203,9 @@ pub async fn run_roles(
         }
         drop(component.addr);
     }
-    let _ = tokio::time::timeout_at(deadline, metrics_server).await;
+    if let Ok(Ok(Err(error))) = tokio::time::timeout_at(deadline, metrics_server).await {
+        tracing::warn!(%error, "the metrics listener failed");
+    }
     tracing::info!("stopped");
     Ok(())
 }

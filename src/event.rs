@@ -27,15 +27,72 @@ pub enum Invalid {
 }
 
 impl Invalid {
-    /// The label used for this kind of problem in metrics and quarantine records.
-    pub fn reason(&self) -> &'static str {
+    /// The kind of problem, for metrics and quarantine records.
+    pub fn reason(&self) -> RejectReason {
         match self {
-            Invalid::NotJson(_) => "not_json",
-            Invalid::NotObject => "not_object",
-            Invalid::BadMeta(_) => "bad_meta",
-            Invalid::MissingTime => "missing_dt",
-            Invalid::BadTime { .. } => "bad_dt",
+            Invalid::NotJson(_) => RejectReason::NotJson,
+            Invalid::NotObject => RejectReason::NotObject,
+            Invalid::BadMeta(_) => RejectReason::BadMeta,
+            Invalid::MissingTime => RejectReason::MissingTime,
+            Invalid::BadTime { .. } => RejectReason::BadTime,
         }
+    }
+}
+
+/// Why an event was kept in quarantine instead of being published or counted. The names are
+/// metric label values and quarantine record fields, so they are short, stable and lowercase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// The data is not JSON.
+    NotJson,
+    /// The data is JSON but not an object.
+    NotObject,
+    /// `meta` is not an object, or one of its fields has the wrong type.
+    BadMeta,
+    /// `meta.dt` is missing.
+    MissingTime,
+    /// `meta.dt` is not an RFC 3339 time.
+    BadTime,
+    /// Larger than the bus accepts for one message.
+    TooLarge,
+    /// A bus record that is not a record at all (unreadable line, message without a value).
+    BadRecord,
+}
+
+impl RejectReason {
+    /// Every reason, so that each labelled series can exist from the first scrape.
+    pub const ALL: [RejectReason; 7] = [
+        RejectReason::NotJson,
+        RejectReason::NotObject,
+        RejectReason::BadMeta,
+        RejectReason::MissingTime,
+        RejectReason::BadTime,
+        RejectReason::TooLarge,
+        RejectReason::BadRecord,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::NotJson => "not_json",
+            RejectReason::NotObject => "not_object",
+            RejectReason::BadMeta => "bad_meta",
+            RejectReason::MissingTime => "missing_dt",
+            RejectReason::BadTime => "bad_dt",
+            RejectReason::TooLarge => "too_large",
+            RejectReason::BadRecord => "bad_record",
+        }
+    }
+}
+
+impl serde::Serialize for RejectReason {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -192,21 +249,15 @@ mod tests {
 
     #[test]
     fn classifies_invalid_events() {
-        assert_eq!(inspect("not json").unwrap_err().reason(), "not_json");
-        assert_eq!(inspect("[1,2]").unwrap_err().reason(), "not_object");
-        assert_eq!(inspect("42").unwrap_err().reason(), "not_object");
-        assert_eq!(inspect("{}").unwrap_err().reason(), "missing_dt");
-        assert_eq!(inspect(r#"{"meta":5}"#).unwrap_err().reason(), "bad_meta");
+        let reason = |data: &str| inspect(data).unwrap_err().reason().as_str();
+        assert_eq!(reason("not json"), "not_json");
+        assert_eq!(reason("[1,2]"), "not_object");
+        assert_eq!(reason("42"), "not_object");
+        assert_eq!(reason("{}"), "missing_dt");
+        assert_eq!(reason(r#"{"meta":5}"#), "bad_meta");
+        assert_eq!(reason(r#"{"meta":{"dt":"yesterday"}}"#), "bad_dt");
         assert_eq!(
-            inspect(r#"{"meta":{"dt":"yesterday"}}"#)
-                .unwrap_err()
-                .reason(),
-            "bad_dt"
-        );
-        assert_eq!(
-            inspect(r#"{"meta":{"dt":"2022-12-11T04:27:02Z"}"#)
-                .unwrap_err()
-                .reason(),
+            reason(r#"{"meta":{"dt":"2022-12-11T04:27:02Z"}"#),
             "not_json"
         );
     }

@@ -1,53 +1,64 @@
 //! Health: `/healthz` (the process answers) and `/readyz` (this host's roles reach their store and
 //! bus), served with `/metrics` on `metrics.listen` on every host, and by the web role.
 
-use crate::config::{BusKind, Config};
-use crate::metrics::{Metrics, MetricsError};
+use crate::bus::kafka::Probe;
+use crate::http::ServeError;
+use crate::metrics::Metrics;
 use crate::store::Store;
 use bytes::Bytes;
-use std::net::SocketAddr;
+use std::convert::Infallible;
+use std::path::PathBuf;
 use std::sync::Arc;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use warp::http::StatusCode;
-use warp::Filter;
+use warp::{Filter, Reply as _};
 
-/// Ready when every enabled role can reach what it needs: the store (when this host uses one),
-/// the event-file directory (for ingest and aggregate on the file bus) and the Kafka topic (on
-/// the Kafka bus).
-pub async fn readiness(config: &Config, store: Option<&Store>) -> (StatusCode, Bytes) {
-    let mut checks = Vec::new();
-    if let Some(store) = store {
-        let result = store.ping().await;
-        checks.push(("store", result.as_ref().err().map(ToString::to_string)));
+/// What this host's roles need, checked on every `/readyz`: the store (when a role uses one),
+/// the event-file directory (ingest or aggregate on the file bus) and the Kafka topic (on the
+/// Kafka bus). Built once by the daemon; cheap to clone.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    pub store: Option<Store>,
+    pub event_files: Option<PathBuf>,
+    pub kafka: Option<Probe>,
+}
+
+impl Readiness {
+    /// Runs every check: 200 with `{"ready": true, "checks": […]}` when all pass, else 503 with
+    /// the failing check's error.
+    pub async fn check(&self) -> (StatusCode, Bytes) {
+        let mut checks = Vec::new();
+        if let Some(store) = &self.store {
+            let result = store.ping().await;
+            checks.push(("store", result.err().map(|e| e.to_string())));
+        }
+        if let Some(dir) = &self.event_files {
+            let ok = dir.is_dir();
+            checks.push((
+                "event_files",
+                (!ok).then(|| format!("{} is not a directory", dir.display())),
+            ));
+        }
+        if let Some(probe) = &self.kafka {
+            let result = probe.check().await;
+            checks.push(("kafka", result.err().map(|e| e.to_string())));
+        }
+        let ready = checks.iter().all(|(_, error)| error.is_none());
+        let body = serde_json::json!({
+            "ready": ready,
+            "checks": checks
+                .iter()
+                .map(|(name, error)| serde_json::json!({ "name": name, "ok": error.is_none(), "error": error }))
+                .collect::<Vec<_>>(),
+        });
+        let status = if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        (status, Bytes::from(body.to_string()))
     }
-    let uses_files = (config.ingest.enabled && config.ingest.publisher == BusKind::File)
-        || (config.aggregate.enabled
-            && config.aggregate.source_or(config.ingest.publisher) == BusKind::File);
-    if uses_files {
-        let ok = config.file.dir.is_dir();
-        checks.push((
-            "event_files",
-            (!ok).then(|| format!("{} is not a directory", config.file.dir.display())),
-        ));
-    }
-    if config.uses_kafka() {
-        let result = crate::bus::kafka::probe(&config.kafka).await;
-        checks.push(("kafka", result.err().map(|e| e.to_string())));
-    }
-    let ready = checks.iter().all(|(_, error)| error.is_none());
-    let body = serde_json::json!({
-        "ready": ready,
-        "checks": checks
-            .iter()
-            .map(|(name, error)| serde_json::json!({ "name": name, "ok": error.is_none(), "error": error }))
-            .collect::<Vec<_>>(),
-    });
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Bytes::from(body.to_string()))
 }
 
 /// `/healthz`: the process answers.
@@ -66,52 +77,48 @@ pub fn json(status: StatusCode, body: Bytes) -> warp::reply::Response {
     response
 }
 
-/// Binds a listener and tells which address it got (port 0 picks a free one).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<(tokio::net::TcpListener, SocketAddr)> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    Ok((listener, bound))
+/// The `/healthz` and `/readyz` routes.
+pub fn routes(
+    readiness: Readiness,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection>
+       + Clone
+       + Send
+       + Sync
+       + 'static {
+    let healthz = warp::path!("healthz").map(healthz);
+    let readyz = warp::path!("readyz").then(move || {
+        let readiness = readiness.clone();
+        async move {
+            let (status, body) = readiness.check().await;
+            json(status, body)
+        }
+    });
+    healthz.or(readyz).unify()
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until `shutdown`; returns at once with
-/// the bound address.
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown`.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: TcpListener,
     metrics: Arc<Metrics>,
-    config: Arc<Config>,
-    store: Option<Store>,
+    readiness: Readiness,
     shutdown: CancellationToken,
-) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), MetricsError> {
-    let (listener, bound) = bind(addr)
-        .await
-        .map_err(|source| MetricsError::Bind { addr, source })?;
+) -> Result<(), ServeError> {
     let scrape = warp::path!("metrics").map(move || {
         warp::reply::with_header(
             metrics.render(),
             "content-type",
             "text/plain; version=0.0.4; charset=utf-8",
         )
+        .into_response()
     });
-    let healthz = warp::path!("healthz").map(healthz);
-    let readyz = warp::path!("readyz").then(move || {
-        let config = config.clone();
-        let store = store.clone();
-        async move {
-            let (status, body) = readiness(&config, store.as_ref()).await;
-            json(status, body)
-        }
-    });
-    let routes = warp::get().and(
-        scrape
-            .map(warp::Reply::into_response)
-            .or(healthz)
-            .unify()
-            .or(readyz)
-            .unify(),
-    );
-    let server = warp::serve(routes)
-        .incoming(listener)
-        .graceful(async move { shutdown.cancelled().await })
-        .run();
-    Ok((bound, tokio::spawn(server)))
+    let routes = warp::get()
+        .and(scrape.or(routes(readiness)).unify())
+        .recover(|_: warp::Rejection| async {
+            Ok::<_, Infallible>(json(
+                StatusCode::NOT_FOUND,
+                Bytes::from_static(b"{\"error\":\"no such page\"}"),
+            ))
+        })
+        .unify();
+    crate::http::serve(listener, routes, shutdown).await
 }

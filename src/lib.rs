@@ -2,19 +2,26 @@
 //!
 //! The library does the work; `main.rs` only parses arguments. See ARCHITECTURE.md for the map.
 
-pub mod aggregate;
-pub mod bus;
-pub mod config;
-pub mod daemon;
+// The domain layer: pure, no I/O.
+pub mod counters;
 pub mod event;
+// The base layer: configuration and metrics.
+pub mod config;
+pub mod metrics;
+// Infrastructure: the bus, the store, the HTTP server.
+pub mod bus;
+pub mod http;
+pub mod store;
+// The roles, and the health checks they answer.
+pub mod aggregate;
 pub mod health;
 pub mod ingest;
-pub mod metrics;
+pub mod web;
+// The process: supervision, systemd, the daemon; and the replay tool.
+pub mod daemon;
 pub mod replay;
-pub mod store;
 pub mod supervisor;
 pub mod systemd;
-pub mod web;
 
 use std::sync::Arc;
 
@@ -38,10 +45,22 @@ pub mod build {
 }
 use tokio_util::sync::CancellationToken;
 
-/// What every component receives: the configuration, the metrics and the shutdown signal.
+/// What every component receives: its own configuration section (never the whole file), the
+/// metrics and the shutdown signal.
 #[derive(Clone)]
-pub struct ComponentContext {
-    pub config: Arc<config::Config>,
+pub struct ComponentContext<C> {
+    pub config: C,
     pub metrics: Arc<metrics::Metrics>,
     pub shutdown: CancellationToken,
+}
+
+impl<C> ComponentContext<C> {
+    /// The same metrics and shutdown signal with another component's configuration.
+    pub fn with<D>(&self, config: D) -> ComponentContext<D> {
+        ComponentContext {
+            config,
+            metrics: self.metrics.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
 }

@@ -111,12 +111,21 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         env,
         overrides,
     };
-    let config = match config::load(&sources) {
+    let origin = file
+        .as_deref()
+        .map_or("built-in defaults".to_owned(), |p| p.display().to_string());
+    let loaded = config::load(&sources).and_then(|config| {
+        // The checks that need the bus's own libraries run after the keys are known good.
+        let problems = pleiades::daemon::preflight(&config);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    });
+    let config = match loaded {
         Ok(config) => config,
         Err(error) => {
-            let origin = file
-                .as_deref()
-                .map_or("built-in defaults".to_owned(), |p| p.display().to_string());
             match &error {
                 ConfigError::Invalid(problems) => {
                     eprintln!(
@@ -133,9 +142,6 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     };
     if check_only {
-        let origin = file
-            .as_deref()
-            .map_or("built-in defaults".to_owned(), |p| p.display().to_string());
         println!("configuration OK ({origin}); roles: {:?}", config.roles());
         return Ok(ExitCode::SUCCESS);
     }

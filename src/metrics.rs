@@ -1,13 +1,17 @@
 //! Every Prometheus metric Pleiades exports, in one registry that is passed in, never global.
 //!
-//! Each role gets a typed handle; no other module defines a metric. Names of SPEC §7 keep their
-//! original meaning; new ones follow Prometheus conventions.
+//! Each role gets a typed handle built by its own `register`; no other module defines a metric.
+//! Labelled metrics create every label value they can take (from the enums below) when they are
+//! registered, so every series exists from the first scrape and dashboards see "none yet" rather
+//! than "no data". Names of SPEC §7 keep their original meaning; new ones follow Prometheus
+//! conventions.
 
+use crate::event::RejectReason;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -25,8 +29,167 @@ pub enum MetricsError {
     },
 }
 
-/// The reasons `event::Invalid::reason` gives, for label values known in advance.
-const INVALID_REASONS: [&str; 5] = ["not_json", "not_object", "bad_meta", "missing_dt", "bad_dt"];
+/// The values a label can take, known in advance.
+pub trait LabelValue: Copy + 'static {
+    const ALL: &'static [Self];
+    fn as_str(self) -> &'static str;
+}
+
+impl LabelValue for RejectReason {
+    const ALL: &'static [Self] = &RejectReason::ALL;
+    fn as_str(self) -> &'static str {
+        RejectReason::as_str(self)
+    }
+}
+
+/// Declares a set of label values: the enum, `ALL` and `as_str`.
+macro_rules! label_values {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($(#[$vdoc])* $variant),+ }
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+        impl LabelValue for $name {
+            const ALL: &'static [Self] = $name::ALL;
+            fn as_str(self) -> &'static str {
+                $name::as_str(self)
+            }
+        }
+    };
+}
+
+/// A counter with one label whose values are `E`: every series exists from registration, and
+/// no other value can be counted.
+#[derive(Clone)]
+pub struct LabelledCounter<E> {
+    vec: IntCounterVec,
+    values: std::marker::PhantomData<E>,
+}
+
+impl<E: LabelValue> LabelledCounter<E> {
+    fn register(
+        r: &Registry,
+        name: &str,
+        help: &str,
+        label: &str,
+    ) -> Result<Self, prometheus::Error> {
+        let vec = counter_vec(r, name, help, &[label])?;
+        for value in E::ALL {
+            vec.with_label_values(&[value.as_str()]);
+        }
+        Ok(LabelledCounter {
+            vec,
+            values: std::marker::PhantomData,
+        })
+    }
+
+    /// Counts one.
+    pub fn inc(&self, value: E) {
+        self.vec.with_label_values(&[value.as_str()]).inc();
+    }
+
+    /// The count so far.
+    pub fn get(&self, value: E) -> u64 {
+        self.vec.with_label_values(&[value.as_str()]).get()
+    }
+}
+
+label_values! {
+    /// The components the supervisor runs: label `component` of `pleiades_goroutine_restarts`.
+    Component {
+        Ingest => "ingest",
+        Aggregate => "aggregate",
+        Web => "web",
+        Live => "live",
+    }
+}
+
+label_values! {
+    /// How a connection to upstream ended, or why an attempt failed.
+    Disconnect {
+        Closed => "closed",
+        Stalled => "stalled",
+        Broken => "broken",
+        Throttled => "throttled",
+        Status => "status",
+        Transport => "transport",
+    }
+}
+
+label_values! {
+    /// The role that quarantined an event.
+    QuarantineRole {
+        Ingest => "ingest",
+        Aggregate => "aggregate",
+    }
+}
+
+label_values! {
+    /// Events read from the bus and deliberately not counted.
+    Skip {
+        Canary => "canary",
+    }
+}
+
+label_values! {
+    /// Consumer-group changes seen by the Kafka aggregators.
+    RebalanceKind {
+        Assign => "assign",
+        Revoke => "revoke",
+    }
+}
+
+label_values! {
+    /// Store reads, by what they read.
+    StoreRead {
+        Position => "position",
+        Days => "days",
+        Day => "day",
+        Range => "range",
+        AllTime => "all_time",
+    }
+}
+
+label_values! {
+    /// The `path` label of web requests: fixed routes as they are, `/api/stats/{day}` folded,
+    /// anything else `other`, so that labels cannot grow without bound.
+    Route {
+        Root => "/",
+        AppJs => "/app.js",
+        StyleCss => "/style.css",
+        IndexHtml => "/index.html",
+        Days => "/api/days",
+        Today => "/api/stats",
+        Day => "/api/stats/{day}",
+        Totals => "/api/totals",
+        Range => "/api/range",
+        Live => "/api/live",
+        Healthz => "/healthz",
+        Readyz => "/readyz",
+        Other => "other",
+    }
+}
+
+impl Route {
+    /// The route a request path belongs to.
+    pub fn of(path: &str) -> Route {
+        if let Some(route) = Route::ALL
+            .iter()
+            .find(|r| **r != Route::Day && r.as_str() == path)
+        {
+            return *route;
+        }
+        if path.starts_with("/api/stats/") {
+            return Route::Day;
+        }
+        Route::Other
+    }
+}
 
 /// The registry and a handle per role.
 pub struct Metrics {
@@ -36,7 +199,15 @@ pub struct Metrics {
     pub aggregate: AggregateMetrics,
     pub kafka: KafkaMetrics,
     pub web: WebMetrics,
+    pub store: StoreMetrics,
     pub supervisor: SupervisorMetrics,
+}
+
+/// Metrics of the counter store, whoever uses it.
+#[derive(Clone)]
+pub struct StoreMetrics {
+    /// `pleiades_store_reads_total{query}`: reads of the store, by what they read.
+    pub reads: LabelledCounter<StoreRead>,
 }
 
 /// Metrics of the web role.
@@ -45,7 +216,7 @@ pub struct WebMetrics {
     /// `pleiades_web_http_response_total{path,status}`.
     pub responses: IntCounterVec,
     /// `pleiades_web_http_duration_seconds{path}`.
-    pub duration: prometheus::HistogramVec,
+    pub duration: HistogramVec,
     /// `pleiades_web_counter_marshal_duration_seconds`: turning counters into a JSON body.
     pub marshal: Histogram,
     pub cache_hits: IntCounter,
@@ -60,7 +231,7 @@ pub struct AggregateMetrics {
     pub events: IntCounter,
     /// `pleiades_aggregator_message_lag_milliseconds`: age of events (now minus meta.dt) when counted.
     pub lag_ms: Histogram,
-    pub skipped: IntCounterVec,
+    pub skipped: LabelledCounter<Skip>,
     /// `pleiades_quarantined_events_total{role="aggregate", reason}`, shared with ingest.
     pub quarantined: IntCounterVec,
     pub batch_events: Histogram,
@@ -70,7 +241,7 @@ pub struct AggregateMetrics {
     pub position_bytes: IntGauge,
     /// `pleiades_aggregator_caught_up_timestamp_seconds{worker}`: when the worker's latest pass
     /// that counted everything on the bus began. Everything written before it is counted.
-    pub caught_up: prometheus::GaugeVec,
+    pub caught_up: GaugeVec,
 }
 
 /// Metrics of the ingester: what arrived from upstream and what became of it.
@@ -87,7 +258,7 @@ pub struct IngestMetrics {
     pub oversize: IntCounter,
     pub quarantined: IntCounterVec,
     pub connects: IntCounter,
-    pub disconnects: IntCounterVec,
+    pub disconnects: LabelledCounter<Disconnect>,
     pub connected: IntGauge,
     pub bytes: IntCounter,
     pub last_event_time: Arc<AtomicI64>,
@@ -132,7 +303,7 @@ pub struct KafkaMetrics {
     /// for the partitions this host's aggregators own.
     pub consumer_lag: IntGaugeVec,
     pub assigned: IntGaugeVec,
-    pub rebalances: IntCounterVec,
+    pub rebalances: LabelledCounter<RebalanceKind>,
     pub seeks: IntCounter,
     pub retention_gap: IntCounter,
 }
@@ -141,25 +312,68 @@ pub struct KafkaMetrics {
 #[derive(Clone)]
 pub struct SupervisorMetrics {
     /// `pleiades_goroutine_restarts{component}`: restarts of each kind of actor after a failure.
-    pub restarts: IntCounterVec,
+    pub restarts: LabelledCounter<Component>,
 }
 
 impl Metrics {
-    /// Builds every metric and registers it.
-    pub fn new() -> Result<Self, MetricsError> {
+    /// Builds and registers every role's metrics. `workers` is `aggregate.workers`: the
+    /// per-worker series exist from the start for each of them.
+    pub fn new(workers: usize) -> Result<Self, MetricsError> {
         let registry = Registry::new();
         let r = &registry;
+        // Shared by the two roles that quarantine, so registered once.
+        let quarantined = counter_vec(
+            r,
+            "pleiades_quarantined_events_total",
+            "Invalid events written to quarantine, by role and reason",
+            &["role", "reason"],
+        )?;
+        for role in QuarantineRole::ALL {
+            for reason in RejectReason::ALL {
+                quarantined.with_label_values(&[role.as_str(), reason.as_str()]);
+            }
+        }
+        let metrics = Metrics {
+            ingest: IngestMetrics::register(r, quarantined.clone())?,
+            file_bus: FileBusMetrics::register(r)?,
+            aggregate: AggregateMetrics::register(r, quarantined, workers)?,
+            kafka: KafkaMetrics::register(r, workers)?,
+            web: WebMetrics::register(r)?,
+            store: StoreMetrics::register(r)?,
+            supervisor: SupervisorMetrics::register(r)?,
+            registry,
+        };
+        register_build_info(&metrics.registry)?;
+        Ok(metrics)
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec only fails on metric families that cannot exist here.
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .is_err()
+        {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl IngestMetrics {
+    fn register(r: &Registry, quarantined: IntCounterVec) -> Result<Self, prometheus::Error> {
         let last_event_time = Arc::new(AtomicI64::new(0));
-        let ingest = IngestMetrics {
+        let m = IngestMetrics {
             events: counter(r, "pleiades_recv_events_total", "Total number of parsed events received from upstream")?,
             lines: counter(r, "pleiades_recv_event_lines_total", "Total number of raw lines read from upstream, regardless of whether they become part of an event object")?,
             errors: counter(r, "pleiades_recv_errors_total", "Total number of errors encountered by the consumer")?,
             canaries: counter(r, "pleiades_recv_canary_events_total", "Canary (liveness heartbeat) events received from upstream; never counted")?,
             duplicates: counter(r, "pleiades_recv_duplicate_events_total", "Events dropped because their meta.id was already delivered")?,
             oversize: counter(r, "pleiades_recv_oversize_events_total", "Events dropped because a line or the data exceeded ingest.max_event_bytes")?,
-            quarantined: counter_vec(r, "pleiades_quarantined_events_total", "Invalid events written to quarantine, by role and reason", &["role", "reason"])?,
+            quarantined,
             connects: counter(r, "pleiades_ingest_connects_total", "Connections opened to upstream that answered 200")?,
-            disconnects: counter_vec(r, "pleiades_ingest_disconnects_total", "Connection attempts or connections that ended, by reason", &["reason"])?,
+            disconnects: LabelledCounter::register(r, "pleiades_ingest_disconnects_total", "Connection attempts or connections that ended, by reason", "reason")?,
             connected: gauge(r, "pleiades_ingest_connected", "1 while a stream from upstream is open, else 0")?,
             bytes: counter(r, "pleiades_recv_bytes_total", "Bytes received from upstream")?,
             last_event_timestamp: float_gauge(r, "pleiades_ingest_last_event_timestamp_seconds", "meta.dt of the newest event delivered to the bus, in seconds since the epoch")?,
@@ -167,22 +381,20 @@ impl Metrics {
             dedupe_window: gauge(r, "pleiades_ingest_dedupe_window_ids", "meta.ids currently remembered to drop repeats")?,
         };
         r.register(Box::new(EventAge::new(last_event_time)?))?;
-        // Series for every known label value exist from the start (at 0), so that dashboards and
-        // alerts see "none yet" rather than "no data".
-        for reason in [
-            "closed",
-            "stalled",
-            "broken",
-            "throttled",
-            "status",
-            "transport",
-        ] {
-            ingest.disconnects.with_label_values(&[reason]);
-        }
-        for reason in INVALID_REASONS {
-            ingest.quarantined.with_label_values(&["ingest", reason]);
-        }
-        let file_bus = FileBusMetrics {
+        Ok(m)
+    }
+
+    /// Counts an event the ingester quarantined.
+    pub fn quarantined(&self, reason: RejectReason) {
+        self.quarantined
+            .with_label_values(&[QuarantineRole::Ingest.as_str(), reason.as_str()])
+            .inc();
+    }
+}
+
+impl FileBusMetrics {
+    fn register(r: &Registry) -> Result<Self, prometheus::Error> {
+        Ok(FileBusMetrics {
             events: counter(
                 r,
                 "pleiades_file_publish_events_total",
@@ -214,30 +426,45 @@ impl Metrics {
                 "pleiades_file_quarantine_bytes_total",
                 "Bytes appended to the quarantine file",
             )?,
-        };
-        let aggregate = AggregateMetrics {
+        })
+    }
+}
+
+impl AggregateMetrics {
+    fn register(
+        r: &Registry,
+        quarantined: IntCounterVec,
+        workers: usize,
+    ) -> Result<Self, prometheus::Error> {
+        let m = AggregateMetrics {
             events: counter(r, "pleiades_aggregator_event_count_total", "Total number of events aggregated")?,
             lag_ms: histogram(r, "pleiades_aggregator_message_lag_milliseconds", "Age of events at aggregation (now minus meta.dt), in milliseconds", prometheus::exponential_buckets(10.0, 4.0, 12)?)?,
-            skipped: counter_vec(r, "pleiades_aggregator_skipped_events_total", "Events read from the bus and deliberately not counted, by reason", &["reason"])?,
-            quarantined: ingest.quarantined.clone(),
+            skipped: LabelledCounter::register(r, "pleiades_aggregator_skipped_events_total", "Events read from the bus and deliberately not counted, by reason", "reason")?,
+            quarantined,
             batch_events: histogram(r, "pleiades_aggregator_batch_events", "Bus lines covered by one store batch", prometheus::exponential_buckets(1.0, 4.0, 9)?)?,
             apply_seconds: histogram(r, "pleiades_store_apply_duration_seconds", "Time to apply one batch to the store", prometheus::exponential_buckets(0.0001, 4.0, 10)?)?,
             stale_batches: counter(r, "pleiades_aggregator_stale_batches_total", "Batches the store refused because their source had moved on (replays after a crash, stale owners)")?,
             store_errors: counter(r, "pleiades_store_errors_total", "Failed store operations")?,
             position_bytes: gauge(r, "pleiades_aggregator_bus_position_bytes", "Byte position reached in the newest event segment")?,
-            caught_up: {
-                let g = prometheus::GaugeVec::new(Opts::new("pleiades_aggregator_caught_up_timestamp_seconds", "Start time of the worker's latest pass that counted every complete line on the bus; everything written before it is counted"), &["worker"])?;
-                r.register(Box::new(g.clone()))?;
-                g
-            },
+            caught_up: registered(r, GaugeVec::new(Opts::new("pleiades_aggregator_caught_up_timestamp_seconds", "Start time of the worker's latest pass that counted every complete line on the bus; everything written before it is counted"), &["worker"]))?,
         };
-        aggregate.skipped.with_label_values(&["canary"]);
-        for reason in INVALID_REASONS.iter().chain(&["bad_record"]) {
-            aggregate
-                .quarantined
-                .with_label_values(&["aggregate", reason]);
+        for worker in 0..workers {
+            m.caught_up.with_label_values(&[&worker.to_string()]);
         }
-        let kafka = KafkaMetrics {
+        Ok(m)
+    }
+
+    /// Counts an event the aggregators quarantined.
+    pub fn quarantined(&self, reason: RejectReason) {
+        self.quarantined
+            .with_label_values(&[QuarantineRole::Aggregate.as_str(), reason.as_str()])
+            .inc();
+    }
+}
+
+impl KafkaMetrics {
+    fn register(r: &Registry, workers: usize) -> Result<Self, prometheus::Error> {
+        let m = KafkaMetrics {
             events: counter(r, "pleiades_kafka_publish_events_total", "Total number of events published to Kafka and acknowledged by the brokers")?,
             writes: counter(r, "pleiades_kafka_publish_writes_total", "Total number of messages handed to the Kafka producer")?,
             errors: counter(r, "pleiades_kafka_writer_errors_total", "Total number of messages the Kafka producer could not queue or the brokers did not acknowledge")?,
@@ -246,42 +473,39 @@ impl Metrics {
             lag_ms: histogram(r, "pleiades_kafka_publish_lag_milliseconds", "Age of events (now minus meta.dt) when Kafka acknowledged them, in milliseconds", prometheus::exponential_buckets(10.0, 4.0, 12)?)?,
             buffered: gauge(r, "pleiades_kafka_buffered_bytes", "Event bytes handed to the Kafka producer and not yet acknowledged")?,
             buffer_limit: gauge(r, "pleiades_kafka_buffer_limit_bytes", "kafka.buffer_bytes: the most event bytes held waiting for the brokers")?,
-            consumer_lag: {
-                let g = IntGaugeVec::new(Opts::new("pleiades_kafka_consumer_lag_messages", "Messages between an aggregator's position and the end of its partition"), &["partition"])?;
-                r.register(Box::new(g.clone()))?;
-                g
-            },
-            assigned: {
-                let g = IntGaugeVec::new(Opts::new("pleiades_kafka_assigned_partitions", "Partitions assigned to each aggregator worker of this host"), &["worker"])?;
-                r.register(Box::new(g.clone()))?;
-                g
-            },
-            rebalances: counter_vec(r, "pleiades_kafka_rebalances_total", "Partition assignments and revocations seen by this host's aggregators", &["kind"])?,
+            consumer_lag: registered(r, IntGaugeVec::new(Opts::new("pleiades_kafka_consumer_lag_messages", "Messages between an aggregator's position and the end of its partition"), &["partition"]))?,
+            assigned: registered(r, IntGaugeVec::new(Opts::new("pleiades_kafka_assigned_partitions", "Partitions assigned to each aggregator worker of this host"), &["worker"]))?,
+            rebalances: LabelledCounter::register(r, "pleiades_kafka_rebalances_total", "Partition assignments and revocations seen by this host's aggregators", "kind")?,
             seeks: counter(r, "pleiades_kafka_seeks_total", "Times an aggregator moved a partition to the position recorded in the store")?,
             retention_gap: counter(r, "pleiades_kafka_retention_gap_messages_total", "Messages deleted by topic retention before any aggregator counted them")?,
         };
-        for kind in ["assign", "revoke"] {
-            kafka.rebalances.with_label_values(&[kind]);
+        for worker in 0..workers {
+            m.assigned.with_label_values(&[&worker.to_string()]);
         }
-        let web = WebMetrics {
+        Ok(m)
+    }
+}
+
+impl WebMetrics {
+    fn register(r: &Registry) -> Result<Self, prometheus::Error> {
+        let m = WebMetrics {
             responses: counter_vec(
                 r,
                 "pleiades_web_http_response_total",
                 "Total number of HTTP responses by path and status code",
                 &["path", "status"],
             )?,
-            duration: {
-                let h = prometheus::HistogramVec::new(
+            duration: registered(
+                r,
+                HistogramVec::new(
                     HistogramOpts::new(
                         "pleiades_web_http_duration_seconds",
                         "Time taken to generate responses, by path",
                     )
                     .buckets(prometheus::exponential_buckets(0.0001, 3.0, 12)?),
                     &["path"],
-                )?;
-                r.register(Box::new(h.clone()))?;
-                h
-            },
+                ),
+            )?,
             marshal: histogram(
                 r,
                 "pleiades_web_counter_marshal_duration_seconds",
@@ -304,59 +528,80 @@ impl Metrics {
                 "Open live-update (server-sent events) connections",
             )?,
         };
-        let build_info = prometheus::IntGaugeVec::new(
-            Opts::new(
-                "pleiades_build_info",
-                "Always 1; labels carry the version, commit, compiler and target of this binary",
-            ),
-            &["version", "commit", "rustc", "target"],
-        )?;
-        build_info
-            .with_label_values(&[
-                crate::build::VERSION,
-                crate::build::COMMIT,
-                crate::build::RUSTC,
-                crate::build::TARGET,
-            ])
-            .set(1);
-        r.register(Box::new(build_info))?;
-        let supervisor = SupervisorMetrics {
-            restarts: counter_vec(
-                r,
-                "pleiades_goroutine_restarts",
-                "Total numbers of restarts of component actors after a failure",
-                &["component"],
-            )?,
-        };
-        Ok(Metrics {
-            registry,
-            ingest,
-            file_bus,
-            aggregate,
-            kafka,
-            web,
-            supervisor,
-        })
+        for route in Route::ALL {
+            m.duration.with_label_values(&[route.as_str()]);
+        }
+        Ok(m)
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        // Encoding into a Vec only fails on metric families that cannot exist here.
-        if TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
-            .is_err()
-        {
-            return String::new();
-        }
-        String::from_utf8(buf).unwrap_or_default()
+    /// Counts one response.
+    pub fn responded(&self, route: Route, status: u16, seconds: f64) {
+        self.responses
+            .with_label_values(&[route.as_str(), &status.to_string()])
+            .inc();
+        self.duration
+            .with_label_values(&[route.as_str()])
+            .observe(seconds);
     }
 }
 
+impl StoreMetrics {
+    fn register(r: &Registry) -> Result<Self, prometheus::Error> {
+        Ok(StoreMetrics {
+            reads: LabelledCounter::register(
+                r,
+                "pleiades_store_reads_total",
+                "Reads of the counter store, by what they read",
+                "query",
+            )?,
+        })
+    }
+}
+
+impl SupervisorMetrics {
+    fn register(r: &Registry) -> Result<Self, prometheus::Error> {
+        Ok(SupervisorMetrics {
+            restarts: LabelledCounter::register(
+                r,
+                "pleiades_goroutine_restarts",
+                "Total numbers of restarts of component actors after a failure",
+                "component",
+            )?,
+        })
+    }
+}
+
+fn register_build_info(r: &Registry) -> Result<(), prometheus::Error> {
+    let build_info = IntGaugeVec::new(
+        Opts::new(
+            "pleiades_build_info",
+            "Always 1; labels carry the version, commit, compiler and target of this binary",
+        ),
+        &["version", "commit", "rustc", "target"],
+    )?;
+    build_info
+        .with_label_values(&[
+            crate::build::VERSION,
+            crate::build::COMMIT,
+            crate::build::RUSTC,
+            crate::build::TARGET,
+        ])
+        .set(1);
+    r.register(Box::new(build_info))
+}
+
+/// Registers a metric just built, and returns it.
+fn registered<T: Collector + Clone + 'static>(
+    r: &Registry,
+    metric: Result<T, prometheus::Error>,
+) -> Result<T, prometheus::Error> {
+    let metric = metric?;
+    r.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
 fn counter(r: &Registry, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
-    let c = IntCounter::with_opts(Opts::new(name, help))?;
-    r.register(Box::new(c.clone()))?;
-    Ok(c)
+    registered(r, IntCounter::with_opts(Opts::new(name, help)))
 }
 
 fn counter_vec(
@@ -365,21 +610,15 @@ fn counter_vec(
     help: &str,
     labels: &[&str],
 ) -> Result<IntCounterVec, prometheus::Error> {
-    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(c.clone()))?;
-    Ok(c)
+    registered(r, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
-    let g = IntGauge::with_opts(Opts::new(name, help))?;
-    r.register(Box::new(g.clone()))?;
-    Ok(g)
+    registered(r, IntGauge::with_opts(Opts::new(name, help)))
 }
 
 fn float_gauge(r: &Registry, name: &str, help: &str) -> Result<Gauge, prometheus::Error> {
-    let g = Gauge::with_opts(Opts::new(name, help))?;
-    r.register(Box::new(g.clone()))?;
-    Ok(g)
+    registered(r, Gauge::with_opts(Opts::new(name, help)))
 }
 
 fn histogram(
@@ -388,9 +627,10 @@ fn histogram(
     help: &str,
     buckets: Vec<f64>,
 ) -> Result<Histogram, prometheus::Error> {
-    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
-    r.register(Box::new(h.clone()))?;
-    Ok(h)
+    registered(
+        r,
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)),
+    )
 }
 
 /// `pleiades_ingest_last_event_age_seconds`, computed when scraped so that it keeps growing while
@@ -444,8 +684,8 @@ mod tests {
 
     #[test]
     fn renders_the_spec_names() {
-        let m = Metrics::new().unwrap();
-        m.supervisor.restarts.with_label_values(&["ingest"]).inc();
+        let m = Metrics::new(2).unwrap();
+        m.supervisor.restarts.inc(Component::Ingest);
         m.ingest.delivered_event_time(1_000_000);
         let text = m.render();
         for name in [
@@ -459,5 +699,31 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
+    }
+
+    #[test]
+    fn every_labelled_series_exists_from_the_first_scrape() {
+        let text = Metrics::new(2).unwrap().render();
+        for series in [
+            "pleiades_quarantined_events_total{reason=\"too_large\",role=\"ingest\"} 0",
+            "pleiades_quarantined_events_total{reason=\"bad_record\",role=\"aggregate\"} 0",
+            "pleiades_kafka_assigned_partitions{worker=\"1\"} 0",
+            "pleiades_aggregator_caught_up_timestamp_seconds{worker=\"0\"} 0",
+            "pleiades_web_http_duration_seconds_count{path=\"/api/stats/{day}\"} 0",
+            "pleiades_goroutine_restarts{component=\"live\"} 0",
+            "pleiades_ingest_disconnects_total{reason=\"stalled\"} 0",
+            "pleiades_store_reads_total{query=\"range\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn routes_fold_days_and_unknown_paths() {
+        assert_eq!(Route::of("/api/stats"), Route::Today);
+        assert_eq!(Route::of("/api/stats/19337"), Route::Day);
+        assert_eq!(Route::of("/api/stats/{day}"), Route::Day);
+        assert_eq!(Route::of("/wp-admin"), Route::Other);
+        assert_eq!(Route::of("/"), Route::Root);
     }
 }

@@ -6,21 +6,21 @@
 //! actor system. Actix restarts an actor only when the actor stops itself, so a failure stops
 //! the actor and `restarting` + `started` run the component again after the backoff.
 
-use crate::metrics::SupervisorMetrics;
-use crate::ComponentContext;
+use crate::metrics::{Component, SupervisorMetrics};
 use actix::prelude::*;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 /// The error a component returns to its supervisor.
 pub type ComponentError = Box<dyn std::error::Error + Send + Sync>;
 /// A running component.
 pub type ComponentFuture = Pin<Box<dyn Future<Output = Result<(), ComponentError>> + Send>>;
-/// Builds a fresh run of a component; called once per (re)start.
-pub type ComponentFactory = Arc<dyn Fn(ComponentContext) -> ComponentFuture + Send + Sync>;
+/// Builds a fresh run of a component; called once per (re)start. It carries its own context.
+pub type ComponentFactory = Arc<dyn Fn() -> ComponentFuture + Send + Sync>;
 
 /// How quickly a failing component is restarted.
 #[derive(Debug, Clone, Copy)]
@@ -56,9 +56,10 @@ impl RestartPolicy {
 
 /// The actor that owns one component's lifecycle.
 pub struct Supervised {
+    component: Component,
     name: &'static str,
     factory: ComponentFactory,
-    context: ComponentContext,
+    shutdown: CancellationToken,
     metrics: SupervisorMetrics,
     policy: RestartPolicy,
     failures: u32,
@@ -74,21 +75,21 @@ pub struct Running {
     pub done: oneshot::Receiver<()>,
 }
 
-/// Starts `factory` under supervision on the current actix arbiter.
+/// Starts `factory` under supervision on the current actix arbiter; it runs until `shutdown`.
 pub fn start(
-    name: &'static str,
+    component: Component,
     factory: ComponentFactory,
-    context: ComponentContext,
+    shutdown: CancellationToken,
+    metrics: SupervisorMetrics,
     policy: RestartPolicy,
 ) -> Running {
     let (tx, rx) = oneshot::channel();
-    let metrics = context.metrics.supervisor.clone();
-    // Create the label now so that a healthy component shows 0 restarts rather than nothing.
-    metrics.restarts.with_label_values(&[name]);
+    let name = component.as_str();
     let addr = actix::Supervisor::start(move |_| Supervised {
+        component,
         name,
         factory,
-        context,
+        shutdown,
         metrics,
         policy,
         failures: 0,
@@ -124,7 +125,7 @@ impl Supervised {
             Err(join) if join.is_panic() => format!("panicked: {join}"),
             Err(join) => format!("was cancelled: {join}"),
         };
-        if self.context.shutdown.is_cancelled() {
+        if self.shutdown.is_cancelled() {
             tracing::warn!(component = self.name, %error, "component failed while shutting down");
             self.finish();
             return;
@@ -133,7 +134,7 @@ impl Supervised {
             self.failures = 0;
         }
         self.failures += 1;
-        self.metrics.restarts.with_label_values(&[self.name]).inc();
+        self.metrics.restarts.inc(self.component);
         tracing::error!(
             component = self.name,
             %error,
@@ -149,13 +150,13 @@ impl Actor for Supervised {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        if self.context.shutdown.is_cancelled() {
+        if self.shutdown.is_cancelled() {
             self.finish();
             return;
         }
         let delay = self.policy.delay(self.failures);
-        let run = (self.factory)(self.context.clone());
-        let shutdown = self.context.shutdown.clone();
+        let run = (self.factory)();
+        let shutdown = self.shutdown.clone();
         self.started_at = Instant::now();
         let task = tokio::spawn(async move {
             tokio::select! {
@@ -180,10 +181,8 @@ impl actix::Supervised for Supervised {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
     use crate::metrics::Metrics;
     use std::sync::atomic::{AtomicU32, Ordering};
-    use tokio_util::sync::CancellationToken;
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {
@@ -206,22 +205,20 @@ mod tests {
             .unwrap();
         let system = actix_rt::System::with_tokio_rt(move || runtime);
         system.block_on(async {
-            let metrics = Arc::new(Metrics::new().unwrap());
-            let context = ComponentContext {
-                config: Arc::new(Config::default()),
-                metrics: metrics.clone(),
-                shutdown: CancellationToken::new(),
-            };
+            let metrics = Metrics::new(1).unwrap();
+            let shutdown = CancellationToken::new();
             let runs = Arc::new(AtomicU32::new(0));
             let counter = runs.clone();
-            let factory: ComponentFactory = Arc::new(move |ctx: ComponentContext| {
+            let stop = shutdown.clone();
+            let factory: ComponentFactory = Arc::new(move || {
                 let n = counter.fetch_add(1, Ordering::SeqCst);
+                let stop = stop.clone();
                 Box::pin(async move {
                     match n {
                         0 => Err("first run fails".into()),
                         1 => panic!("second run panics"),
                         _ => {
-                            ctx.shutdown.cancel();
+                            stop.cancel();
                             Ok(())
                         }
                     }
@@ -232,20 +229,19 @@ mod tests {
                 max: Duration::from_millis(50),
                 stable_after: Duration::from_secs(60),
             };
-            let running = start("test", factory, context, policy);
+            let running = start(
+                Component::Live,
+                factory,
+                shutdown,
+                metrics.supervisor.clone(),
+                policy,
+            );
             tokio::time::timeout(Duration::from_secs(10), running.done)
                 .await
                 .expect("the component finished")
                 .unwrap();
             assert_eq!(runs.load(Ordering::SeqCst), 3);
-            assert_eq!(
-                metrics
-                    .supervisor
-                    .restarts
-                    .with_label_values(&["test"])
-                    .get(),
-                2
-            );
+            assert_eq!(metrics.supervisor.restarts.get(Component::Live), 2);
         });
     }
 }

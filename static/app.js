@@ -4,6 +4,7 @@
 "use strict";
 
 const DAY_SECONDS = 86400;
+const TREND_DAYS = 366;
 const $ = (id) => document.getElementById(id);
 const fmt = new Intl.NumberFormat();
 const state = { today: null, selected: null, live: null, days: [] };
@@ -176,7 +177,11 @@ async function loadDays() {
   }));
   select.value = state.selected || state.today;
   if (days.length) {
-    const range = await getJSON(`/api/range?from=${days[0]}&to=${days[days.length - 1]}`);
+    // The trend shows at most the last year on record: the page costs the same on the first
+    // day and after ten years.
+    const last = Number(days[days.length - 1]);
+    const from = Math.max(Number(days[0]), last - TREND_DAYS + 1);
+    const range = await getJSON(`/api/range?from=${from}&to=${last}`);
     renderTrend(range || []);
   } else {
     renderTrend([]);

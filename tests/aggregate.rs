@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use pleiades::config::{Config, RedisConfig, StoreConfig, StoreKind, StoreSettings};
 use rand::{Rng, SeedableRng};
 use std::time::Duration;
 
@@ -14,31 +15,47 @@ enum StoreChoice {
     Redis(String),
 }
 
-fn pipeline_config(upstream: std::net::SocketAddr, metrics: u16, store: &StoreChoice) -> String {
-    let store = match store {
-        StoreChoice::Embedded => {
-            "[store]\nkind = \"embedded\"\npath = \"counters.db\"\n".to_owned()
+impl StoreChoice {
+    /// The store settings, with the embedded file in `scope`.
+    fn settings(&self, scope: &TestScope) -> StoreSettings {
+        match self {
+            StoreChoice::Embedded => StoreSettings::Embedded(StoreConfig {
+                kind: StoreKind::Embedded,
+                path: scope.path("counters.db"),
+            }),
+            StoreChoice::Redis(url) => StoreSettings::Redis(RedisConfig {
+                url: url.clone(),
+                ..RedisConfig::default()
+            }),
         }
-        StoreChoice::Redis(url) => format!("[store]\nkind = \"redis\"\n[redis]\nurl = \"{url}\"\n"),
-    };
-    ingest_config(upstream, metrics, "[file]\nsegment_bytes = 262144\n")
-        .replace("[aggregate]\nenabled = false", "[aggregate]\nenabled = true\nworkers = 2\nbatch_events = 500\nbatch_delay = \"100ms\"\npoll_interval = \"20ms\"")
-        + &store
+    }
+
+    /// Points `config` at this store.
+    fn apply(&self, config: &mut Config) {
+        match self {
+            StoreChoice::Embedded => config.store.path = "counters.db".into(),
+            StoreChoice::Redis(url) => {
+                config.store.kind = StoreKind::Redis;
+                config.redis.url = url.clone();
+            }
+        }
+    }
+}
+
+fn pipeline_config(upstream: std::net::SocketAddr, metrics: u16, store: &StoreChoice) -> Config {
+    let mut config = ingest_config(upstream, metrics);
+    config.file.segment_bytes = 262144;
+    config.aggregate.enabled = true;
+    config.aggregate.workers = 2;
+    config.aggregate.batch_events = 500;
+    config.aggregate.batch_delay = ms(100);
+    config.aggregate.poll_interval = ms(20);
+    store.apply(&mut config);
+    config
 }
 
 async fn read_store(scope: &TestScope, choice: &StoreChoice) -> Expected {
-    let mut config = pleiades::config::Config::default();
-    match choice {
-        StoreChoice::Embedded => config.store.path = scope.path("counters.db"),
-        StoreChoice::Redis(url) => {
-            config.store.kind = pleiades::config::StoreKind::Redis;
-            config.redis.url = url.clone();
-        }
-    }
-    let store = pleiades::store::Store::open(&config)
-        .await
-        .expect("store opens");
-    stored(&store).await
+    stored(&open_store(&choice.settings(scope)).await).await
 }
 
 async fn whole_pipeline(choice: StoreChoice) {
@@ -61,7 +78,10 @@ async fn whole_pipeline(choice: StoreChoice) {
     )
     .await;
     assert_eq!(counted, expected.events as f64);
-    assert_eq!(scope.terminate(daemon, Duration::from_secs(10)), Some(0));
+    assert_eq!(
+        scope.terminate(daemon, Duration::from_secs(10)).await,
+        Some(0)
+    );
     let found = read_store(&scope, &choice).await;
     assert_counters_equal(&found, &expected);
     let segments = bus_segment_count(&scope.path("events"));
@@ -93,6 +113,10 @@ async fn whole_pipeline_counts_exactly_into_the_embedded_store() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "service-tests"),
+    ignore = "needs redis-server (scripts/test)"
+)]
 async fn whole_pipeline_counts_exactly_into_redis() {
     let scope = TestScope::new();
     let redis = RedisServer::start(&scope, false).await;
@@ -123,7 +147,7 @@ async fn crash_repeatedly(choice: StoreChoice, mut redis_crash: Option<&mut Redi
     while kills < 10 {
         let have = bus_lines(&bus).len();
         let target = (have + rng.gen_range(1..350)).min(lines.len() - 1);
-        wait_until(Duration::from_secs(60), "ingest progress", || {
+        wait_until(Duration::from_secs(60), "ingest progress", async || {
             (bus_lines(&bus).len() >= target).then_some(())
         })
         .await;
@@ -149,12 +173,17 @@ async fn crash_repeatedly(choice: StoreChoice, mut redis_crash: Option<&mut Redi
         .await;
         redis.crash_and_restart().await;
     }
-    wait_until(Duration::from_secs(120), "every event on the bus", || {
-        (bus_lines(&bus).len() >= lines.len()).then_some(())
-    })
+    wait_until(
+        Duration::from_secs(120),
+        "every event on the bus",
+        async || (bus_lines(&bus).len() >= lines.len()).then_some(()),
+    )
     .await;
     wait_until_counted(metrics, 2).await;
-    assert_eq!(scope.terminate(daemon, Duration::from_secs(10)), Some(0));
+    assert_eq!(
+        scope.terminate(daemon, Duration::from_secs(10)).await,
+        Some(0)
+    );
     let found = read_store(&scope, &choice).await;
     assert_counters_equal(&found, &expected);
     println!(
@@ -180,6 +209,10 @@ async fn kill_9_during_aggregation_keeps_embedded_counters_exact() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "service-tests"),
+    ignore = "needs redis-server (scripts/test)"
+)]
 async fn kill_9_and_a_redis_crash_keep_redis_counters_exact() {
     let scope = TestScope::new();
     let mut redis = RedisServer::start(&scope, true).await;
@@ -188,6 +221,10 @@ async fn kill_9_and_a_redis_crash_keep_redis_counters_exact() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "service-tests"),
+    ignore = "needs redis-server (scripts/test)"
+)]
 async fn redis_commands_per_event_stay_under_budget() {
     let mut scope = TestScope::new();
     let redis = RedisServer::start(&scope, false).await;
@@ -195,10 +232,13 @@ async fn redis_commands_per_event_stay_under_budget() {
     let expected = oracle(&events);
     write_bus(&scope.path("events"), &events);
     let metrics = TestScope::free_port();
-    scope.write_config(&format!(
-        "[ingest]\nenabled = false\n[aggregate]\nworkers = 2\n[web]\nenabled = false\n[store]\nkind = \"redis\"\n[redis]\nurl = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
-        redis.url()
-    ));
+    let mut config = Config::default();
+    config.ingest.enabled = false;
+    config.web.enabled = false;
+    config.aggregate.workers = 2;
+    config.metrics.listen = loopback(metrics);
+    StoreChoice::Redis(redis.url()).apply(&mut config);
+    scope.write_config(&config);
     redis
         .query(&["CONFIG", "RESETSTAT"])
         .await
@@ -214,7 +254,10 @@ async fn redis_commands_per_event_stay_under_budget() {
     .await;
     let elapsed = started.elapsed();
     let calls = redis.command_calls().await;
-    assert_eq!(scope.terminate(daemon, Duration::from_secs(10)), Some(0));
+    assert_eq!(
+        scope.terminate(daemon, Duration::from_secs(10)).await,
+        Some(0)
+    );
     let total: u64 = calls
         .iter()
         .filter(|(name, _)| !name.starts_with("info") && !name.starts_with("config"))

@@ -37,7 +37,10 @@ fn check_config_accepts_the_shipped_file_and_the_defaults() {
 #[test]
 fn every_problem_is_reported_with_its_key_and_exit_2() {
     let scope = TestScope::new();
-    scope.write_config("[ingest]\nurll = \"x\"\nstall_timeout = \"never\"\n[web]\nlisten = \"localhost\"\n[shop]\nopen = true\n");
+    scope.write_file(
+        "pleiades.toml",
+        "[ingest]\nurll = \"x\"\nstall_timeout = \"never\"\n[web]\nlisten = \"localhost\"\n[shop]\nopen = true\n",
+    );
     let (code, _, err) = pleiades(
         &scope,
         &["check-config", "--config", "pleiades.toml"],
@@ -102,7 +105,7 @@ async fn original_ingest_personality_and_flags_work() {
     wait_until(
         Duration::from_secs(30),
         "events in --file.publishDir",
-        || (bus_lines(&dir).len() == 50).then_some(()),
+        async || (bus_lines(&dir).len() == 50).then_some(()),
     )
     .await;
     let port: u16 = metrics.parse().unwrap();
@@ -115,7 +118,10 @@ async fn original_ingest_personality_and_flags_work() {
     .await;
     assert_eq!(published, 50.0);
     let started = std::time::Instant::now();
-    assert_eq!(scope.terminate(daemon, Duration::from_secs(10)), Some(0));
+    assert_eq!(
+        scope.terminate(daemon, Duration::from_secs(10)).await,
+        Some(0)
+    );
     println!("SIGTERM to exit: {:?}", started.elapsed());
     assert!(
         scope.logs().contains("ingester stopped; events synced"),

@@ -8,7 +8,7 @@ use base64::Engine;
 use common::*;
 use serde_json::{json, Value};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 struct Browser {
     driver: std::process::Child,
@@ -28,11 +28,18 @@ impl Browser {
             .expect("chromedriver starts (apt-get install chromium chromium-driver)");
         let base = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http.get(format!("{base}/status")).send().await.is_err() {
-            assert!(Instant::now() < deadline, "chromedriver did not answer");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until(
+            Duration::from_secs(30),
+            "chromedriver to answer",
+            async || {
+                http.get(format!("{base}/status"))
+                    .send()
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
         let profile = scope.path("chromium-profile");
         let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
             "binary": "/usr/bin/chromium",
@@ -93,15 +100,11 @@ impl Browser {
     }
 
     async fn wait_for(&self, what: &str, script: &str, limit: Duration) -> Value {
-        let deadline = Instant::now() + limit;
-        loop {
+        wait_until(limit, what, async || {
             let value = self.eval(script).await;
-            if !value.is_null() && value != json!(false) {
-                return value;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            (!value.is_null() && value != json!(false)).then_some(value)
+        })
+        .await
     }
 
     async fn screenshot(&self, name: &str) -> std::path::PathBuf {
@@ -165,6 +168,10 @@ fn counter(stats: &Value, name: &str) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "service-tests"),
+    ignore = "needs chromium and chromium-driver (scripts/test)"
+)]
 async fn the_dashboard_shows_the_stored_numbers_and_updates_live() {
     let mut scope = TestScope::new();
     let lines = events_for_today(600);
@@ -175,12 +182,9 @@ async fn the_dashboard_shows_the_stored_numbers_and_updates_live() {
     let upstream = scope.replay(options).await.addr;
     let metrics = TestScope::free_port();
     let web_port = TestScope::free_port();
-    scope.write_config(&all_roles_config(
-        upstream,
-        metrics,
-        web_port,
-        "live_interval = \"300ms\"\n",
-    ));
+    let mut config = all_roles_config(upstream, metrics, web_port);
+    config.web.live_interval = ms(300);
+    scope.write_config(&config);
     scope.spawn(&["--config", "pleiades.toml"]);
     let base = format!("http://127.0.0.1:{web_port}");
     wait_for_metric(

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 /// Waits until the bus holds at least `count` events.
 async fn wait_for_bus(dir: &std::path::Path, count: usize, limit: Duration) {
-    wait_until(limit, "every expected event on the bus", || {
+    wait_until(limit, "every expected event on the bus", async || {
         (bus_lines(dir).len() >= count).then_some(())
     })
     .await;
@@ -30,19 +30,14 @@ async fn cut_every_300_events_delivers_every_valid_event_once() {
     options.cut_after = Some(300);
     let upstream = scope.replay(options).await.addr;
     let metrics = TestScope::free_port();
-    scope.write_config(&ingest_config(upstream, metrics, ""));
+    scope.write_config(&ingest_config(upstream, metrics));
     let daemon = scope.spawn(&["--config", "pleiades.toml"]);
 
     let bus_dir = scope.path("events");
-    wait_until(
-        Duration::from_secs(120),
-        "every expected event on the bus",
-        || (bus_lines(&bus_dir).len() >= expected.len()).then_some(()),
-    )
-    .await;
+    wait_for_bus(&bus_dir, expected.len(), Duration::from_secs(120)).await;
     let scraped = scrape(metrics).await.expect("metrics answer");
     assert_eq!(
-        scope.terminate(daemon, Duration::from_secs(10)),
+        scope.terminate(daemon, Duration::from_secs(10)).await,
         Some(0),
         "clean exit on SIGTERM"
     );
@@ -88,11 +83,9 @@ async fn kill_9_at_random_moments_neither_loses_nor_doubles() {
     options.cut_after = Some(300);
     options.rate = Some(1500.0);
     let upstream = scope.replay(options).await.addr;
-    scope.write_config(&ingest_config(
-        upstream,
-        TestScope::free_port(),
-        "[file]\nsegment_bytes = 1048576\n",
-    ));
+    let mut config = ingest_config(upstream, TestScope::free_port());
+    config.file.segment_bytes = 1048576;
+    scope.write_config(&config);
 
     let seed: u64 = rand::thread_rng().gen();
     println!("kill -9 schedule seed: {seed}");
@@ -111,7 +104,7 @@ async fn kill_9_at_random_moments_neither_loses_nor_doubles() {
         wait_until(
             Duration::from_secs(60),
             "progress before the next kill",
-            || (bus_lines(&bus_dir).len() >= target).then_some(()),
+            async || (bus_lines(&bus_dir).len() >= target).then_some(()),
         )
         .await;
         tokio::time::sleep(Duration::from_micros(rng.gen_range(0..20_000))).await;
@@ -123,13 +116,11 @@ async fn kill_9_at_random_moments_neither_loses_nor_doubles() {
         kills >= 10,
         "only {kills} kills happened before the stream ended"
     );
-    wait_until(
-        Duration::from_secs(120),
-        "every expected event on the bus",
-        || (bus_lines(&bus_dir).len() >= expected.len()).then_some(()),
-    )
-    .await;
-    assert_eq!(scope.terminate(daemon, Duration::from_secs(10)), Some(0));
+    wait_for_bus(&bus_dir, expected.len(), Duration::from_secs(120)).await;
+    assert_eq!(
+        scope.terminate(daemon, Duration::from_secs(10)).await,
+        Some(0)
+    );
     let bus = bus_lines(&bus_dir);
     assert_exactly_once(&bus, &expected);
     let segments = std::fs::read_dir(&bus_dir)
@@ -159,14 +150,14 @@ async fn retry_after_is_honoured_and_nothing_is_lost() {
     options.retry_after = 1;
     let upstream = scope.replay(options).await.addr;
     let metrics = TestScope::free_port();
-    scope.write_config(&ingest_config(upstream, metrics, ""));
+    scope.write_config(&ingest_config(upstream, metrics));
     let started = Instant::now();
     let daemon = scope.spawn(&["--config", "pleiades.toml"]);
     let bus_dir = scope.path("events");
     wait_until(
         Duration::from_secs(30),
         "the first event on the bus",
-        || (!bus_lines(&bus_dir).is_empty()).then_some(()),
+        async || (!bus_lines(&bus_dir).is_empty()).then_some(()),
     )
     .await;
     let waited = started.elapsed();
@@ -181,7 +172,10 @@ async fn retry_after_is_honoured_and_nothing_is_lost() {
         scraped["pleiades_ingest_disconnects_total{reason=\"throttled\"}"],
         2.0
     );
-    assert_eq!(scope.terminate(daemon, Duration::from_secs(10)), Some(0));
+    assert_eq!(
+        scope.terminate(daemon, Duration::from_secs(10)).await,
+        Some(0)
+    );
     assert_exactly_once(&bus_lines(&bus_dir), &expected);
     println!("two 429s (Retry-After: 1): first event after {waited:?}");
 }
@@ -197,14 +191,11 @@ async fn a_stalled_stream_is_reopened_without_loss() {
     let upstream = scope.replay(options).await.addr;
     let metrics = TestScope::free_port();
     // Interval syncing adds a timer to the read loop; it must not postpone the watchdog.
-    scope.write_config(
-        &ingest_config(
-            upstream,
-            metrics,
-            "[file]\nfsync = \"interval\"\nfsync_interval = \"200ms\"\n",
-        )
-        .replace("stall_timeout = \"5s\"", "stall_timeout = \"1s\""),
-    );
+    let mut config = ingest_config(upstream, metrics);
+    config.file.fsync = pleiades::config::FsyncPolicy::Interval;
+    config.file.fsync_interval = ms(200);
+    config.ingest.stall_timeout = Duration::from_secs(1);
+    scope.write_config(&config);
     let daemon = scope.spawn(&["--config", "pleiades.toml"]);
     let bus_dir = scope.path("events");
     wait_for_bus(&bus_dir, expected.len(), Duration::from_secs(30)).await;
@@ -213,7 +204,10 @@ async fn a_stalled_stream_is_reopened_without_loss() {
         scraped["pleiades_ingest_disconnects_total{reason=\"stalled\"}"], 2.0,
         "{scraped:?}"
     );
-    assert_eq!(scope.terminate(daemon, Duration::from_secs(10)), Some(0));
+    assert_eq!(
+        scope.terminate(daemon, Duration::from_secs(10)).await,
+        Some(0)
+    );
     assert_exactly_once(&bus_lines(&bus_dir), &expected);
 }
 
@@ -226,11 +220,10 @@ async fn very_frequent_cuts_with_exact_resume_points() {
     options.cut_after = Some(7);
     let upstream = scope.replay(options).await.addr;
     let metrics = TestScope::free_port();
-    scope.write_config(
-        &ingest_config(upstream, metrics, "")
-            .replace("resume_rewind = \"100ms\"", "resume_rewind = \"0s\"")
-            .replace("backoff_initial = \"50ms\"", "backoff_initial = \"5ms\""),
-    );
+    let mut config = ingest_config(upstream, metrics);
+    config.ingest.resume_rewind = Duration::ZERO;
+    config.ingest.backoff_initial = ms(5);
+    scope.write_config(&config);
     let daemon = scope.spawn(&["--config", "pleiades.toml"]);
     let bus_dir = scope.path("events");
     wait_for_bus(&bus_dir, expected.len(), Duration::from_secs(60)).await;
@@ -239,7 +232,10 @@ async fn very_frequent_cuts_with_exact_resume_points() {
         scraped["pleiades_ingest_connects_total"] >= 681.0 / 7.0,
         "{scraped:?}"
     );
-    assert_eq!(scope.terminate(daemon, Duration::from_secs(10)), Some(0));
+    assert_eq!(
+        scope.terminate(daemon, Duration::from_secs(10)).await,
+        Some(0)
+    );
     assert_exactly_once(&bus_lines(&bus_dir), &expected);
 }
 
@@ -256,11 +252,16 @@ async fn resume_false_starts_at_now_and_user_agent_is_sent() {
         .await;
     let upstream = replay.addr;
     let metrics = TestScope::free_port();
-    scope.write_config(&ingest_config(upstream, metrics, "resume = false\n"));
+    let mut config = ingest_config(upstream, metrics);
+    config.ingest.resume = false;
+    scope.write_config(&config);
     let first = scope.spawn(&["--config", "pleiades.toml"]);
     let bus_dir = scope.path("events");
     wait_for_bus(&bus_dir, expected.len(), Duration::from_secs(30)).await;
-    assert_eq!(scope.terminate(first, Duration::from_secs(10)), Some(0));
+    assert_eq!(
+        scope.terminate(first, Duration::from_secs(10)).await,
+        Some(0)
+    );
     let second = scope.spawn(&["--config", "pleiades.toml"]);
     let dupes = wait_for_metric(
         metrics,
@@ -275,7 +276,10 @@ async fn resume_false_starts_at_now_and_user_agent_is_sent() {
         None,
         "resume = false sends no Last-Event-ID"
     );
-    assert_eq!(scope.terminate(second, Duration::from_secs(10)), Some(0));
+    assert_eq!(
+        scope.terminate(second, Duration::from_secs(10)).await,
+        Some(0)
+    );
     assert_exactly_once(&bus_lines(&bus_dir), &expected);
     assert_eq!(
         replay.stats.user_agent().as_deref(),
@@ -303,16 +307,17 @@ async fn since_starts_at_a_point_in_time_when_there_is_nothing_to_resume() {
         .unwrap()
         .to_rfc3339();
     let metrics = TestScope::free_port();
-    scope.write_config(&ingest_config(
-        replay.addr,
-        metrics,
-        &format!("since = \"{since}\"\n"),
-    ));
+    let mut config = ingest_config(replay.addr, metrics);
+    config.ingest.since = since;
+    scope.write_config(&config);
     let daemon = scope.spawn(&["--config", "pleiades.toml"]);
     let expected = expected_ids(&lines[500..]);
     let bus_dir = scope.path("events");
     wait_for_bus(&bus_dir, expected.len(), Duration::from_secs(30)).await;
-    assert_eq!(scope.terminate(daemon, Duration::from_secs(10)), Some(0));
+    assert_eq!(
+        scope.terminate(daemon, Duration::from_secs(10)).await,
+        Some(0)
+    );
     assert_exactly_once(&bus_lines(&bus_dir), &expected);
     assert_eq!(
         replay.stats.last_event_id(),

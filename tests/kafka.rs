@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use pleiades::config::{BusKind, Config, RedisConfig, StoreKind, StoreSettings};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -19,61 +20,45 @@ struct Roles {
     web: Option<u16>,
 }
 
-/// A host's configuration: the upstream, the broker, Redis, a metrics port, its roles, and extra
-/// `[kafka]` keys.
+/// A host's configuration: the upstream, the broker, Redis, a metrics port and its roles.
 fn host_config(
     upstream: std::net::SocketAddr,
     brokers: &str,
     redis: &str,
     metrics_port: u16,
     roles: Roles,
-    kafka_extra: &str,
-) -> String {
-    let web = match roles.web {
-        Some(port) => format!("enabled = true\nlisten = \"127.0.0.1:{port}\""),
-        None => "enabled = false".to_owned(),
-    };
-    format!(
-        r#"
-[ingest]
-enabled = {}
-url = "http://{upstream}/v2/stream/recentchange"
-user_agent = "pleiades-tests/1.0 (test suite)"
-publisher = "kafka"
-resume_rewind = "100ms"
-backoff_initial = "50ms"
-backoff_max = "1s"
-stall_timeout = "10s"
-[kafka]
-brokers = "{brokers}"
-partitions = 4
-replication_factor = 1
-{kafka_extra}
-[kafka.properties]
-"reconnect.backoff.max.ms" = "500"
-[aggregate]
-enabled = {}
-batch_delay = "100ms"
-poll_interval = "50ms"
-[store]
-kind = "redis"
-[redis]
-url = "{redis}"
-[web]
-{web}
-[metrics]
-listen = "127.0.0.1:{metrics_port}"
-"#,
-        roles.ingest, roles.aggregate
-    )
+) -> Config {
+    let mut config = ingest_config(upstream, metrics_port);
+    config.ingest.enabled = roles.ingest;
+    config.ingest.publisher = BusKind::Kafka;
+    config.ingest.backoff_max = Duration::from_secs(1);
+    config.ingest.stall_timeout = Duration::from_secs(10);
+    config.kafka.brokers = brokers.to_owned();
+    config.kafka.partitions = 4;
+    config.kafka.replication_factor = 1;
+    config
+        .kafka
+        .properties
+        .insert("reconnect.backoff.max.ms".into(), "500".into());
+    config.aggregate.enabled = roles.aggregate;
+    config.aggregate.batch_delay = ms(100);
+    config.aggregate.poll_interval = ms(50);
+    config.store.kind = StoreKind::Redis;
+    config.redis.url = redis.to_owned();
+    if let Some(port) = roles.web {
+        config.web.enabled = true;
+        config.web.listen = loopback(port);
+    }
+    config
 }
 
 /// Counters read from Redis, and every partition's stored position.
 async fn stored_state(redis: &str) -> (Expected, i64) {
-    let mut config = pleiades::config::Config::default();
-    config.store.kind = pleiades::config::StoreKind::Redis;
-    config.redis.url = redis.to_owned();
-    let store = pleiades::store::Store::open(&config).await.expect("store");
+    let store = open_store(&StoreSettings::Redis(RedisConfig {
+        url: redis.to_owned(),
+        ..RedisConfig::default()
+    }))
+    .await;
     let mut positions = 0;
     for p in 0..4 {
         positions += store
@@ -125,6 +110,10 @@ fn assert_topic_exactly_once(messages: &[TopicMessage], lines: &[String]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(feature = "service-tests"),
+    ignore = "needs nisshi and redis-server (scripts/test)"
+)]
 async fn three_hosts_count_exactly_once_through_kills_and_a_broker_restart() {
     let mut scope = TestScope::new();
     let mut broker = KafkaBroker::start(&scope).await;
@@ -145,8 +134,7 @@ async fn three_hosts_count_exactly_once_through_kills_and_a_broker_restart() {
         TestScope::free_port(),
     ];
     let web_port = TestScope::free_port();
-    let host =
-        |port: u16, roles: Roles| host_config(upstream.addr, &brokers, &url, port, roles, "");
+    let host = |port: u16, roles: Roles| host_config(upstream.addr, &brokers, &url, port, roles);
     let ingest = host(
         ports[0],
         Roles {
@@ -169,11 +157,8 @@ async fn three_hosts_count_exactly_once_through_kills_and_a_broker_restart() {
             ..Roles::default()
         },
     );
-    let write = |name: &str, text: &str| {
-        let path = scope.path(name);
-        std::fs::write(&path, text).expect("config written");
-        path.display().to_string()
-    };
+    let write =
+        |name: &str, config: &Config| scope.write_config_as(name, config).display().to_string();
     let (ingest_toml, aggregate_toml, web_toml) = (
         write("ingest.toml", &ingest),
         write("aggregate.toml", &aggregate),
@@ -260,23 +245,18 @@ async fn three_hosts_count_exactly_once_through_kills_and_a_broker_restart() {
 
     // Everything arrives, exactly once, and is counted exactly once.
     let expected = oracle(&lines);
-    let deadline = Instant::now() + Duration::from_secs(240);
     let wanted = expected_ids(&lines).len() as i64;
-    loop {
-        let on_topic = tokio::task::block_in_place(|| topic_len(&brokers, TOPIC));
-        let (found, positions) = stored_state(&url).await;
-        if on_topic >= wanted && positions == on_topic && found.events >= expected.events {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "pipeline did not finish: topic {on_topic} of {wanted}, positions {positions}, counted {} of {}\n{}",
-            found.events,
-            expected.events,
-            scope.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_until(
+        Duration::from_secs(240),
+        "every event on the topic and counted",
+        async || {
+            let on_topic = tokio::task::block_in_place(|| topic_len(&brokers, TOPIC));
+            let (found, positions) = stored_state(&url).await;
+            (on_topic >= wanted && positions == on_topic && found.events >= expected.events)
+                .then_some(())
+        },
+    )
+    .await;
     let topic = tokio::task::block_in_place(|| read_topic(&brokers, TOPIC));
     assert_topic_exactly_once(&topic, &lines);
     let (found, _) = stored_state(&url).await;
@@ -352,7 +332,7 @@ async fn three_hosts_count_exactly_once_through_kills_and_a_broker_restart() {
         metrics.get("pleiades_aggregator_stale_batches_total").copied().unwrap_or(0.0),
     );
     for n in [ingester, aggregator, web] {
-        assert_eq!(scope.terminate(n, Duration::from_secs(15)), Some(0));
+        assert_eq!(scope.terminate(n, Duration::from_secs(15)).await, Some(0));
     }
 }
 
@@ -374,6 +354,7 @@ fn kafka_names(text: &str) -> HashSet<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(feature = "service-tests"), ignore = "needs nisshi (scripts/test)")]
 async fn a_broker_outage_costs_time_not_memory_or_events() {
     const RATE: f64 = 400.0;
     const CAP: u64 = 4 * 1024 * 1024;
@@ -389,7 +370,7 @@ async fn a_broker_outage_costs_time_not_memory_or_events() {
     let upstream = scope.replay(options).await;
     let brokers = broker.brokers();
     let port = TestScope::free_port();
-    let config = host_config(
+    let mut config = host_config(
         upstream.addr,
         &brokers,
         "redis://127.0.0.1:1/",
@@ -398,10 +379,9 @@ async fn a_broker_outage_costs_time_not_memory_or_events() {
             ingest: true,
             ..Roles::default()
         },
-        &format!("buffer_bytes = {CAP}"),
     );
-    let path = scope.path("ingest.toml");
-    std::fs::write(&path, config).expect("config written");
+    config.kafka.buffer_bytes = CAP;
+    let path = scope.write_config_as("ingest.toml", &config);
     let ingester = scope.spawn(&["--config", &path.display().to_string()]);
     let pid = scope.child(ingester).id();
 
@@ -428,25 +408,19 @@ async fn a_broker_outage_costs_time_not_memory_or_events() {
     let upstream_during_outage = (60.0 * RATE) as usize * bytes / lines.len();
 
     // Catching up: the topic fills to the last event, and the newest delivered event is recent.
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let caught_up = loop {
-        let m = scrape(port).await.unwrap_or_default();
-        let published = m
-            .get("pleiades_kafka_publish_events_total")
-            .copied()
-            .unwrap_or(0.0);
-        if published >= lines.len() as f64 {
-            break outage_start.elapsed();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "ingestion did not catch up: {published} of {}\n{}",
-            lines.len(),
-            scope.logs()
-        );
-        peak_rss = peak_rss.max(rss_bytes(pid).unwrap_or(0));
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let caught_up = wait_until(
+        Duration::from_secs(180),
+        "the ingester to publish every event after the outage",
+        async || {
+            peak_rss = peak_rss.max(rss_bytes(pid).unwrap_or(0));
+            let published = scrape(port)
+                .await?
+                .get("pleiades_kafka_publish_events_total")
+                .copied()?;
+            (published >= lines.len() as f64).then(|| outage_start.elapsed())
+        },
+    )
+    .await;
     let topic = tokio::task::block_in_place(|| read_topic(&brokers, TOPIC));
     assert_topic_exactly_once(&topic, &lines);
     let m = scrape(port).await.expect("scrape");

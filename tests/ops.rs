@@ -28,6 +28,10 @@ fn run(program: &str, args: &[&str]) -> (i32, String) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "service-tests"),
+    ignore = "needs systemd-analyze (scripts/test)"
+)]
 fn systemd_accepts_the_unit() {
     let scope = TestScope::new();
     // verify checks that ExecStart exists, so point the unit at the binary under test.
@@ -63,7 +67,7 @@ async fn readiness_watchdog_and_stopping_reach_systemd() {
     let events = scope.path("upstream.jsonl");
     std::fs::write(&events, lines.join("\n")).unwrap();
     let upstream = scope.replay(replay_options(vec![events])).await.addr;
-    scope.write_config(&ingest_config(upstream, TestScope::free_port(), ""));
+    scope.write_config(&ingest_config(upstream, TestScope::free_port()));
     let daemon = scope.spawn_with_env(
         &["--config", "pleiades.toml"],
         &[
@@ -84,7 +88,10 @@ async fn readiness_watchdog_and_stopping_reach_systemd() {
     .await
     .unwrap();
     assert!(seen[0].starts_with("READY=1"), "{seen:?}");
-    assert_eq!(scope.terminate(daemon, Duration::from_secs(10)), Some(0));
+    assert_eq!(
+        scope.terminate(daemon, Duration::from_secs(10)).await,
+        Some(0)
+    );
     let mut buf = [0u8; 512];
     let mut last = String::new();
     while let Ok(n) = socket.recv(&mut buf) {
@@ -97,6 +104,10 @@ async fn readiness_watchdog_and_stopping_reach_systemd() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "service-tests"),
+    ignore = "needs promtool (scripts/test)"
+)]
 fn promtool_accepts_the_alerting_rules_and_the_scrape_config() {
     let (code, output) = run(
         "promtool",
@@ -112,6 +123,10 @@ fn promtool_accepts_the_alerting_rules_and_the_scrape_config() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "service-tests"),
+    ignore = "needs kubernetes-validate (scripts/test)"
+)]
 fn the_kubernetes_manifests_pass_a_schema_validator() {
     let validator = Path::new(ROOT).join("target/ops-tools/bin/kubernetes-validate");
     assert!(
@@ -211,6 +226,10 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "service-tests"),
+    ignore = "needs promtool (scripts/test)"
+)]
 async fn a_live_scrape_passes_promtool_and_feeds_every_dashboard_and_alert() {
     let mut scope = TestScope::new();
     let lines: Vec<String> = recorded_lines().into_iter().take(300).collect();
@@ -219,7 +238,7 @@ async fn a_live_scrape_passes_promtool_and_feeds_every_dashboard_and_alert() {
     let upstream = scope.replay(replay_options(vec![events])).await.addr;
     let metrics = TestScope::free_port();
     let web = TestScope::free_port();
-    scope.write_config(&all_roles_config(upstream, metrics, web, ""));
+    scope.write_config(&all_roles_config(upstream, metrics, web));
     scope.spawn(&["--config", "pleiades.toml"]);
     wait_for_metric(
         metrics,

@@ -62,7 +62,7 @@ pub struct Cursor {
 impl Cursor {
     /// Rebuilds the cursor from the bus tail. With `resume` off the position is forgotten (start
     /// at "now"), but the window is kept: repeats are still repeats.
-    pub fn from_tail(tail: crate::bus::file::Tail, capacity: usize, resume: bool) -> Self {
+    pub fn from_tail(tail: crate::bus::Tail, capacity: usize, resume: bool) -> Self {
         let mut window = DedupeWindow::new(capacity);
         for id in &tail.recent_ids {
             window.insert(id);

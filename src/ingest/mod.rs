@@ -9,10 +9,10 @@ pub mod client;
 pub mod cursor;
 pub mod sse;
 
-use crate::bus::file::{encode_record, read_tail, FileBusError, QuarantineRecord, SegmentWriter};
-use crate::bus::kafka::{KafkaBusError, KafkaPublisher, Refused};
-use crate::config::{self, BusKind, Config};
-use crate::metrics::IngestMetrics;
+use crate::bus::{BusError, Outgoing, Publisher, QuarantineRecord};
+use crate::config::{self, BusSettings, IngestConfig};
+use crate::event::RejectReason;
+use crate::metrics::{Disconnect, IngestMetrics};
 use crate::ComponentContext;
 use client::{Backoff, ConnectError, Upstream};
 use cursor::Cursor;
@@ -25,15 +25,18 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error(transparent)]
-    Bus(#[from] FileBusError),
-    #[error(transparent)]
-    Kafka(#[from] KafkaBusError),
+    Bus(#[from] BusError),
     #[error("ingest configuration: {0}")]
     Config(String),
     #[error(transparent)]
     Client(ConnectError),
-    #[error("a blocking task failed: {0}")]
-    Join(#[from] tokio::task::JoinError),
+}
+
+/// What the ingester is configured with: its section and the bus it publishes to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngestSettings {
+    pub ingest: IngestConfig,
+    pub bus: BusSettings,
 }
 
 /// How one connection ended.
@@ -49,75 +52,43 @@ enum Ended {
     Shutdown,
 }
 
-/// Where the ingester publishes.
-enum Bus {
-    /// Appended and synced before the cursor moves: accepted means durable.
-    File(SegmentWriter),
-    /// Handed to the producer; acknowledged later, in any order across partitions.
-    Kafka(KafkaPublisher),
-}
-
 /// The ingest role's state; built by [`Ingester::start`], driven by [`Ingester::run`].
 pub struct Ingester {
-    config: Arc<Config>,
+    config: Arc<IngestConfig>,
     metrics: IngestMetrics,
-    bus: Bus,
+    bus: Publisher,
     cursor: Cursor,
     upstream: Upstream,
     since_ms: Option<i64>,
-    batch: Vec<u8>,
     /// The reconnection time the server last asked for with `retry:`.
     server_retry: Option<Duration>,
 }
 
 impl Ingester {
     /// Opens the bus and rebuilds the cursor from its tail.
-    pub async fn start(ctx: &ComponentContext) -> Result<Self, IngestError> {
-        let config = ctx.config.clone();
-        let window = config.ingest.dedupe_window;
-        let (bus, tail) = match config.ingest.publisher {
-            BusKind::File => {
-                let file_config = config.file.clone();
-                let bus_metrics = ctx.metrics.file_bus.clone();
-                let (writer, tail) = tokio::task::spawn_blocking(move || {
-                    let writer = SegmentWriter::open(&file_config, bus_metrics)?;
-                    let tail = read_tail(&file_config.dir, window)?;
-                    Ok::<_, FileBusError>((writer, tail))
-                })
-                .await??;
-                (Bus::File(writer), tail)
-            }
-            BusKind::Kafka => {
-                let (mut publisher, tail) =
-                    KafkaPublisher::open(&config.kafka, ctx.metrics.kafka.clone(), window).await?;
-                if !config.ingest.resume {
-                    publisher.forget_cursor();
-                }
-                (Bus::Kafka(publisher), tail)
-            }
-        };
+    pub async fn start(ctx: &ComponentContext<IngestSettings>) -> Result<Self, IngestError> {
+        let config = Arc::new(ctx.config.ingest.clone());
+        let window = config.dedupe_window;
+        let (bus, tail) =
+            Publisher::open(&ctx.config.bus, &ctx.metrics, window, config.resume).await?;
         if tail.unreadable_lines > 0 {
             tracing::warn!(
                 records = tail.unreadable_lines,
                 "unreadable records at the bus tail were skipped"
             );
         }
-        let cursor = Cursor::from_tail(tail, window, config.ingest.resume);
+        let cursor = Cursor::from_tail(tail, window, config.resume);
         tracing::info!(
             resume_from = cursor.last_id.as_deref().unwrap_or("(now)"),
             remembered_ids = cursor.window.len(),
-            bus = ?config.ingest.publisher,
+            bus = ?ctx.config.bus.kind(),
             "ingester starting"
         );
-        let url = reqwest::Url::parse(&config.ingest.url)
+        let url = reqwest::Url::parse(&config.url)
             .map_err(|e| IngestError::Config(format!("ingest.url: {e}")))?;
-        let upstream = Upstream::new(
-            url,
-            &config.ingest.user_agent,
-            config.ingest.connect_timeout,
-        )
-        .map_err(IngestError::Client)?;
-        let since_ms = Some(config.ingest.since.as_str())
+        let upstream = Upstream::new(url, &config.user_agent, config.connect_timeout)
+            .map_err(IngestError::Client)?;
+        let since_ms = Some(config.since.as_str())
             .filter(|s| !s.is_empty())
             .and_then(config::parse_since);
         let metrics = ctx.metrics.ingest.clone();
@@ -129,15 +100,14 @@ impl Ingester {
             cursor,
             upstream,
             since_ms,
-            batch: Vec::new(),
             server_retry: None,
         })
     }
 
     /// Streams until shutdown, reconnecting as Wikimedia asks. Returns only on shutdown or when
     /// the bus cannot be written (then the supervisor restarts it).
-    pub async fn run(mut self, ctx: ComponentContext) -> Result<(), IngestError> {
-        let c = self.config.ingest.clone();
+    pub async fn run(mut self, ctx: ComponentContext<IngestSettings>) -> Result<(), IngestError> {
+        let c = self.config.clone();
         let mut backoff = Backoff::new(c.backoff_initial, c.backoff_max);
         loop {
             let last_id = self.resume_id(c.resume_rewind);
@@ -146,28 +116,19 @@ impl Ingester {
             let delay = match result {
                 Ok(Ended::Shutdown) => break,
                 Ok(Ended::Closed { delivered }) => {
-                    self.metrics
-                        .disconnects
-                        .with_label_values(&["closed"])
-                        .inc();
+                    self.metrics.disconnects.inc(Disconnect::Closed);
                     tracing::info!(peer = %self.upstream.peer(), delivered, "upstream closed the stream; reconnecting");
                     self.after_connection(&mut backoff, delivered)
                 }
                 Ok(Ended::Stalled { delivered }) => {
                     self.metrics.errors.inc();
-                    self.metrics
-                        .disconnects
-                        .with_label_values(&["stalled"])
-                        .inc();
+                    self.metrics.disconnects.inc(Disconnect::Stalled);
                     tracing::warn!(peer = %self.upstream.peer(), delivered, timeout = ?c.stall_timeout, "no byte received within the stall timeout; reconnecting");
                     self.after_connection(&mut backoff, delivered)
                 }
                 Ok(Ended::Broken { delivered }) => {
                     self.metrics.errors.inc();
-                    self.metrics
-                        .disconnects
-                        .with_label_values(&["broken"])
-                        .inc();
+                    self.metrics.disconnects.inc(Disconnect::Broken);
                     self.after_connection(&mut backoff, delivered)
                 }
                 Err(StreamError::Bus(e)) => return Err(e),
@@ -178,15 +139,15 @@ impl Ingester {
                         // Retry-After is a floor set by the server; a little jitter on top
                         // keeps a fleet of clients from returning in the same instant.
                         ConnectError::Throttled { retry_after, .. } => (
-                            "throttled",
+                            Disconnect::Throttled,
                             retry_after.map_or(backoff_delay, |r| r + r / 10),
                         ),
-                        ConnectError::Status { .. } => ("status", backoff_delay),
+                        ConnectError::Status { .. } => (Disconnect::Status, backoff_delay),
                         ConnectError::Transport { .. } | ConnectError::Client(_) => {
-                            ("transport", backoff_delay)
+                            (Disconnect::Transport, backoff_delay)
                         }
                     };
-                    self.metrics.disconnects.with_label_values(&[reason]).inc();
+                    self.metrics.disconnects.inc(reason);
                     tracing::warn!(error = %e, retry_in = ?delay, "connection to upstream failed");
                     delay
                 }
@@ -196,10 +157,7 @@ impl Ingester {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
-        match &mut self.bus {
-            Bus::File(writer) => tokio::task::block_in_place(|| writer.sync())?,
-            Bus::Kafka(publisher) => publisher.flush(KAFKA_FLUSH_LIMIT).await?,
-        }
+        self.bus.close().await?;
         tracing::info!(
             resume_from = self.cursor.last_id.as_deref().unwrap_or("(none)"),
             "ingester stopped; events synced"
@@ -235,10 +193,9 @@ impl Ingester {
     async fn stream_once(
         &mut self,
         last_id: Option<&str>,
-        ctx: &ComponentContext,
+        ctx: &ComponentContext<IngestSettings>,
     ) -> Result<Ended, StreamError> {
-        let config = self.config.clone();
-        let c = &config.ingest;
+        let c = self.config.clone();
         let since = if last_id.is_none() {
             self.since_ms
         } else {
@@ -257,15 +214,10 @@ impl Ingester {
         let mut events = Vec::new();
         let mut delivered = 0u64;
         let mut body = response.bytes_stream();
-        let kafka = matches!(self.bus, Bus::Kafka(_));
-        // Files synced "at most every interval" need a timer; so does taking Kafka's
-        // acknowledgements while upstream is quiet.
-        let mut sync_timer = tokio::time::interval(if kafka {
-            KAFKA_ACK_INTERVAL
-        } else {
-            self.config.file.fsync_interval
-        });
-        let timed = kafka || self.config.file.fsync == crate::config::FsyncPolicy::Interval;
+        // Some buses have timed work while upstream is quiet (a sync at most every interval,
+        // taking acknowledgements).
+        let tick = self.bus.tick_interval();
+        let mut bus_timer = tokio::time::interval(tick.unwrap_or(Duration::from_secs(3600)));
         // The watchdog measures silence from the last byte received, so other wake-ups in this
         // loop (the sync timer) cannot postpone it.
         let mut last_byte = tokio::time::Instant::now();
@@ -274,14 +226,8 @@ impl Ingester {
                 biased;
                 _ = ctx.shutdown.cancelled() => return Ok(Ended::Shutdown),
                 _ = tokio::time::sleep_until(last_byte + stall) => return Ok(Ended::Stalled { delivered }),
-                _ = sync_timer.tick(), if timed => {
-                    match &mut self.bus {
-                        Bus::File(writer) => tokio::task::block_in_place(|| writer.sync_if_due())
-                            .map_err(|e| StreamError::Bus(e.into()))?,
-                        Bus::Kafka(publisher) => publisher
-                            .collect_acks()
-                            .map_err(|e| StreamError::Bus(e.into()))?,
-                    }
+                _ = bus_timer.tick(), if tick.is_some() => {
+                    self.bus.tick().await.map_err(|e| StreamError::Bus(e.into()))?;
                     continue;
                 }
                 next = body.next() => next,
@@ -319,9 +265,7 @@ impl Ingester {
             // only once the brokers acknowledge (see `bus::kafka`).
             if !parser.last_event_id().is_empty() {
                 self.cursor.last_id = Some(parser.last_event_id().to_owned());
-                if let Bus::Kafka(publisher) = &mut self.bus {
-                    publisher.mark(parser.last_event_id());
-                }
+                self.bus.mark(parser.last_event_id());
             }
             // Silence is measured from here: time spent waiting for room on the bus (Kafka's
             // backpressure) is ours, not upstream's.
@@ -350,8 +294,8 @@ impl Ingester {
             let (time_ms, key, canary) = match crate::event::inspect(&event.data) {
                 Ok(head) => (head.time_ms, head.id.map(|id| id.into_owned()), head.canary),
                 Err(invalid) => {
-                    let (reason, error) = (invalid.reason(), invalid.to_string());
-                    self.quarantine(reason, error, &event, shutdown).await?;
+                    self.quarantine(invalid.reason(), invalid.to_string(), &event, shutdown)
+                        .await?;
                     continue;
                 }
             };
@@ -366,80 +310,59 @@ impl Ingester {
             }
             accepted.push((event, time_ms, key));
         }
-        let mut published = 0u64;
-        let mut newest_ms = i64::MIN;
-        match &mut self.bus {
-            Bus::File(writer) => {
-                self.batch.clear();
-                for (event, time_ms, _) in &accepted {
-                    newest_ms = newest_ms.max(*time_ms);
-                    encode_record(&event.id, &event.data, &mut self.batch);
-                    published += 1;
-                }
-                tokio::task::block_in_place(|| writer.append(&self.batch, published))?;
-            }
-            Bus::Kafka(publisher) => {
-                let mut too_large = Vec::new();
-                for (event, time_ms, key) in &accepted {
-                    match publisher
-                        .publish(&event.id, &event.data, key.as_deref(), *time_ms, shutdown)
-                        .await
-                    {
-                        Ok(true) => {
-                            newest_ms = newest_ms.max(*time_ms);
-                            published += 1;
-                        }
-                        Ok(false) => return Ok(None),
-                        Err(Refused::TooLarge(error)) => too_large.push((event, error)),
-                        Err(Refused::Failed(e)) => return Err(e.into()),
-                    }
-                }
-                for (event, error) in too_large {
-                    self.quarantine("too_large", error, event, shutdown).await?;
-                }
+        let outgoing: Vec<Outgoing<'_>> = accepted
+            .iter()
+            .map(|(event, time_ms, key)| Outgoing {
+                sse_id: &event.id,
+                data: &event.data,
+                key: key.as_deref(),
+                time_ms: *time_ms,
+            })
+            .collect();
+        let published = self.bus.publish(&outgoing, shutdown).await?;
+        drop(outgoing);
+        for (index, error) in &published.too_large {
+            if let Some((event, _, _)) = accepted.get(*index) {
+                self.quarantine(RejectReason::TooLarge, error.clone(), event, shutdown)
+                    .await?;
             }
         }
-        if published > 0 {
+        let refused: std::collections::HashSet<usize> =
+            published.too_large.iter().map(|(i, _)| *i).collect();
+        let newest_ms = accepted
+            .iter()
+            .enumerate()
+            .take(published.events as usize + refused.len())
+            .filter(|(i, _)| !refused.contains(i))
+            .map(|(_, (_, time_ms, _))| *time_ms)
+            .max();
+        if let Some(newest_ms) = newest_ms {
             self.metrics.delivered_event_time(newest_ms);
         }
         self.metrics
             .dedupe_window
             .set(self.cursor.window.len() as i64);
-        Ok(Some(published))
+        if published.interrupted {
+            return Ok(None);
+        }
+        Ok(Some(published.events))
     }
 
     /// Keeps an event that cannot be published, with the reason, and counts it.
     async fn quarantine(
         &mut self,
-        reason: &str,
+        reason: RejectReason,
         error: String,
         event: &SseEvent,
         shutdown: &tokio_util::sync::CancellationToken,
     ) -> Result<(), IngestError> {
-        self.metrics
-            .quarantined
-            .with_label_values(&["ingest", reason])
-            .inc();
-        tracing::warn!(reason, error = %error, id = %event.id, "quarantined an event");
-        let record = QuarantineRecord {
-            time: chrono::Utc::now().to_rfc3339(),
-            reason,
-            error,
-            id: &event.id,
-            data: &event.data,
-        };
-        match &mut self.bus {
-            Bus::File(writer) => tokio::task::block_in_place(|| writer.quarantine(&record))?,
-            Bus::Kafka(publisher) => publisher.quarantine(&record, shutdown).await?,
-        }
+        self.metrics.quarantined(reason);
+        let record = QuarantineRecord::new(reason, error, &event.id, &event.data);
+        tracing::warn!(%reason, error = %record.error, id = %record.id, "quarantined an event");
+        self.bus.quarantine(&record, shutdown).await?;
         Ok(())
     }
 }
-
-/// How often the ingester takes Kafka's acknowledgements when nothing else wakes it.
-const KAFKA_ACK_INTERVAL: Duration = Duration::from_millis(200);
-/// How long a stopping ingester waits for Kafka to acknowledge what it has sent.
-const KAFKA_FLUSH_LIMIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 enum StreamError {
@@ -448,7 +371,7 @@ enum StreamError {
 }
 
 /// Builds and runs the ingester: the supervised unit of the ingest role.
-pub async fn run(ctx: ComponentContext) -> Result<(), IngestError> {
+pub async fn run(ctx: ComponentContext<IngestSettings>) -> Result<(), IngestError> {
     let ingester = Ingester::start(&ctx).await?;
     ingester.run(ctx).await
 }

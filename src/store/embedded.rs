@@ -106,7 +106,7 @@ impl EmbeddedStore {
                         let key = (*day, name.as_str());
                         let current = counters.get(key)?.map_or(0, |v| v.value());
                         counters.insert(key, current + delta)?;
-                        if name == crate::aggregate::counters::TOTAL {
+                        if name == crate::counters::TOTAL {
                             events = *delta;
                         }
                     }

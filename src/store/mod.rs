@@ -10,8 +10,9 @@
 pub mod embedded;
 pub mod redis;
 
-use crate::aggregate::counters::Tally;
-use crate::config::{Config, StoreKind};
+use crate::config::StoreSettings;
+use crate::counters::Tally;
+use crate::metrics::{StoreMetrics, StoreRead};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
@@ -53,6 +54,7 @@ pub enum StoreError {
 pub struct Store {
     backend: Backend,
     changes: Arc<Changes>,
+    metrics: StoreMetrics,
 }
 
 #[derive(Clone)]
@@ -67,24 +69,37 @@ enum Backend {
 #[derive(Default)]
 struct Changes {
     days: Mutex<HashMap<i64, u64>>,
+    /// Batches applied by this process, whatever days they touched.
+    batches: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
-    /// Opens the store `config.store.kind` names.
-    pub async fn open(config: &Config) -> Result<Store, StoreError> {
-        let backend = match config.store.kind {
-            StoreKind::Embedded => {
-                Backend::Embedded(embedded::EmbeddedStore::open(&config.store.path).await?)
+    /// Opens the store the settings name.
+    pub async fn open(
+        settings: &StoreSettings,
+        metrics: StoreMetrics,
+    ) -> Result<Store, StoreError> {
+        let backend = match settings {
+            StoreSettings::Embedded(config) => {
+                Backend::Embedded(embedded::EmbeddedStore::open(&config.path).await?)
             }
-            StoreKind::Redis => Backend::Redis(redis::RedisStore::open(
-                &config.redis.url,
-                config.redis.timeout,
-            )?),
+            StoreSettings::Redis(config) => {
+                Backend::Redis(redis::RedisStore::open(&config.url, config.timeout)?)
+            }
         };
         Ok(Store {
             backend,
             changes: Arc::default(),
+            metrics,
         })
+    }
+
+    /// How many batches this process applied, whatever days they touched: a generation for
+    /// answers that depend on every day (the list of days, ranges).
+    pub fn batches(&self) -> u64 {
+        self.changes
+            .batches
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many batches of this process touched `day`; all-time is [`ALL_TIME_DAY`].
@@ -98,6 +113,7 @@ impl Store {
 
     /// The next position to read from `source` (0 when it was never read).
     pub async fn position(&self, source: &str) -> Result<u64, StoreError> {
+        self.metrics.reads.inc(StoreRead::Position);
         match &self.backend {
             Backend::Embedded(s) => s.position(source).await,
             Backend::Redis(s) => s.bounded(s.position(source)).await,
@@ -111,6 +127,9 @@ impl Store {
             Backend::Redis(s) => s.bounded(s.apply(batch)).await?,
         };
         if applied == Applied::Counted && !batch.tally.is_empty() {
+            self.changes
+                .batches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if let Ok(mut days) = self.changes.days.lock() {
                 for day in batch
                     .tally
@@ -127,6 +146,7 @@ impl Store {
 
     /// The epoch days that have data, ascending.
     pub async fn days(&self) -> Result<Vec<i64>, StoreError> {
+        self.metrics.reads.inc(StoreRead::Days);
         match &self.backend {
             Backend::Embedded(s) => s.days().await,
             Backend::Redis(s) => s.bounded(s.days()).await,
@@ -135,6 +155,7 @@ impl Store {
 
     /// One day's counters; `None` when the day has no data.
     pub async fn day(&self, day: i64) -> Result<Option<Counters>, StoreError> {
+        self.metrics.reads.inc(StoreRead::Day);
         match &self.backend {
             Backend::Embedded(s) => s.day(day).await,
             Backend::Redis(s) => s.bounded(s.day(day)).await,
@@ -143,6 +164,7 @@ impl Store {
 
     /// The counters of every day with data in `from..=to`, ascending.
     pub async fn range(&self, from: i64, to: i64) -> Result<Vec<(i64, Counters)>, StoreError> {
+        self.metrics.reads.inc(StoreRead::Range);
         match &self.backend {
             Backend::Embedded(s) => s.range(from, to).await,
             Backend::Redis(s) => s.bounded(s.range(from, to)).await,
@@ -151,6 +173,7 @@ impl Store {
 
     /// All-time counters.
     pub async fn all_time(&self) -> Result<Counters, StoreError> {
+        self.metrics.reads.inc(StoreRead::AllTime);
         match &self.backend {
             Backend::Embedded(s) => s.all_time().await,
             Backend::Redis(s) => s.bounded(s.all_time()).await,

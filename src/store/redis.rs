@@ -68,21 +68,10 @@ pub struct RedisStore {
     deadline: std::time::Duration,
 }
 
-/// `url` with its password replaced, so it can be logged.
-pub fn redact(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        _ => url.to_owned(),
-    }
-}
-
 impl RedisStore {
     /// A pool for `url`; connections are made on first use.
     pub fn open(url: &str, deadline: std::time::Duration) -> Result<Self, StoreError> {
-        let peer: Arc<str> = redact(url).into();
+        let peer: Arc<str> = crate::config::redact_url(url).into();
         let pool = deadpool_redis::Config::from_url(url)
             .create_pool(Some(Runtime::Tokio1))
             .map_err(|e| StoreError::Redis {
@@ -241,6 +230,7 @@ mod tests {
 
     #[test]
     fn passwords_never_reach_logs() {
+        let redact = crate::config::redact_url;
         assert_eq!(
             redact("redis://:secret@127.0.0.1:6379/0"),
             "redis://:***@127.0.0.1:6379/0"

@@ -1,24 +1,26 @@
 //! Live updates: one task reads today's and all-time counters once per `web.live_interval` and
 //! publishes them when they changed; every open dashboard receives them as server-sent events.
-//! The store is read at the same rate whatever the number of viewers.
+//! The store is read at the same rate whatever the number of viewers. The task runs as its own
+//! supervised component (`live`), so a failure restarts it without touching the web server.
 
+use crate::config::WebConfig;
 use crate::store::Store;
-use std::time::Duration;
+use crate::ComponentContext;
+use std::convert::Infallible;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 /// Publishes `{"day": "D", "since": s, "counters": {…}, "all_time": {…}}` on `tx` until shutdown.
-pub async fn publish(
+/// A store that cannot be read skips an update; nothing else stops it.
+pub async fn run(
+    ctx: ComponentContext<WebConfig>,
     store: Store,
-    interval: Duration,
-    tx: watch::Sender<String>,
-    shutdown: CancellationToken,
-) {
-    let mut ticker = tokio::time::interval(interval);
+    tx: std::sync::Arc<watch::Sender<String>>,
+) -> Result<(), Infallible> {
+    let mut ticker = tokio::time::interval(ctx.config.live_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = ctx.shutdown.cancelled() => return Ok(()),
             _ = ticker.tick() => {}
         }
         let day = super::api::today();

@@ -1,12 +1,18 @@
 //! The web role: the original REST API, all-time totals, day ranges, live updates, the
-//! dashboard, and `/healthz` + `/readyz`, served by warp on `web.listen`.
+//! dashboard, and `/healthz` + `/readyz`, served on `web.listen`.
+//!
+//! The web role reads only the store (and the readiness checks it is given): it never imports
+//! the ingest or aggregate roles. `live` runs as its own supervised component and hands its
+//! updates over a watch channel.
 
 pub mod api;
 pub mod assets;
 pub mod live;
 
-use crate::config::Config;
-use crate::metrics::WebMetrics;
+use crate::config::WebConfig;
+use crate::health::Readiness;
+use crate::http::ServeError;
+use crate::metrics::{Route, WebMetrics};
 use crate::store::Store;
 use crate::ComponentContext;
 use api::{Api, JsonReply};
@@ -19,101 +25,52 @@ use tokio::sync::watch;
 use warp::http::StatusCode;
 use warp::{Filter, Reply};
 
-/// What stops the web role.
-#[derive(Debug, thiserror::Error)]
-pub enum WebError {
-    #[error("cannot listen for the web API on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+/// What the web role serves from: the store, the readiness checks of this host, and the live
+/// updates published by [`live::run`].
+#[derive(Clone)]
+pub struct WebParts {
+    pub store: Store,
+    pub readiness: Readiness,
+    pub live: watch::Receiver<String>,
 }
 
-/// Runs the web server until shutdown.
-pub async fn run(ctx: ComponentContext, store: Store) -> Result<(), WebError> {
-    let (addr, server) = serve(ctx, store).await?;
+/// Runs the web server until shutdown. A listener that fails is returned to the supervisor as
+/// an error, so that the server is started again.
+pub async fn run(ctx: ComponentContext<WebConfig>, parts: WebParts) -> Result<(), ServeError> {
+    let (addr, server) = serve(ctx, parts).await?;
     tracing::info!(%addr, "web API and dashboard listening");
-    let _ = server.await;
-    Ok(())
+    match server.await {
+        Ok(result) => result,
+        Err(join) => Err(ServeError::Accept {
+            addr,
+            source: std::io::Error::other(join.to_string()),
+        }),
+    }
 }
 
 /// Binds `web.listen` and returns the bound address and the running server.
 pub async fn serve(
-    ctx: ComponentContext,
-    store: Store,
-) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), WebError> {
-    let addr = ctx.config.web.listen;
-    let (listener, bound) = crate::health::bind(addr)
-        .await
-        .map_err(|source| WebError::Bind { addr, source })?;
-    let (tx, rx) = watch::channel(String::new());
-    tokio::spawn(live::publish(
-        store.clone(),
-        ctx.config.web.live_interval,
-        tx,
-        ctx.shutdown.clone(),
-    ));
-    let api = Arc::new(Api::new(
-        store,
-        ctx.metrics.web.clone(),
-        ctx.config.web.cache_ttl,
-    ));
-    let routes = routes(
-        api,
-        rx,
-        ctx.config.clone(),
-        ctx.metrics.web.clone(),
-        ctx.shutdown.clone(),
-    );
-    let shutdown = ctx.shutdown.clone();
-    let server = warp::serve(routes)
-        .incoming(listener)
-        .graceful(async move { shutdown.cancelled().await })
-        .run();
-    Ok((bound, tokio::spawn(server)))
+    ctx: ComponentContext<WebConfig>,
+    parts: WebParts,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<Result<(), ServeError>>), ServeError> {
+    let (listener, bound) = crate::http::bind(ctx.config.listen).await?;
+    let routes = routes(&ctx, parts);
+    let server = tokio::spawn(crate::http::serve(listener, routes, ctx.shutdown.clone()));
+    Ok((bound, server))
 }
 
 fn json(reply: JsonReply) -> warp::reply::Response {
     crate::health::json(reply.status, reply.body)
 }
 
-/// The path label of a request: fixed routes as they are, `/api/stats/{day}` folded, anything
-/// else `other`, so that labels cannot grow without bound.
-pub fn path_label(path: &str) -> &'static str {
-    const FIXED: &[&str] = &[
-        "/",
-        "/app.js",
-        "/style.css",
-        "/index.html",
-        "/api/days",
-        "/api/stats",
-        "/api/totals",
-        "/api/range",
-        "/api/live",
-        "/healthz",
-        "/readyz",
-    ];
-    if let Some(fixed) = FIXED.iter().find(|p| **p == path) {
-        return fixed;
-    }
-    if path.starts_with("/api/stats/") {
-        return "/api/stats/{day}";
-    }
-    "other"
-}
-
-fn routes(
-    api: Arc<Api>,
-    live: watch::Receiver<String>,
-    config: Arc<Config>,
-    metrics: WebMetrics,
-    shutdown: tokio_util::sync::CancellationToken,
+/// Every route of the web role, with request metrics.
+pub fn routes(
+    ctx: &ComponentContext<WebConfig>,
+    parts: WebParts,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone + Send + Sync + 'static {
-    let with_api = {
-        let api = api.clone();
-        warp::any().map(move || api.clone())
-    };
+    let metrics = ctx.metrics.web.clone();
+    let api = Arc::new(Api::new(parts.store, metrics.clone(), ctx.config.cache_ttl));
+    let with_api = warp::any().map(move || api.clone());
     let days = warp::path!("api" / "days")
         .and(with_api.clone())
         .then(|api: Arc<Api>| async move { json(api.days().await) });
@@ -140,19 +97,11 @@ fn routes(
         });
     let live_route = {
         let metrics = metrics.clone();
+        let shutdown = ctx.shutdown.clone();
+        let live = parts.live;
         warp::path!("api" / "live")
             .map(move || live_stream(live.clone(), metrics.clone(), shutdown.clone()))
     };
-    let healthz = warp::path!("healthz").map(crate::health::healthz);
-    let readyz = warp::path!("readyz")
-        .and(with_api.clone())
-        .then(move |api: Arc<Api>| {
-            let config = config.clone();
-            async move {
-                let (status, body) = crate::health::readiness(&config, Some(api.store())).await;
-                json(JsonReply { status, body })
-            }
-        });
     let assets =
         warp::path::tail().map(|tail: warp::path::Tail| match assets::find(tail.as_str()) {
             Some((kind, body)) => {
@@ -170,23 +119,27 @@ fn routes(
             }
             None => json(JsonReply::error(StatusCode::NOT_FOUND, "no such page")),
         });
+    // Each route is boxed: one small response type at every level of the chain keeps the
+    // futures shallow (a chain of concrete types overflows the stack of a debug build).
     let api_routes = days
-        .or(today)
+        .boxed()
+        .or(today.boxed())
         .unify()
-        .or(stats)
+        .or(stats.boxed())
         .unify()
-        .or(totals)
+        .or(totals.boxed())
         .unify()
-        .or(range)
+        .or(range.boxed())
         .unify()
-        .or(live_route)
+        .or(live_route.boxed())
         .unify()
-        .or(healthz)
+        .or(crate::health::routes(parts.readiness).boxed())
         .unify()
-        .or(readyz)
-        .unify();
+        .or(assets.boxed())
+        .unify()
+        .boxed();
     warp::get()
-        .and(api_routes.or(assets).unify())
+        .and(api_routes)
         .recover(|rejection: warp::Rejection| async move {
             let (status, message) = if rejection.is_not_found() {
                 (StatusCode::NOT_FOUND, "no such page")
@@ -199,15 +152,11 @@ fn routes(
         })
         .unify()
         .with(warp::log::custom(move |info| {
-            let path = path_label(info.path());
-            metrics
-                .responses
-                .with_label_values(&[path, info.status().as_str()])
-                .inc();
-            metrics
-                .duration
-                .with_label_values(&[path])
-                .observe(info.elapsed().as_secs_f64());
+            metrics.responded(
+                Route::of(info.path()),
+                info.status().as_u16(),
+                info.elapsed().as_secs_f64(),
+            );
         }))
 }
 
@@ -226,7 +175,7 @@ fn live_stream(
     }
     metrics.live_clients.inc();
     let client = Client { metrics };
-    let updates = tokio_stream_from_watch(rx)
+    let updates = stream_from_watch(rx)
         .take_until(async move { shutdown.cancelled().await })
         .map(move |message| {
             let _keep = &client;
@@ -237,9 +186,7 @@ fn live_stream(
 
 /// Every value of the watch channel, starting with the current one; empty values (nothing read
 /// yet) are skipped.
-fn tokio_stream_from_watch(
-    rx: watch::Receiver<String>,
-) -> impl futures_util::Stream<Item = String> {
+fn stream_from_watch(rx: watch::Receiver<String>) -> impl futures_util::Stream<Item = String> {
     futures_util::stream::unfold((rx, true), |(mut rx, first)| async move {
         loop {
             if !first || rx.borrow().is_empty() {

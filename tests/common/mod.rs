@@ -1,13 +1,25 @@
-//! Test helpers: a scratch directory, free ports, the real daemon as a child process, an
-//! in-process replay upstream, deadline-bound waits, and an independent reading of the bus.
+//! Test helpers: a scratch directory, free ports, typed configurations, the real daemon as a
+//! child process, an in-process replay upstream, one deadline-bound wait, and an independent
+//! reading of the bus.
 #![allow(dead_code)]
 
+use pleiades::config::Config;
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+
+/// Milliseconds, for configuration values.
+pub fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A loopback address on `port`.
+pub fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
 
 pub const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/events");
 
@@ -49,10 +61,24 @@ impl TestScope {
             .expect("replay starts")
     }
 
-    /// Writes `config` as pleiades.toml in the scratch directory and starts the daemon on it.
-    pub fn write_config(&self, config: &str) -> PathBuf {
-        let path = self.path("pleiades.toml");
-        std::fs::write(&path, config).expect("config written");
+    /// Writes `config` as pleiades.toml in the scratch directory.
+    pub fn write_config(&self, config: &Config) -> PathBuf {
+        self.write_config_as("pleiades.toml", config)
+    }
+
+    /// Writes `text` as `name` in the scratch directory: for files that must be wrong in ways a
+    /// typed configuration cannot be.
+    pub fn write_file(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, text).expect("file written");
+        path
+    }
+
+    /// Writes `config` as `name` in the scratch directory.
+    pub fn write_config_as(&self, name: &str, config: &Config) -> PathBuf {
+        let path = self.path(name);
+        let text = toml::to_string(config).expect("a configuration serialises");
+        std::fs::write(&path, text).expect("config written");
         path
     }
 
@@ -89,23 +115,16 @@ impl TestScope {
         let _ = child.wait();
     }
 
-    /// Sends SIGTERM and returns the exit code, waiting at most `limit`.
-    pub fn terminate(&mut self, n: usize, limit: Duration) -> Option<i32> {
+    /// Sends SIGTERM and returns the exit code, waiting at most `limit`; `None` when it is
+    /// still running then.
+    pub async fn terminate(&mut self, n: usize, limit: Duration) -> Option<i32> {
         let child = &mut self.children[n];
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        // SAFETY: kill(2) on the pid of a child this scope started and has not reaped.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
         }
+        let status = try_wait_until(limit, async || child.try_wait().ok().flatten()).await?;
+        status.code()
     }
 
     pub fn logs(&self) -> String {
@@ -140,13 +159,13 @@ impl Drop for TestScope {
 pub fn replay_options(events: Vec<PathBuf>) -> pleiades::replay::ReplayOptions {
     pleiades::replay::ReplayOptions {
         events,
-        listen: "127.0.0.1:0".parse().expect("an address"),
+        listen: loopback(0),
         cut_after: None,
         rate: None,
         live: false,
         step_ms: 10,
         disorder_ms: 25,
-        heartbeat: Duration::from_millis(200),
+        heartbeat: ms(200),
         throttle: 0,
         retry_after: 1,
         stall_after: None,
@@ -155,59 +174,60 @@ pub fn replay_options(events: Vec<PathBuf>) -> pleiades::replay::ReplayOptions {
     }
 }
 
-/// An ingest-only configuration pointed at `upstream`, quick to reconnect, metrics on a free port.
-pub fn ingest_config(upstream: SocketAddr, metrics_port: u16, extra: &str) -> String {
-    format!(
-        r#"
-[ingest]
-url = "http://{upstream}/v2/stream/recentchange"
-user_agent = "pleiades-tests/1.0 (test suite)"
-resume_rewind = "100ms"
-backoff_initial = "50ms"
-backoff_max = "500ms"
-stall_timeout = "5s"
-{extra}
-[aggregate]
-enabled = false
-[web]
-enabled = false
-[metrics]
-listen = "127.0.0.1:{metrics_port}"
-"#
-    )
+/// An ingest-only configuration pointed at `upstream`, quick to reconnect, metrics on
+/// `metrics_port`.
+pub fn ingest_config(upstream: SocketAddr, metrics_port: u16) -> Config {
+    let mut config = Config::default();
+    config.ingest.url = format!("http://{upstream}/v2/stream/recentchange");
+    config.ingest.user_agent = "pleiades-tests/1.0 (test suite)".into();
+    config.ingest.resume_rewind = ms(100);
+    config.ingest.backoff_initial = ms(50);
+    config.ingest.backoff_max = ms(500);
+    config.ingest.stall_timeout = Duration::from_secs(5);
+    config.aggregate.enabled = false;
+    config.web.enabled = false;
+    config.metrics.listen = loopback(metrics_port);
+    config
 }
 
 /// Every role on one host: ingest from `upstream`, quick aggregation into the embedded store,
-/// and the web role on `web_port` (with `web_extra` keys, e.g. a live interval).
-pub fn all_roles_config(
-    upstream: SocketAddr,
-    metrics_port: u16,
-    web_port: u16,
-    web_extra: &str,
-) -> String {
-    ingest_config(upstream, metrics_port, "")
-        .replace(
-            "[aggregate]\nenabled = false",
-            "[aggregate]\nenabled = true\nbatch_delay = \"50ms\"\npoll_interval = \"20ms\"",
-        )
-        .replace(
-            "[web]\nenabled = false",
-            &format!("[web]\nenabled = true\nlisten = \"127.0.0.1:{web_port}\"\n{web_extra}"),
-        )
+/// and the web role on `web_port`.
+pub fn all_roles_config(upstream: SocketAddr, metrics_port: u16, web_port: u16) -> Config {
+    let mut config = ingest_config(upstream, metrics_port);
+    config.aggregate.enabled = true;
+    config.aggregate.batch_delay = ms(50);
+    config.aggregate.poll_interval = ms(20);
+    config.web.enabled = true;
+    config.web.listen = loopback(web_port);
+    config
 }
 
-/// Polls `check` until it returns Some, or panics with `what` after `limit`.
-pub async fn wait_until<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+/// Polls `check` every 25 ms until it returns Some, or panics naming `what` after `limit`.
+pub async fn wait_until<T>(
+    limit: Duration,
+    what: &str,
+    check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    match try_wait_until(limit, check).await {
+        Some(value) => value,
+        None => panic!("timed out after {limit:?} waiting for {what}"),
+    }
+}
+
+/// Polls `check` every 25 ms until it returns Some, or gives up with None after `limit`.
+pub async fn try_wait_until<T>(
+    limit: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> Option<T> {
     let deadline = Instant::now() + limit;
     loop {
-        if let Some(value) = check() {
-            return value;
+        if let Some(value) = check().await {
+            return Some(value);
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(ms(25)).await;
     }
 }
 
@@ -218,18 +238,52 @@ pub async fn wait_for_metric(
     limit: Duration,
     accept: impl Fn(f64) -> bool,
 ) -> f64 {
-    let deadline = Instant::now() + limit;
-    loop {
-        let value = scrape(port).await.and_then(|m| m.get(metric).copied());
-        if let Some(v) = value.filter(|v| accept(*v)) {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {metric} (last: {value:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(limit, metric, async || {
+        scrape(port)
+            .await
+            .and_then(|m| m.get(metric).copied())
+            .filter(|v| accept(*v))
+    })
+    .await
+}
+
+/// Requests the API refuses, with their status (the recorded days are all in the past, so
+/// `/api/stats`, today, has no data). Every one answers a JSON body `{"error": …}`.
+pub const API_ERRORS: &[(&str, u16)] = &[
+    ("/api/stats/abc", 400),
+    ("/api/stats/12.5", 400),
+    ("/api/stats/1", 404),
+    ("/api/stats", 404),
+    ("/api/range?from=x", 400),
+    ("/api/range?from=20&to=10", 400),
+    ("/api/range?from=0&to=99999", 400),
+    ("/api/nothing", 404),
+];
+
+/// The counters of an original-API body (`{"since", "counters": [{"name","description","value"}]}`)
+/// by name, checking that each has a description.
+pub fn counters_of(body: &serde_json::Value) -> std::collections::BTreeMap<String, i64> {
+    body["counters"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no counter list in {body}"))
+        .iter()
+        .map(|c| {
+            assert!(
+                c["description"].as_str().is_some_and(|d| !d.is_empty()),
+                "{c} has no description"
+            );
+            let name = c["name"].as_str().expect("a name").to_owned();
+            (name, c["value"].as_i64().expect("an integer value"))
+        })
+        .collect()
+}
+
+/// Opens a store the way the daemon does, with metrics of its own.
+pub async fn open_store(settings: &pleiades::config::StoreSettings) -> pleiades::store::Store {
+    let metrics = pleiades::metrics::Metrics::new(1).expect("metrics");
+    pleiades::store::Store::open(settings, metrics.store.clone())
+        .await
+        .expect("the store opens")
 }
 
 /// Every bus line, in order, read independently of the library: (SSE id, meta.id).
@@ -433,18 +487,11 @@ impl RedisServer {
             .spawn()
             .expect("redis-server starts (apt-get install redis-server)");
         self.child = Some(child);
-        let url = self.url();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if self.query(&["PING"]).await.is_some() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server at {url} did not answer"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let what = format!("redis-server at {} to answer", self.url());
+        wait_until(Duration::from_secs(20), &what, async || {
+            self.query(&["PING"]).await.map(|_| ())
+        })
+        .await;
     }
 
     /// kill -9, then start again on the same port and directory (AOF replays what was synced).
@@ -715,15 +762,14 @@ impl KafkaBroker {
             .spawn()
             .expect("nisshi starts (scripts/test installs it)");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
         let addr: SocketAddr = self.brokers().parse().expect("an address");
-        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the Kafka broker on {addr} did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let what = format!("the Kafka broker on {addr} to start");
+        wait_until(Duration::from_secs(30), &what, async || {
+            std::net::TcpStream::connect_timeout(&addr, ms(200))
+                .ok()
+                .map(|_| ())
+        })
+        .await;
     }
 
     /// kill -9, leaving it down.
@@ -746,9 +792,9 @@ impl Drop for KafkaBroker {
 /// Waits until the aggregator workers of the host whose metrics are on `port` own `partitions`
 /// partitions between them.
 pub async fn wait_for_partitions(port: u16, workers: usize, partitions: f64, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    loop {
-        let owned: Option<f64> = scrape(port).await.map(|m| {
+    let what = format!("{partitions} partitions owned by the workers on :{port}");
+    wait_until(limit, &what, async || {
+        let owned: f64 = scrape(port).await.map(|m| {
             (0..workers)
                 .filter_map(|w| {
                     m.get(&format!(
@@ -756,16 +802,10 @@ pub async fn wait_for_partitions(port: u16, workers: usize, partitions: f64, lim
                     ))
                 })
                 .sum()
-        });
-        if owned == Some(partitions) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {partitions} partitions on :{port} (owned: {owned:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        })?;
+        (owned == partitions).then_some(())
+    })
+    .await;
 }
 
 /// One message read back from a topic.

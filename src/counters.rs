@@ -1,5 +1,8 @@
 //! The counter rules of SPEC §5 as pure functions: an event in, its increments out. No I/O, no
 //! clock, no metrics; every source (file bus, Kafka) feeds these and nothing else counts.
+//!
+//! This is the domain layer beside `event`: the store and the web role read counter names and
+//! descriptions from here, so they never depend on the aggregate role.
 
 use crate::event::{epoch_day, EventHead};
 use serde::Deserialize;

@@ -1,0 +1,197 @@
+//! What every aggregator shares, whatever bus it reads: the batch policy, counting a record into
+//! a batch (or quarantining it), and applying a batch with its position (`apply_batch`), with
+//! the metrics and the handling of a batch the store refuses.
+
+use super::AggregateError;
+use crate::bus::{Quarantine, QuarantineRecord, Record};
+use crate::config::AggregateConfig;
+use crate::counters::{Deltas, Scratch, Tally};
+use crate::event::RejectReason;
+use crate::metrics::{AggregateMetrics, Skip};
+use crate::store::{Applied, Batch, Store, StoreError};
+use std::time::{Duration, Instant};
+
+/// When a batch is written: once it covers `events` records, or once its oldest record has
+/// waited `delay`, whichever comes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchPolicy {
+    pub events: usize,
+    pub delay: Duration,
+}
+
+impl BatchPolicy {
+    pub fn of(config: &AggregateConfig) -> Self {
+        BatchPolicy {
+            events: config.batch_events,
+            delay: config.batch_delay,
+        }
+    }
+}
+
+/// The batch being built for one source (a segment, a partition).
+#[derive(Debug)]
+pub struct Pending {
+    pub batch: Batch,
+    /// Records covered (counted, skipped or quarantined).
+    pub records: usize,
+    opened: Instant,
+}
+
+impl Pending {
+    /// An empty batch for the store's source `key`, starting at `position`.
+    pub fn new(key: String, position: u64) -> Self {
+        Pending {
+            batch: Batch {
+                source: key,
+                start: position,
+                end: position,
+                tally: Tally::default(),
+            },
+            records: 0,
+            opened: Instant::now(),
+        }
+    }
+
+    /// True when the batch covers no position yet.
+    pub fn is_empty(&self) -> bool {
+        self.batch.end <= self.batch.start
+    }
+
+    /// The position the next record must start at.
+    pub fn end(&self) -> u64 {
+        self.batch.end
+    }
+
+    /// Full by count.
+    pub fn is_full(&self, policy: &BatchPolicy) -> bool {
+        self.records >= policy.events
+    }
+
+    /// Its oldest record has waited long enough.
+    pub fn is_due(&self, policy: &BatchPolicy) -> bool {
+        self.records > 0 && self.opened.elapsed() >= policy.delay
+    }
+
+    /// Starts afresh at `position` (after an apply, or after a refusal).
+    fn restart(&mut self, position: u64) {
+        self.batch.start = position;
+        self.batch.end = position;
+        self.batch.tally = Tally::default();
+        self.records = 0;
+    }
+}
+
+/// Counts records into batches and applies them: the one path from bus records to the counter
+/// rules and the store.
+pub struct Counting {
+    store: Store,
+    metrics: AggregateMetrics,
+    quarantine: Quarantine,
+    name: String,
+    scratch: Scratch,
+}
+
+impl Counting {
+    pub fn new(store: Store, metrics: AggregateMetrics, quarantine: Quarantine) -> Self {
+        Counting {
+            store,
+            metrics,
+            quarantine,
+            name: String::new(),
+            scratch: Scratch::default(),
+        }
+    }
+
+    /// The store, for position lookups.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Adds one record to `pending`: counted when it is a valid event, skipped when it is a
+    /// canary, quarantined otherwise. The batch then covers the record's positions.
+    pub async fn add(
+        &mut self,
+        pending: &mut Pending,
+        record: &Record<'_>,
+        now_ms: i64,
+    ) -> Result<(), AggregateError> {
+        if pending.records == 0 {
+            pending.opened = Instant::now();
+        }
+        pending.batch.end = record.end;
+        pending.records += 1;
+        let rejected = match &record.data {
+            Ok(data) => match crate::event::inspect(data) {
+                Ok(head) if head.canary => {
+                    self.metrics.skipped.inc(Skip::Canary);
+                    None
+                }
+                Ok(head) => {
+                    self.metrics
+                        .lag_ms
+                        .observe((now_ms - head.time_ms).max(0) as f64);
+                    let deltas = Deltas::of(&head, &mut self.scratch);
+                    pending.batch.tally.add(&deltas, &mut self.name);
+                    None
+                }
+                Err(invalid) => Some((invalid.reason(), invalid.to_string(), *data)),
+            },
+            Err(bad) => Some((RejectReason::BadRecord, bad.error.clone(), bad.raw.as_ref())),
+        };
+        if let Some((reason, error, data)) = rejected {
+            self.metrics.quarantined(reason);
+            tracing::warn!(
+                %reason,
+                error,
+                id = %record.sse_id,
+                "an event on the bus cannot be counted; quarantined"
+            );
+            self.quarantine
+                .write(&QuarantineRecord::new(reason, error, &record.sse_id, data))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Applies `pending` with its position (`apply_batch`). Counted: the batch starts afresh
+    /// at its end. Refused because the store's position for the source is elsewhere (a replay
+    /// after a crash, a stale owner after a rebalance): nothing is changed, the refusal is
+    /// counted, and the batch starts afresh at the stored position, where its reader must go.
+    pub async fn apply(&mut self, pending: &mut Pending) -> Result<Applied, AggregateError> {
+        if pending.is_empty() {
+            return Ok(Applied::Counted);
+        }
+        let started = Instant::now();
+        let applied = self.store_call(self.store.apply(&pending.batch)).await?;
+        self.metrics
+            .apply_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let batch = &pending.batch;
+        match applied {
+            Applied::Counted => {
+                self.metrics.batch_events.observe(pending.records as f64);
+                self.metrics.events.inc_by(batch.tally.events);
+                tracing::debug!(source = %batch.source, start = batch.start, end = batch.end, events = batch.tally.events, "batch counted");
+                let end = batch.end;
+                pending.restart(end);
+            }
+            Applied::Stale { stored } => {
+                self.metrics.stale_batches.inc();
+                tracing::warn!(source = %batch.source, batch_start = batch.start, stored, "store refused a batch that does not start at its stored position; reading again from there");
+                pending.restart(stored);
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Awaits a store operation, counting it in `pleiades_store_errors_total` when it fails.
+    pub async fn store_call<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, AggregateError> {
+        call.await.map_err(|e| {
+            self.metrics.store_errors.inc();
+            e.into()
+        })
+    }
+}

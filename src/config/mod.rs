@@ -1,0 +1,471 @@
+//! Configuration: the schema of `pleiades.toml`, one section per concern.
+//!
+//! The doc comments on the fields below are the user documentation of each key; the shipped
+//! `pleiades.toml` repeats them. `load` merges the file, `PLEIADES_*` environment overrides and
+//! command-line flags; `validate` checks every key on its own terms and reports every problem at
+//! once, named by its key. This module knows nothing of the bus or the store: the checks that
+//! need librdkafka or a server live with those modules (see `daemon::preflight`).
+
+mod load;
+mod validate;
+
+pub use load::{load, ConfigError, Overrides, Sources};
+pub use validate::Problem;
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The default upstream: Wikimedia's public recentchange stream.
+pub const DEFAULT_URL: &str = "https://stream.wikimedia.org/v2/stream/recentchange";
+/// Where people find the project (and Wikimedia's operators find who to contact).
+pub const PROJECT_URL: &str = "https://github.com/pleiades-stats/pleiades";
+
+/// The whole configuration; one section per concern.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub ingest: IngestConfig,
+    pub file: FileConfig,
+    pub kafka: KafkaConfig,
+    pub aggregate: AggregateConfig,
+    pub store: StoreConfig,
+    pub redis: RedisConfig,
+    pub web: WebConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+}
+
+/// Which bus connects the ingester to the aggregators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusKind {
+    /// Event files in `file.dir`: one host.
+    File,
+    /// A Kafka topic: many hosts.
+    Kafka,
+}
+
+/// The `[ingest]` section: the one connection to the upstream stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Run the ingester on this host. Run exactly one per deployment.
+    pub enabled: bool,
+    /// The upstream server-sent events endpoint.
+    pub url: String,
+    /// Sent on every request. Wikimedia rejects generic agents: add a contact address.
+    pub user_agent: String,
+    /// Resume from the last event the bus holds; `false` starts at "now" (or at `since`).
+    pub resume: bool,
+    /// How far back in time a resume asks upstream to start; the overlap is dropped by `meta.id`.
+    #[serde(with = "humantime_serde")]
+    pub resume_rewind: Duration,
+    /// Where to start when there is nothing to resume from: an RFC 3339 time or epoch
+    /// milliseconds. Empty means "now".
+    pub since: String,
+    /// The bus events are published to: `"file"` or `"kafka"`.
+    pub publisher: BusKind,
+    /// A connection that receives no byte at all for this long is considered dead and reopened.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
+    /// Longest line, and longest event, accepted from upstream; longer ones are dropped and counted.
+    pub max_event_bytes: usize,
+    /// How many recent `meta.id`s are remembered to drop repeats. Must hold a resume overlap at
+    /// peak rate: `resume_rewind` × peak events per second, with room to spare.
+    pub dedupe_window: usize,
+    /// First reconnect delay after a failure; doubles (with jitter) up to `backoff_max`.
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    /// Longest reconnect delay.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// Time allowed to open a connection and receive the response headers.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            enabled: true,
+            url: DEFAULT_URL.to_owned(),
+            user_agent: default_user_agent(),
+            resume: true,
+            resume_rewind: Duration::from_secs(10),
+            since: String::new(),
+            publisher: BusKind::File,
+            stall_timeout: Duration::from_secs(60),
+            max_event_bytes: 4 * 1024 * 1024,
+            dedupe_window: 100_000,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// `pleiades/<version> (<project URL>)`, as SPEC §3 asks.
+pub fn default_user_agent() -> String {
+    format!("pleiades/{} ({PROJECT_URL})", env!("CARGO_PKG_VERSION"))
+}
+
+/// When the event-file bus forces written data to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// After every batch of lines written (the safest; the default).
+    Batch,
+    /// At most once per `file.fsync_interval`.
+    Interval,
+    /// Never; the operating system decides. Survives a crash of Pleiades, not of the host.
+    Never,
+}
+
+/// The `[file]` section: the single-host event-file bus.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// Directory of the append-only segment files (created if missing).
+    pub dir: PathBuf,
+    /// A segment is closed and a new one started once it reaches this size in bytes.
+    pub segment_bytes: u64,
+    /// `"batch"`, `"interval"` or `"never"`.
+    pub fsync: FsyncPolicy,
+    /// With `fsync = "interval"`: the longest time written data may wait for a sync.
+    #[serde(with = "humantime_serde")]
+    pub fsync_interval: Duration,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        FileConfig {
+            dir: PathBuf::from("./events"),
+            segment_bytes: 64 * 1024 * 1024,
+            fsync: FsyncPolicy::Batch,
+            fsync_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The `[kafka]` section: the multi-host bus.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, `host:port[,host:port…]`.
+    pub brokers: String,
+    /// The topic events are published to and aggregated from. Each message is one event's data
+    /// exactly as received, keyed by its `meta.id`, with its SSE id in the `sse-id` header.
+    pub topic: String,
+    /// Partitions of `topic` when Pleiades creates it (it does when the topic is missing).
+    /// Aggregators share the partitions, so this caps how many can work at once.
+    pub partitions: i32,
+    /// Replicas of each partition when Pleiades creates a topic; -1 takes the broker's default.
+    pub replication_factor: i32,
+    /// Invalid events, with the reason, go to this topic (created like `topic`, one partition).
+    pub quarantine_topic: String,
+    /// The consumer group every aggregator of the deployment joins.
+    pub group: String,
+    /// The most event data the ingester holds in memory waiting for the brokers. When it is
+    /// full, reading from upstream pauses until the brokers catch up (backpressure), so a broker
+    /// outage costs time, never memory or events.
+    pub buffer_bytes: u64,
+    /// Passed to librdkafka unchanged (SASL, TLS, timeouts, …), for producers and consumers.
+    /// Pleiades sets `acks`, `enable.idempotence`, `bootstrap.servers` and `group.id` itself.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl KafkaConfig {
+    /// librdkafka settings Pleiades owns: overriding them would break its guarantees or its
+    /// configuration, so `[kafka.properties]` may not set them.
+    pub const RESERVED_PROPERTIES: &'static [&'static str] = &[
+        "bootstrap.servers",
+        "metadata.broker.list",
+        "group.id",
+        "enable.idempotence",
+        "acks",
+        "request.required.acks",
+        "enable.auto.offset.store",
+    ];
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "localhost:9092".to_owned(),
+            topic: "pleiades-events".to_owned(),
+            partitions: 4,
+            replication_factor: -1,
+            quarantine_topic: "pleiades-quarantine".to_owned(),
+            group: "pleiades-aggregators".to_owned(),
+            buffer_bytes: 64 * 1024 * 1024,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+/// The `[aggregate]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregateConfig {
+    /// Run aggregators on this host.
+    pub enabled: bool,
+    /// The bus to read: `"file"` or `"kafka"`; unset means the same as `ingest.publisher`.
+    pub source: Option<BusKind>,
+    /// Aggregator actors on this host (with Kafka: members of one consumer group). With event
+    /// files, worker `i` reads the segments whose number modulo `workers` is `i`.
+    pub workers: usize,
+    /// A batch is written to the store once it covers this many events…
+    pub batch_events: usize,
+    /// …or once its oldest event has waited this long, whichever comes first.
+    #[serde(with = "humantime_serde")]
+    pub batch_delay: Duration,
+    /// How often an idle aggregator looks for new events.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for AggregateConfig {
+    fn default() -> Self {
+        AggregateConfig {
+            enabled: true,
+            source: None,
+            workers: 2,
+            batch_events: 2000,
+            batch_delay: Duration::from_millis(500),
+            poll_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Where counters are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// A database file under `store.path`: one host.
+    Embedded,
+    /// A Redis server at `redis.url`: many hosts.
+    Redis,
+}
+
+/// The `[store]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `"embedded"` or `"redis"`.
+    pub kind: StoreKind,
+    /// The embedded store's file.
+    pub path: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::Embedded,
+            path: PathBuf::from("./pleiades.db"),
+        }
+    }
+}
+
+/// The `[redis]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://` or `rediss://`, with a password in the URL if needed.
+    pub url: String,
+    /// The longest one store operation may take before it counts as failed (and is retried).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".to_owned(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The `[web]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    /// Serve the REST API and the dashboard on this host.
+    pub enabled: bool,
+    /// Address of the REST API, the dashboard and the health endpoints.
+    pub listen: SocketAddr,
+    /// How long a day's counters may be served from memory before the store is read again.
+    /// Batches counted by this process refresh the cache at once; this bounds the delay for
+    /// batches counted on other hosts.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+    /// How often live updates are pushed to open dashboards (when something changed).
+    #[serde(with = "humantime_serde")]
+    pub live_interval: Duration,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            cache_ttl: Duration::from_secs(1),
+            live_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The `[metrics]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus `/metrics` endpoint, served whatever roles this host runs.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The `[log]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter: `error`, `warn`, `info`, `debug`, `trace`, or per-module directives.
+    pub level: String,
+    /// `"text"` or `"json"`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_owned(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+impl AggregateConfig {
+    /// The bus aggregators read, resolving "same as the publisher".
+    pub fn source_or(&self, publisher: BusKind) -> BusKind {
+        self.source.unwrap_or(publisher)
+    }
+}
+
+/// The three roles a host can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Ingest,
+    Aggregate,
+    Web,
+}
+
+/// One bus as a component sees it: its kind and its section.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BusSettings {
+    File(FileConfig),
+    Kafka(KafkaConfig),
+}
+
+impl BusSettings {
+    pub fn kind(&self) -> BusKind {
+        match self {
+            BusSettings::File(_) => BusKind::File,
+            BusSettings::Kafka(_) => BusKind::Kafka,
+        }
+    }
+}
+
+/// Which store, with the section it needs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreSettings {
+    Embedded(StoreConfig),
+    Redis(RedisConfig),
+}
+
+impl Config {
+    /// True when an enabled role of this host reads or writes the Kafka bus.
+    pub fn uses_kafka(&self) -> bool {
+        (self.ingest.enabled && self.ingest.publisher == BusKind::Kafka)
+            || (self.aggregate.enabled && self.aggregate_source() == BusKind::Kafka)
+    }
+
+    /// True when an enabled role of this host reads or writes event files.
+    pub fn uses_files(&self) -> bool {
+        (self.ingest.enabled && self.ingest.publisher == BusKind::File)
+            || (self.aggregate.enabled && self.aggregate_source() == BusKind::File)
+    }
+
+    /// The bus aggregators read, resolving "same as the publisher".
+    pub fn aggregate_source(&self) -> BusKind {
+        self.aggregate.source_or(self.ingest.publisher)
+    }
+
+    /// The settings of a bus of the given kind.
+    pub fn bus(&self, kind: BusKind) -> BusSettings {
+        match kind {
+            BusKind::File => BusSettings::File(self.file.clone()),
+            BusKind::Kafka => BusSettings::Kafka(self.kafka.clone()),
+        }
+    }
+
+    /// The store's settings.
+    pub fn store_settings(&self) -> StoreSettings {
+        match self.store.kind {
+            StoreKind::Embedded => StoreSettings::Embedded(self.store.clone()),
+            StoreKind::Redis => StoreSettings::Redis(self.redis.clone()),
+        }
+    }
+
+    /// The roles this host runs, for logs and readiness.
+    pub fn roles(&self) -> Vec<Role> {
+        let mut roles = Vec::new();
+        if self.ingest.enabled {
+            roles.push(Role::Ingest);
+        }
+        if self.aggregate.enabled {
+            roles.push(Role::Aggregate);
+        }
+        if self.web.enabled {
+            roles.push(Role::Web);
+        }
+        roles
+    }
+}
+
+/// Parses `ingest.since`: RFC 3339, or milliseconds since the epoch.
+pub fn parse_since(since: &str) -> Option<i64> {
+    if let Ok(ms) = since.parse::<i64>() {
+        return Some(ms);
+    }
+    crate::event::parse_time_ms(since).ok()
+}
+
+/// `url` with its password replaced, so that it can be shown in errors and logs.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}

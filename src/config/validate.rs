@@ -1,0 +1,219 @@
+//! Validation: every key checked on its own terms, each section by itself, so that a value that
+//! parses but cannot work is reported with its key before anything starts.
+
+use super::{Config, FileConfig, IngestConfig, KafkaConfig, RedisConfig, StoreKind, WebConfig};
+use std::time::Duration;
+
+/// One thing wrong with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The dotted key, e.g. `ingest.url`.
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Collects problems, named by key.
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn bad(&mut self, key: &str, message: impl Into<String>) {
+        self.0.push(Problem {
+            key: key.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn positive(&mut self, durations: &[(&str, Duration)]) {
+        for (key, value) in durations {
+            if value.is_zero() {
+                self.bad(key, "must be longer than zero");
+            }
+        }
+    }
+
+    fn at_least(&mut self, key: &str, value: u64, minimum: u64) {
+        if value < minimum {
+            self.bad(key, format!("{value} is below the minimum of {minimum}"));
+        }
+    }
+}
+
+impl Config {
+    /// Every semantic problem: values that parse but cannot work, and contradictions. Sections
+    /// a host does not use (Kafka on a file-bus host, Redis with the embedded store) are not
+    /// checked, so a shared file can carry settings for other hosts.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut p = Problems::default();
+        self.ingest.validate(&mut p);
+        self.file.validate(&mut p);
+        if self.uses_kafka() {
+            self.kafka.validate(&mut p);
+        }
+        let a = &self.aggregate;
+        p.positive(&[
+            ("aggregate.batch_delay", a.batch_delay),
+            ("aggregate.poll_interval", a.poll_interval),
+        ]);
+        p.at_least("aggregate.workers", a.workers as u64, 1);
+        p.at_least("aggregate.batch_events", a.batch_events as u64, 1);
+        p.positive(&[
+            ("redis.timeout", self.redis.timeout),
+            ("web.live_interval", self.web.live_interval),
+        ]);
+        if self.store.kind == StoreKind::Redis {
+            self.redis.validate(&mut p);
+        }
+        if self.web.enabled {
+            self.web.validate(self, &mut p);
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            p.bad(
+                "log.level",
+                format!("{:?} is not a log filter: {e}", self.log.level),
+            );
+        }
+        p.0
+    }
+}
+
+impl IngestConfig {
+    fn validate(&self, p: &mut Problems) {
+        match reqwest::Url::parse(&self.url) {
+            Ok(url) if url.scheme() == "http" || url.scheme() == "https" => {}
+            Ok(url) => p.bad(
+                "ingest.url",
+                format!("scheme {:?} is not http or https", url.scheme()),
+            ),
+            Err(e) => p.bad("ingest.url", format!("{:?} is not a URL: {e}", self.url)),
+        }
+        if self.user_agent.trim().is_empty() {
+            p.bad(
+                "ingest.user_agent",
+                "must not be empty: Wikimedia rejects requests without a descriptive agent",
+            );
+        } else if reqwest::header::HeaderValue::from_str(&self.user_agent).is_err() {
+            p.bad(
+                "ingest.user_agent",
+                "contains characters not allowed in an HTTP header",
+            );
+        }
+        if !self.since.is_empty() && super::parse_since(&self.since).is_none() {
+            p.bad(
+                "ingest.since",
+                format!(
+                    "{:?} is neither an RFC 3339 time nor epoch milliseconds",
+                    self.since
+                ),
+            );
+        }
+        p.positive(&[
+            ("ingest.stall_timeout", self.stall_timeout),
+            ("ingest.backoff_initial", self.backoff_initial),
+            ("ingest.backoff_max", self.backoff_max),
+            ("ingest.connect_timeout", self.connect_timeout),
+        ]);
+        if self.backoff_max < self.backoff_initial {
+            p.bad(
+                "ingest.backoff_max",
+                "must not be shorter than ingest.backoff_initial",
+            );
+        }
+        p.at_least("ingest.max_event_bytes", self.max_event_bytes as u64, 1024);
+        p.at_least("ingest.dedupe_window", self.dedupe_window as u64, 1);
+    }
+}
+
+impl FileConfig {
+    fn validate(&self, p: &mut Problems) {
+        p.positive(&[("file.fsync_interval", self.fsync_interval)]);
+        p.at_least("file.segment_bytes", self.segment_bytes, 4096);
+        if self.dir.as_os_str().is_empty() {
+            p.bad("file.dir", "must not be empty");
+        }
+    }
+}
+
+impl KafkaConfig {
+    fn validate(&self, p: &mut Problems) {
+        if self.brokers.trim().is_empty() {
+            p.bad("kafka.brokers", "must name at least one host:port");
+        }
+        for (key, value) in [
+            ("kafka.topic", &self.topic),
+            ("kafka.quarantine_topic", &self.quarantine_topic),
+            ("kafka.group", &self.group),
+        ] {
+            if value.is_empty() {
+                p.bad(key, "must not be empty");
+            }
+        }
+        if self.quarantine_topic == self.topic {
+            p.bad(
+                "kafka.quarantine_topic",
+                "must differ from kafka.topic: invalid events must not reach the aggregators",
+            );
+        }
+        if self.partitions < 1 {
+            p.bad(
+                "kafka.partitions",
+                format!("{} is below 1", self.partitions),
+            );
+        }
+        if self.replication_factor == 0 || self.replication_factor < -1 {
+            p.bad(
+                "kafka.replication_factor",
+                format!("{} is neither -1 nor at least 1", self.replication_factor),
+            );
+        }
+        if self.buffer_bytes < 1024 * 1024 {
+            p.bad(
+                "kafka.buffer_bytes",
+                format!("{} is below the minimum of 1 MiB", self.buffer_bytes),
+            );
+        }
+        for key in self.properties.keys() {
+            if Self::RESERVED_PROPERTIES.contains(&key.as_str()) {
+                p.bad(
+                    &format!("kafka.properties.{key}"),
+                    "is set by Pleiades (use kafka.brokers and kafka.group; acks and idempotence are what make the bus lossless)",
+                );
+            }
+        }
+    }
+}
+
+impl RedisConfig {
+    fn validate(&self, p: &mut Problems) {
+        match reqwest::Url::parse(&self.url) {
+            Ok(url) if url.scheme() == "redis" || url.scheme() == "rediss" => {}
+            _ => p.bad(
+                "redis.url",
+                format!(
+                    "{:?} is not a redis:// or rediss:// URL",
+                    super::redact_url(&self.url)
+                ),
+            ),
+        }
+    }
+}
+
+impl WebConfig {
+    fn validate(&self, config: &Config, p: &mut Problems) {
+        if self.listen == config.metrics.listen {
+            p.bad(
+                "web.listen",
+                format!(
+                    "{} is also metrics.listen; give each its own port",
+                    self.listen
+                ),
+            );
+        }
+    }
+}
