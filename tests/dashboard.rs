@@ -7,6 +7,7 @@ mod common;
 use base64::Engine;
 use common::*;
 use serde_json::{json, Value};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -20,7 +21,9 @@ struct Browser {
 impl Browser {
     async fn start(scope: &TestScope) -> Browser {
         let port = TestScope::free_port();
+        // Its own process group, so that the browser it starts goes with it (see Drop).
         let driver = Command::new("chromedriver")
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -127,7 +130,11 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.driver.kill();
+        // The driver's whole group: chromedriver and the Chromium processes it started.
+        // SAFETY: killpg(2) on the group this test created for the driver.
+        unsafe {
+            libc::killpg(self.driver.id() as i32, libc::SIGKILL);
+        }
         let _ = self.driver.wait();
     }
 }
