@@ -30,6 +30,8 @@ pub struct Overrides {
     pub resume: Option<bool>,
     pub quiet: bool,
     pub verbose: bool,
+    /// `--log-format`: overrides `log.format`.
+    pub log_format: Option<super::LogFormat>,
 }
 
 /// Where the configuration comes from.
@@ -258,6 +260,9 @@ fn apply_overrides(config: &mut Config, o: &Overrides) -> Vec<Problem> {
         (true, false) => config.log.level = "error".into(),
         (false, true) => config.log.level = "debug".into(),
         (false, false) => {}
+    }
+    if let Some(format) = o.log_format {
+        config.log.format = format;
     }
     problems
 }
