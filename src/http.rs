@@ -57,10 +57,22 @@ pub struct Limits {
     pub header_timeouts: prometheus::IntCounter,
 }
 
+/// Connections the kernel queues for `accept` (capped by `net.core.somaxconn`): a burst of
+/// connections waits there instead of having its SYNs dropped and retried a second later.
+const BACKLOG: u32 = 4096;
+
 /// Binds a listener and tells which address it got (port 0 picks a free one).
 pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
     let bind = |source| ServeError::Bind { addr, source };
-    let listener = TcpListener::bind(addr).await.map_err(bind)?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(bind)?;
+    socket.set_reuseaddr(true).map_err(bind)?;
+    socket.bind(addr).map_err(bind)?;
+    let listener = socket.listen(BACKLOG).map_err(bind)?;
     let bound = listener.local_addr().map_err(bind)?;
     Ok((listener, bound))
 }
@@ -135,6 +147,10 @@ where
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let open = Arc::new(Mutex::new(Open::default()));
+    // One permit per open socket, given back only once the socket is closed: a connection
+    // closed to make room must be gone before the next one is served, so the descriptors in
+    // use never exceed the limit, however fast connections arrive.
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let result = loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
@@ -151,16 +167,27 @@ where
         };
         let in_flight = Arc::new(AtomicUsize::new(0));
         let close = CancellationToken::new();
+        let made_room = open
+            .lock()
+            .map(|mut open| open.make_room(limits.max_connections))
+            .unwrap_or(false);
+        if !made_room {
+            // Every connection is answering a request: this one waits for nothing.
+            limits.shed.inc();
+            tracing::debug!(%addr, %peer, "connection limit reached with every connection busy; closed the new one");
+            continue;
+        }
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break Ok(()),
+            },
+        };
         let id = {
             let Ok(mut open) = open.lock() else {
                 break Ok(());
             };
-            if !open.make_room(limits.max_connections) {
-                // Every connection is answering a request: this one waits for nothing.
-                limits.shed.inc();
-                tracing::debug!(%addr, %peer, "connection limit reached with every connection busy; closed the new one");
-                continue;
-            }
             let id = open.next;
             open.next += 1;
             open.connections.insert(
@@ -198,6 +225,7 @@ where
                 open.connections.remove(&id);
             }
             limits.open.dec();
+            drop(permit);
         });
     };
     drop(listener);

@@ -3,6 +3,8 @@
 //! reading of the bus.
 #![allow(dead_code)]
 
+pub mod hostile;
+
 use pleiades::config::Config;
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -22,6 +24,14 @@ pub fn loopback(port: u16) -> SocketAddr {
 }
 
 pub const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/events");
+
+/// The binary under test: this build's, or another one named by `PLEIADES_TEST_BINARY` (to
+/// run the same tests against an earlier build).
+pub fn binary() -> PathBuf {
+    std::env::var_os("PLEIADES_TEST_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pleiades")))
+}
 
 /// Everything one test owns: a directory and the processes and servers it started.
 pub struct TestScope {
@@ -91,7 +101,7 @@ impl TestScope {
     pub fn spawn_with_env(&mut self, args: &[&str], env: &[(&str, &str)]) -> usize {
         let log = self.path(&format!("daemon-{}.log", self.children.len()));
         let log = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_pleiades"))
+        let child = Command::new(binary())
             .args(args)
             .current_dir(self.dir.path())
             .env_remove("RUST_LOG")
@@ -590,6 +600,16 @@ pub fn oracle(lines: &[String]) -> Expected {
         let Ok(time) = chrono::DateTime::parse_from_rfc3339(dt) else {
             continue;
         };
+        if let Some(length) = v["length"].as_object() {
+            // A numeric side must be a page length (0 to 2^32-1), else the event is invalid.
+            let page_length = |side: &str| match length.get(side) {
+                Some(serde_json::Value::Number(n)) => n.as_u64().is_some_and(|n| n <= u32::MAX as u64),
+                _ => true,
+            };
+            if !page_length("old") || !page_length("new") {
+                continue;
+            }
+        }
         if let Some(id) = v["meta"]["id"].as_str() {
             if !seen.insert(id.to_owned()) {
                 continue;
@@ -914,8 +934,23 @@ pub fn read_topic(brokers: &str, topic: &str) -> Vec<TopicMessage> {
 
 /// A process's resident memory in bytes, from /proc.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
+    status_kb(pid, "VmRSS:").map(|kb| kb * 1024)
+}
+
+/// The most resident memory a process has had, in bytes (VmHWM, the high-water mark).
+pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
+    status_kb(pid, "VmHWM:").map(|kb| kb * 1024)
+}
+
+fn status_kb(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// How many file descriptors a process has open, from /proc.
+pub fn open_fds(pid: u32) -> Option<usize> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .map(|d| d.count())
 }
