@@ -275,3 +275,140 @@ async fn redis_commands_per_event_stay_under_budget() {
     let found = read_store(&scope, &StoreChoice::Redis(redis.url())).await;
     assert_counters_equal(&found, &expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "service-tests"),
+    ignore = "needs redis-server and openssl (scripts/test)"
+)]
+async fn redis_over_tls_with_a_password_counts_exactly_and_never_shows_it() {
+    const PASSWORD: &str = "pleiades-tls-s3cret";
+    let mut scope = TestScope::new();
+    let redis = RedisServer::start_tls(&scope, PASSWORD).await;
+    let tls = redis.tls().expect("a TLS server").clone();
+    let (lines, _) = mixed_lines();
+    let expected = oracle(&lines);
+    let events = scope.path("upstream.jsonl");
+    std::fs::write(&events, lines.join("\n")).unwrap();
+    let upstream = scope.replay(replay_options(vec![events])).await.addr;
+    let metrics = TestScope::free_port();
+    let store = StoreChoice::Redis(redis.url());
+    let mut config = pipeline_config(upstream, metrics, &store);
+    config.redis.ca_file = Some(tls.ca_file.clone());
+    scope.write_config(&config);
+
+    let check = std::process::Command::new(binary())
+        .args(["check-config", "--config", "pleiades.toml"])
+        .current_dir(scope.dir.path())
+        .output()
+        .expect("check-config runs");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(check.status.success(), "{said}");
+    assert!(!said.contains(PASSWORD), "{said}");
+
+    let daemon = scope.spawn(&["--config", "pleiades.toml", "-v"]);
+    let counted = wait_for_metric(
+        metrics,
+        "pleiades_aggregator_event_count_total",
+        Duration::from_secs(120),
+        |v| v >= expected.events as f64,
+    )
+    .await;
+    assert_eq!(counted, expected.events as f64);
+    assert_eq!(
+        scope.terminate(daemon, Duration::from_secs(10)).await,
+        Some(0)
+    );
+    let settings = StoreSettings::Redis(RedisConfig {
+        url: redis.url(),
+        ca_file: Some(tls.ca_file.clone()),
+        ..RedisConfig::default()
+    });
+    assert_counters_equal(&stored(&open_store(&settings).await).await, &expected);
+
+    // Without the authority, or with a wrong password, nothing is counted and the logs say so
+    // without the password.
+    let mut wrong = config.clone();
+    wrong.redis.url = redis.url().replace(PASSWORD, "not-the-s3cret");
+    scope.write_config_as("wrong.toml", &wrong);
+    let refused = scope.spawn(&["--config", "wrong.toml"]);
+    wait_for_metric(
+        metrics,
+        "pleiades_store_errors_total",
+        Duration::from_secs(30),
+        |v| v >= 1.0,
+    )
+    .await;
+    assert_eq!(
+        scope.terminate(refused, Duration::from_secs(10)).await,
+        Some(0)
+    );
+    let logs = scope.logs();
+    assert!(logs.contains("rediss://:***@127.0.0.1"), "{logs}");
+    for secret in [PASSWORD, "not-the-s3cret"] {
+        assert!(!logs.contains(secret), "{secret} in the logs:\n{logs}");
+    }
+    println!(
+        "{} events counted exactly over TLS with a password",
+        expected.events
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "service-tests"),
+    ignore = "needs redis-server (scripts/test)"
+)]
+async fn redis_counters_stay_exact_beyond_2_53_and_saturate_like_the_embedded_store() {
+    use pleiades::counters::Tally;
+    use pleiades::store::Batch;
+    let scope = TestScope::new();
+    let redis = RedisServer::start(&scope, false).await;
+    let stores = [
+        open_store(&StoreChoice::Redis(redis.url()).settings(&scope)).await,
+        open_store(&StoreChoice::Embedded.settings(&scope)).await,
+    ];
+    let big = (1_i64 << 53) + 1;
+    let steps: [&[(&str, i64)]; 6] = [
+        &[("exact", big), ("low", -(1 << 60)), ("up", i64::MAX - 5)],
+        &[("exact", 1), ("low", -(1 << 60)), ("up", 3)],
+        &[("exact", big), ("low", -(1 << 62)), ("up", 10)],
+        &[("exact", -1), ("low", i64::MIN), ("up", i64::MIN)],
+        &[("exact", 999_999_999_999_999), ("low", 7), ("up", 1)],
+        &[("exact", -999_999_999_999_999), ("low", 0), ("up", 0)],
+    ];
+    for (n, step) in steps.iter().enumerate() {
+        let mut tally = Tally::default();
+        for (name, delta) in step.iter() {
+            tally.all_time.insert((*name).to_owned(), *delta);
+            tally
+                .days
+                .entry(20_000)
+                .or_default()
+                .insert((*name).to_owned(), *delta);
+        }
+        tally.events = 1;
+        let batch = Batch {
+            source: "exact".into(),
+            start: n as u64,
+            end: n as u64 + 1,
+            tally,
+        };
+        for store in &stores {
+            store.apply(&batch).await.expect("applied");
+        }
+    }
+    let want = std::collections::BTreeMap::from([
+        ("exact".to_owned(), 2 * big + 1 - 1),
+        ("low".to_owned(), i64::MIN + 7),
+        ("up".to_owned(), i64::MAX + i64::MIN + 1),
+    ]);
+    for store in &stores {
+        assert_eq!(store.all_time().await.expect("all-time"), want);
+        assert_eq!(store.day(20_000).await.expect("a day"), Some(want.clone()));
+    }
+}

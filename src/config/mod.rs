@@ -295,7 +295,6 @@ pub struct RedisConfig {
     /// With `rediss://`: a PEM file of the certificate authorities that may sign the server's
     /// certificate, for a Redis whose certificate no system authority signed. Unset trusts the
     /// system's authorities.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
 }
 
