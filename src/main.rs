@@ -116,8 +116,15 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         .or_else(|| default_file.exists().then(|| default_file.to_owned()));
     let env: std::collections::HashMap<String, String> = std::env::vars().collect();
     let notifier = pleiades::systemd::Notifier::from_env(&env);
+    // systemd's LoadCredential= hands secrets over in $CREDENTIALS_DIRECTORY, readable by this
+    // service alone: a `secrets.toml` there is merged over the configuration file.
+    let secrets = env
+        .get("CREDENTIALS_DIRECTORY")
+        .map(|dir| Path::new(dir).join("secrets.toml"))
+        .filter(|path| path.exists());
     let sources = Sources {
         file: file.as_deref(),
+        secrets: secrets.as_deref(),
         env,
         overrides,
     };

@@ -135,8 +135,14 @@ async fn a_retry_after_of_u64_max_is_clamped_not_a_panic() {
     wait_for_ids(&scope, &ids(&batch), Duration::from_secs(20)).await;
     let m = scrape(metrics).await.expect("metrics");
     assert_eq!(m["pleiades_goroutine_restarts{component=\"ingest\"}"], 0.0);
-    assert_eq!(m["pleiades_ingest_disconnects_total{reason=\"throttled\"}"], 1.0);
-    assert_eq!(m["pleiades_recv_anomalies_total{kind=\"retry_clamped\"}"], 1.0);
+    assert_eq!(
+        m["pleiades_ingest_disconnects_total{reason=\"throttled\"}"],
+        1.0
+    );
+    assert_eq!(
+        m["pleiades_recv_anomalies_total{kind=\"retry_clamped\"}"],
+        1.0
+    );
     // Cut to ingest.max_retry_after (1 s), plus at most a tenth of jitter.
     println!("Retry-After: {}: reconnected after {gap:?}", u64::MAX);
     assert!(
@@ -166,7 +172,11 @@ async fn a_retry_field_of_u64_max_is_clamped() {
     let mut expected = ids(&first);
     expected.extend(ids(&second));
     wait_for_ids(&scope, &expected, Duration::from_secs(20)).await;
-    let clamped = metric(metrics, "pleiades_recv_anomalies_total{kind=\"retry_clamped\"}").await;
+    let clamped = metric(
+        metrics,
+        "pleiades_recv_anomalies_total{kind=\"retry_clamped\"}",
+    )
+    .await;
     println!("retry: {}: reconnected after {gap:?}", u64::MAX);
     assert!(
         gap >= Duration::from_millis(900) && gap < Duration::from_secs(3),
@@ -187,9 +197,7 @@ async fn a_trickling_stream_is_reopened_by_the_watchdog() {
     let upstream = HostileUpstream::start(vec![
         Act::Stream {
             chunks: vec![frames(&first, 0).into_bytes()],
-            then: Then::Trickle {
-                every: ms(100),
-            },
+            then: Then::Trickle { every: ms(100) },
         },
         Act::stream(frames(&second, 100).into_bytes()),
     ])
@@ -205,8 +213,14 @@ async fn a_trickling_stream_is_reopened_by_the_watchdog() {
     let m = scrape(metrics).await.expect("metrics");
     println!("a byte every 100 ms: reopened after {gap:?}");
     assert!(gap < Duration::from_secs(4), "{gap:?}");
-    assert_eq!(m["pleiades_ingest_disconnects_total{reason=\"stalled\"}"], 1.0);
-    assert_eq!(m["pleiades_recv_anomalies_total{kind=\"slow_stream\"}"], 1.0);
+    assert_eq!(
+        m["pleiades_ingest_disconnects_total{reason=\"stalled\"}"],
+        1.0
+    );
+    assert_eq!(
+        m["pleiades_recv_anomalies_total{kind=\"slow_stream\"}"],
+        1.0
+    );
     assert_eq!(
         scope.terminate(daemon, Duration::from_secs(10)).await,
         Some(0)
@@ -269,7 +283,10 @@ async fn lengths_near_the_i64_limits_are_quarantined_and_counting_goes_on() {
         m["pleiades_quarantined_events_total{reason=\"out_of_range\",role=\"ingest\"}"],
         10.0
     );
-    assert_eq!(m["pleiades_goroutine_restarts{component=\"aggregate\"}"], 0.0);
+    assert_eq!(
+        m["pleiades_goroutine_restarts{component=\"aggregate\"}"],
+        0.0
+    );
     let store = open_store(&pleiades::config::StoreSettings::Embedded(
         pleiades::config::StoreConfig {
             path: scope.path("counters.db"),
@@ -454,7 +471,11 @@ async fn five_thousand_idle_connections_to_each_listener_starve_nothing() {
     })
     .await
     .expect("connections opened");
-    println!("{} idle connections opened in {:?}", held.len(), opened.elapsed());
+    println!(
+        "{} idle connections opened in {:?}",
+        held.len(),
+        opened.elapsed()
+    );
     let fds = open_fds(pid).expect("the daemon's descriptors");
     println!("the daemon has {fds} descriptors open");
     // web.max_connections + metrics.max_connections, plus the bus, the store and the runtime.
@@ -571,7 +592,10 @@ async fn live_streams_are_bounded() {
     }
     let (status, _) = raw_get(web, "/api/live").await;
     assert_eq!(status, 503, "stream {} was accepted", max + 1);
-    assert_eq!(metric(metrics, "pleiades_web_live_refused_total").await, 1.0);
+    assert_eq!(
+        metric(metrics, "pleiades_web_live_refused_total").await,
+        1.0
+    );
     // One viewer leaves: there is room again.
     drop(streams.pop());
     let what = "room for a live stream after one closed";
@@ -594,10 +618,20 @@ async fn public_answers_carry_security_headers_and_no_internal_detail() {
     let daemon = scope.spawn(&["--config", "pleiades.toml"]);
     let base = format!("http://127.0.0.1:{web}");
     wait_until(Duration::from_secs(20), "the web role", async || {
-        reqwest::get(format!("{base}/healthz")).await.ok().map(|_| ())
+        reqwest::get(format!("{base}/healthz"))
+            .await
+            .ok()
+            .map(|_| ())
     })
     .await;
-    for path in ["/", "/app.js", "/api/days", "/api/totals", "/readyz", "/nothing"] {
+    for path in [
+        "/",
+        "/app.js",
+        "/api/days",
+        "/api/totals",
+        "/readyz",
+        "/nothing",
+    ] {
         let response = reqwest::get(format!("{base}{path}")).await.expect("answer");
         let header = |name: &str| {
             response
@@ -628,13 +662,21 @@ async fn public_answers_carry_security_headers_and_no_internal_detail() {
         .await
         .expect("body");
     assert!(ready.contains(&redis_port.to_string()), "{ready}");
-    let failures = metric(metrics, "pleiades_ready_check_failures_total{check=\"store\"}").await;
+    let failures = metric(
+        metrics,
+        "pleiades_ready_check_failures_total{check=\"store\"}",
+    )
+    .await;
     assert!(failures >= 2.0, "{failures}");
     assert_eq!(
         scope.terminate(daemon, Duration::from_secs(10)).await,
         Some(0)
     );
-    assert!(scope.logs().contains("readiness check failing"), "{}", scope.logs());
+    assert!(
+        scope.logs().contains("readiness check failing"),
+        "{}",
+        scope.logs()
+    );
 }
 
 /// A non-message event whose data tries to start log lines of its own and colour a terminal.
@@ -654,23 +696,47 @@ async fn logs_are_plain_off_a_terminal_escape_upstream_text_and_json_on_request(
     let metrics = TestScope::free_port();
     scope.write_config(&against(&upstream, metrics));
     let text = scope.spawn(&["--config", "pleiades.toml"]);
-    wait_for_metric(metrics, "pleiades_recv_errors_total", Duration::from_secs(20), |v| v >= 1.0).await;
+    wait_for_metric(
+        metrics,
+        "pleiades_recv_errors_total",
+        Duration::from_secs(20),
+        |v| v >= 1.0,
+    )
+    .await;
     wait_for_ids(&scope, &ids(&batch), Duration::from_secs(20)).await;
-    assert_eq!(scope.terminate(text, Duration::from_secs(10)).await, Some(0));
+    assert_eq!(
+        scope.terminate(text, Duration::from_secs(10)).await,
+        Some(0)
+    );
     let logs = scope.logs();
-    assert!(!logs.contains('\x1b'), "terminal escapes in a log file:\n{logs}");
+    assert!(
+        !logs.contains('\x1b'),
+        "terminal escapes in a log file:\n{logs}"
+    );
     assert!(logs.contains("non-message event"), "{logs}");
     for line in logs.lines() {
         assert!(!line.starts_with("2030-01-01"), "a forged line: {line:?}");
     }
-    assert!(logs.contains("\\n2030-01-01"), "the data is shown escaped:\n{logs}");
+    assert!(
+        logs.contains("\\n2030-01-01"),
+        "the data is shown escaped:\n{logs}"
+    );
 
     let json = scope.spawn_with_env(
         &["--config", "pleiades.toml", "--log-format", "json"],
         &[("PLEIADES_INGEST__URL", second.url().as_str())],
     );
-    wait_for_metric(metrics, "pleiades_recv_errors_total", Duration::from_secs(20), |v| v >= 1.0).await;
-    assert_eq!(scope.terminate(json, Duration::from_secs(10)).await, Some(0));
+    wait_for_metric(
+        metrics,
+        "pleiades_recv_errors_total",
+        Duration::from_secs(20),
+        |v| v >= 1.0,
+    )
+    .await;
+    assert_eq!(
+        scope.terminate(json, Duration::from_secs(10)).await,
+        Some(0)
+    );
     let json_log = std::fs::read_to_string(scope.path("daemon-1.log")).expect("log");
     assert!(json_log.lines().count() >= 3, "{json_log}");
     for line in json_log.lines() {
@@ -699,13 +765,7 @@ fn whatwg_edge_cases(valid: &[String]) -> (Vec<Vec<u8>>, Vec<String>) {
     chunks.push(format!("id: {}\r\ndata: {}\r", stream_id(1002), v(2)).into_bytes());
     chunks.push(b"\n\r\n".to_vec());
     // Comments, an unknown field, no space after the colon, and an id holding NULL (ignored).
-    chunks.push(
-        format!(
-            ": heartbeat\nunknown: x\nid: bad\0id\ndata:{}\n\n",
-            v(3)
-        )
-        .into_bytes(),
-    );
+    chunks.push(format!(": heartbeat\nunknown: x\nid: bad\0id\ndata:{}\n\n", v(3)).into_bytes());
     // One JSON object over several data lines (joined with LF, still valid JSON).
     let value: serde_json::Value = serde_json::from_str(v(4)).expect("JSON");
     let spread = serde_json::to_string_pretty(&value).expect("JSON");
@@ -750,8 +810,14 @@ async fn the_hostile_upstream_plays_every_attack_and_costs_nothing() {
     body.push_str(&format!("data: {}\n\n", "x".repeat(5 << 20)));
     body.push_str("data: {\"not json\n\n");
     body.push_str(&frames(&absurd_lengths(), 2000));
-    body.push_str(&frame(&stream_id(2100), &event_at("future", now + chrono::Duration::days(400))));
-    body.push_str(&frame(&stream_id(2101), &event_at("epoch", chrono::DateTime::UNIX_EPOCH)));
+    body.push_str(&frame(
+        &stream_id(2100),
+        &event_at("future", now + chrono::Duration::days(400)),
+    ));
+    body.push_str(&frame(
+        &stream_id(2101),
+        &event_at("epoch", chrono::DateTime::UNIX_EPOCH),
+    ));
     body.push_str(&forged_event());
     body.push_str(&frames(&mid, 2200));
     expected.push("epoch".into());
@@ -787,9 +853,11 @@ async fn the_hostile_upstream_plays_every_attack_and_costs_nothing() {
     let pid = scope.child(daemon).id();
     wait_for_ids(&scope, &expected, Duration::from_secs(60)).await;
     // Past the script, the server only sends heartbeats: the connection stays.
-    wait_until(Duration::from_secs(10), "the quiet connection", async || {
-        (upstream.seen().len() > acts).then_some(())
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "the quiet connection",
+        async || (upstream.seen().len() > acts).then_some(()),
+    )
     .await;
     let peak = peak_rss_bytes(pid).expect("memory");
     let m = scrape(metrics).await.expect("metrics");
@@ -809,7 +877,11 @@ async fn the_hostile_upstream_plays_every_attack_and_costs_nothing() {
         bus.len()
     );
     assert!(peak < 256 << 20, "peak RSS {} MiB", peak >> 20);
-    assert_eq!(seen.len(), acts + 1, "one connection per act, then the quiet one");
+    assert_eq!(
+        seen.len(),
+        acts + 1,
+        "one connection per act, then the quiet one"
+    );
     assert!(
         gaps.iter().all(|g| *g >= backoff_initial / 2),
         "a reconnect faster than the backoff: {gaps:?}"
@@ -819,16 +891,28 @@ async fn the_hostile_upstream_plays_every_attack_and_costs_nothing() {
         assert_eq!(m[&name], 0.0, "{name}");
     }
     let visible = [
-        ("pleiades_ingest_disconnects_total{reason=\"throttled\"}", 1.0),
+        (
+            "pleiades_ingest_disconnects_total{reason=\"throttled\"}",
+            1.0,
+        ),
         ("pleiades_ingest_disconnects_total{reason=\"status\"}", 1.0),
         ("pleiades_ingest_disconnects_total{reason=\"stalled\"}", 1.0),
         ("pleiades_recv_anomalies_total{kind=\"slow_stream\"}", 1.0),
         ("pleiades_recv_anomalies_total{kind=\"long_id\"}", 1.0),
         ("pleiades_recv_anomalies_total{kind=\"retry_clamped\"}", 2.0),
         ("pleiades_recv_oversize_events_total", 1.0),
-        ("pleiades_quarantined_events_total{reason=\"not_json\",role=\"ingest\"}", 2.0),
-        ("pleiades_quarantined_events_total{reason=\"out_of_range\",role=\"ingest\"}", 5.0),
-        ("pleiades_quarantined_events_total{reason=\"future_dt\",role=\"ingest\"}", 1.0),
+        (
+            "pleiades_quarantined_events_total{reason=\"not_json\",role=\"ingest\"}",
+            2.0,
+        ),
+        (
+            "pleiades_quarantined_events_total{reason=\"out_of_range\",role=\"ingest\"}",
+            5.0,
+        ),
+        (
+            "pleiades_quarantined_events_total{reason=\"future_dt\",role=\"ingest\"}",
+            1.0,
+        ),
     ];
     for (name, want) in visible {
         assert_eq!(m.get(name).copied(), Some(want), "{name}");
