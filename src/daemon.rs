@@ -70,7 +70,7 @@ pub fn preflight(config: &Config) -> Vec<Problem> {
 /// Raises the soft limit on open files to the hard one, as network daemons do: every
 /// listener's connection limit, the bus, the store and upstream share this budget. Returns the
 /// limit in force.
-fn raise_open_file_limit() -> Option<u64> {
+fn raise_open_file_limit() -> Option<libc::rlim_t> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -90,7 +90,7 @@ fn raise_open_file_limit() -> Option<u64> {
             }
         }
     }
-    Some(limit.rlim_cur as u64)
+    Some(limit.rlim_cur)
 }
 
 /// Runs the roles `config` enables until SIGTERM/SIGINT or `shutdown` is cancelled, telling

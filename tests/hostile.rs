@@ -377,7 +377,7 @@ async fn an_event_from_the_future_is_quarantined_and_the_age_stays_positive() {
 }
 
 /// Raises this process's soft limit on open files to its hard limit (the daemon inherits it).
-fn raise_open_file_limit() -> u64 {
+fn raise_open_file_limit() -> libc::rlim_t {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -388,7 +388,7 @@ fn raise_open_file_limit() -> u64 {
         limit.rlim_cur = limit.rlim_max;
         assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
     }
-    limit.rlim_cur as u64
+    limit.rlim_cur
 }
 
 /// Opens `n` TCP connections to `addr` that send nothing.
@@ -437,7 +437,7 @@ async fn five_thousand_idle_connections_to_each_listener_starve_nothing() {
     const IDLE: usize = 5000;
     let limit = raise_open_file_limit();
     assert!(
-        limit > 2 * IDLE as u64 + 500,
+        limit > 2 * IDLE as libc::rlim_t + 500,
         "RLIMIT_NOFILE hard limit {limit} is too low for this test"
     );
     let mut scope = TestScope::new();

@@ -407,7 +407,7 @@ impl Ingester {
     ) -> Result<(), IngestError> {
         self.metrics.quarantined(reason);
         let record = QuarantineRecord::new(reason, error, &event.id, &event.data);
-        tracing::warn!(%reason, error = ?shown(&record.error), id = ?shown(&record.id), "quarantined an event");
+        tracing::warn!(%reason, error = ?shown(&record.error), id = ?shown(record.id), "quarantined an event");
         self.bus.quarantine(&record, shutdown).await?;
         Ok(())
     }
