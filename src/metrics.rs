@@ -78,10 +78,7 @@ impl<E: LabelValue> LabelledCounter<E> {
         help: &str,
         label: &str,
     ) -> Result<Self, prometheus::Error> {
-        let vec = counter_vec(r, name, help, &[label])?;
-        for value in E::ALL {
-            vec.with_label_values(&[value.as_str()]);
-        }
+        let vec = with_every_value::<E, _>(counter_vec(r, name, help, &[label])?);
         Ok(LabelledCounter {
             vec,
             values: std::marker::PhantomData,
@@ -100,6 +97,40 @@ impl<E: LabelValue> LabelledCounter<E> {
 
     /// The series of one value, for a component that counts into it without knowing the label.
     pub fn series(&self, value: E) -> IntCounter {
+        self.vec.with_label_values(&[value.as_str()])
+    }
+}
+
+/// A gauge with one label whose values are `E`, every series existing from registration.
+#[derive(Clone)]
+pub struct LabelledGauge<E> {
+    vec: IntGaugeVec,
+    values: std::marker::PhantomData<E>,
+}
+
+/// `vec` with the series of every value of `E` created, so that each exists from the first
+/// scrape.
+fn with_every_value<E: LabelValue, B: prometheus::core::MetricVecBuilder>(
+    vec: prometheus::core::MetricVec<B>,
+) -> prometheus::core::MetricVec<B> {
+    for value in E::ALL {
+        vec.with_label_values(&[value.as_str()]);
+    }
+    vec
+}
+
+impl<E: LabelValue> LabelledGauge<E> {
+    fn register(r: &Registry, opts: Opts, label: &str) -> Result<Self, prometheus::Error> {
+        let vec = registered(r, IntGaugeVec::new(opts, &[label]))?;
+        let vec = with_every_value::<E, _>(vec);
+        Ok(LabelledGauge {
+            vec,
+            values: std::marker::PhantomData,
+        })
+    }
+
+    /// The series of one value.
+    pub fn series(&self, value: E) -> IntGauge {
         self.vec.with_label_values(&[value.as_str()])
     }
 }
@@ -243,7 +274,7 @@ pub struct Metrics {
 #[derive(Clone)]
 pub struct HttpMetrics {
     /// `pleiades_http_open_connections{listener}`.
-    pub open: IntGaugeVec,
+    pub open: LabelledGauge<Listener>,
     /// `pleiades_http_shed_connections_total{listener}`: idle connections closed to make room
     /// at the listener's connection limit.
     pub shed: LabelledCounter<Listener>,
@@ -265,16 +296,14 @@ pub struct ListenerMetrics {
 
 impl HttpMetrics {
     fn register(r: &Registry) -> Result<Self, prometheus::Error> {
-        let m = HttpMetrics {
-            open: registered(
+        Ok(HttpMetrics {
+            open: LabelledGauge::register(
                 r,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "pleiades_http_open_connections",
-                        "Connections open on each HTTP listener",
-                    ),
-                    &["listener"],
+                Opts::new(
+                    "pleiades_http_open_connections",
+                    "Connections open on each HTTP listener",
                 ),
+                "listener",
             )?,
             shed: LabelledCounter::register(
                 r,
@@ -294,17 +323,13 @@ impl HttpMetrics {
                 "Readiness checks that failed, by check",
                 "check",
             )?,
-        };
-        for listener in Listener::ALL {
-            m.open.with_label_values(&[listener.as_str()]);
-        }
-        Ok(m)
+        })
     }
 
     /// The handles of one listener.
     pub fn listener(&self, listener: Listener) -> ListenerMetrics {
         ListenerMetrics {
-            open: self.open.with_label_values(&[listener.as_str()]),
+            open: self.open.series(listener),
             shed: self.shed.series(listener),
             header_timeouts: self.header_timeouts.series(listener),
         }
