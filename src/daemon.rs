@@ -50,17 +50,16 @@ pub fn preflight(config: &Config) -> Vec<Problem> {
     let stores = config.aggregate.enabled || config.web.enabled;
     if stores && config.store.kind == crate::config::StoreKind::Redis {
         let ca_file = config.redis.ca_file.as_deref();
-        if let Err(message) = crate::store::redis::connection_info(&config.redis.url, ca_file) {
+        if let Err(error) = crate::store::redis::connection_info(&config.redis.url, ca_file) {
+            let message = match &error {
+                crate::store::redis::SettingsError::Url(_) => {
+                    format!("{}: {error}", crate::config::redact_url(&config.redis.url))
+                }
+                crate::store::redis::SettingsError::CaFile { .. } => error.to_string(),
+            };
             problems.push(Problem {
-                key: if message.starts_with("redis.ca_file") {
-                    "redis.ca_file".into()
-                } else {
-                    "redis.url".into()
-                },
-                message: format!(
-                    "{} ({message})",
-                    crate::config::redact_url(&config.redis.url)
-                ),
+                key: error.key().into(),
+                message,
             });
         }
     }

@@ -113,25 +113,49 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return {1, ARGV[3]}
 ";
 
+/// Why the Redis settings cannot be used; never repeats the URL (it may hold a password).
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("not a usable Redis URL ({0})")]
+    Url(String),
+    #[error("{path}: {reason}")]
+    CaFile { path: String, reason: String },
+}
+
+impl SettingsError {
+    /// The configuration key at fault.
+    pub fn key(&self) -> &'static str {
+        match self {
+            SettingsError::Url(_) => "redis.url",
+            SettingsError::CaFile { .. } => "redis.ca_file",
+        }
+    }
+}
+
 /// Parses `url` the way the client will use it, with the authorities of `ca_file` for TLS.
-/// Errors never repeat the URL (it may hold a password); the caller names the redacted one.
-pub fn connection_info(url: &str, ca_file: Option<&Path>) -> Result<redis::ConnectionInfo, String> {
+pub fn connection_info(
+    url: &str,
+    ca_file: Option<&Path>,
+) -> Result<redis::ConnectionInfo, SettingsError> {
     use redis::IntoConnectionInfo as _;
     let info = url
         .into_connection_info()
-        .map_err(|e| format!("not a usable Redis URL ({})", e.category()))?;
+        .map_err(|e| SettingsError::Url(e.category().to_owned()))?;
     let Some(ca_file) = ca_file else {
         return Ok(info);
     };
-    let root_cert =
-        std::fs::read(ca_file).map_err(|e| format!("redis.ca_file {}: {e}", ca_file.display()))?;
+    let fail = |reason: String| SettingsError::CaFile {
+        path: ca_file.display().to_string(),
+        reason,
+    };
+    let root_cert = std::fs::read(ca_file).map_err(|e| fail(e.to_string()))?;
     let certificates = redis::TlsCertificates {
         client_tls: None,
         root_cert: Some(root_cert),
     };
     redis::Client::build_with_tls(info, certificates)
         .map(|client| client.get_connection_info().clone())
-        .map_err(|e| format!("redis.ca_file {}: {e}", ca_file.display()))
+        .map_err(|e| fail(e.to_string()))
 }
 
 /// A pool of connections to one Redis; cheap to clone.
@@ -159,7 +183,7 @@ impl RedisStore {
             url: peer.to_string(),
             message,
         };
-        let info = connection_info(url, ca_file).map_err(fail)?;
+        let info = connection_info(url, ca_file).map_err(|e| fail(e.to_string()))?;
         let manager = deadpool_redis::Manager::new(info).map_err(|e| fail(e.to_string()))?;
         let pool = Pool::builder(manager)
             .runtime(Runtime::Tokio1)
@@ -331,6 +355,7 @@ mod tests {
         );
         assert_eq!(redact("redis//user:s3cr3t@host"), "***@host");
         let error = connection_info("redis://:s3cr3t@host:notaport/", None).unwrap_err();
-        assert!(!error.contains("s3cr3t"), "{error}");
+        assert!(!error.to_string().contains("s3cr3t"), "{error}");
+        assert_eq!(error.key(), "redis.url");
     }
 }
