@@ -155,62 +155,59 @@ async fn a_retry_after_of_u64_max_is_clamped_not_a_panic() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retry_field_of_u64_max_is_clamped() {
+/// Plays `first` (made from the frames of 20 events) on the first connection and 20 more events
+/// on the next; returns once all 40 are on the bus exactly once, with the gap between the two
+/// connections and the metrics then.
+async fn reconnect_after(
+    first: impl FnOnce(String) -> Act,
+    config: fn(&HostileUpstream, u16) -> Config,
+) -> (Duration, HashMap<String, f64>) {
     let mut scope = TestScope::new();
-    let (first, second) = (events("first", 20), events("second", 20));
-    let body = format!("retry: {}\n{}", u64::MAX, frames(&first, 0));
+    let (before, after) = (events("first", 20), events("second", 20));
     let upstream = HostileUpstream::start(vec![
-        Act::stream(body.into_bytes()),
-        Act::stream(frames(&second, 100).into_bytes()),
+        first(frames(&before, 0)),
+        Act::stream(frames(&after, 100).into_bytes()),
     ])
     .await;
     let metrics = TestScope::free_port();
-    scope.write_config(&against_impatient(&upstream, metrics));
+    scope.write_config(&config(&upstream, metrics));
     let daemon = scope.spawn(&["--config", "pleiades.toml"]);
     let gap = reconnect_gap(&upstream, Duration::from_secs(20)).await;
-    let mut expected = ids(&first);
-    expected.extend(ids(&second));
+    let mut expected = ids(&before);
+    expected.extend(ids(&after));
     wait_for_ids(&scope, &expected, Duration::from_secs(20)).await;
-    let clamped = metric(
-        metrics,
-        "pleiades_recv_anomalies_total{kind=\"retry_clamped\"}",
-    )
-    .await;
-    println!("retry: {}: reconnected after {gap:?}", u64::MAX);
-    assert!(
-        gap >= Duration::from_millis(900) && gap < Duration::from_secs(3),
-        "{gap:?}"
-    );
-    assert_eq!(clamped, 1.0);
+    let m = scrape(metrics).await.expect("metrics");
     assert_eq!(
         scope.terminate(daemon, Duration::from_secs(10)).await,
         Some(0)
     );
     assert_exactly_once(&bus_lines(&scope.path("events")), &expected);
+    (gap, m)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_field_of_u64_max_is_clamped() {
+    let first = |frames| Act::stream(format!("retry: {}\n{frames}", u64::MAX).into_bytes());
+    let (gap, m) = reconnect_after(first, against_impatient).await;
+    println!("retry: {}: reconnected after {gap:?}", u64::MAX);
+    assert!(
+        gap >= Duration::from_millis(900) && gap < Duration::from_secs(3),
+        "{gap:?}"
+    );
+    assert_eq!(
+        m["pleiades_recv_anomalies_total{kind=\"retry_clamped\"}"],
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickling_stream_is_reopened_by_the_watchdog() {
-    let mut scope = TestScope::new();
-    let (first, second) = (events("first", 20), events("second", 20));
-    let upstream = HostileUpstream::start(vec![
-        Act::Stream {
-            chunks: vec![frames(&first, 0).into_bytes()],
-            then: Then::Trickle { every: ms(100) },
-        },
-        Act::stream(frames(&second, 100).into_bytes()),
-    ])
-    .await;
-    let metrics = TestScope::free_port();
-    scope.write_config(&against(&upstream, metrics));
-    let daemon = scope.spawn(&["--config", "pleiades.toml"]);
     // A byte every 100 ms, none of them completing a line: the 1 s watchdog still fires.
-    let gap = reconnect_gap(&upstream, Duration::from_secs(20)).await;
-    let mut expected = ids(&first);
-    expected.extend(ids(&second));
-    wait_for_ids(&scope, &expected, Duration::from_secs(20)).await;
-    let m = scrape(metrics).await.expect("metrics");
+    let first = |frames: String| Act::Stream {
+        chunks: vec![frames.into_bytes()],
+        then: Then::Trickle { every: ms(100) },
+    };
+    let (gap, m) = reconnect_after(first, against).await;
     println!("a byte every 100 ms: reopened after {gap:?}");
     assert!(gap < Duration::from_secs(4), "{gap:?}");
     assert_eq!(
@@ -221,10 +218,15 @@ async fn a_trickling_stream_is_reopened_by_the_watchdog() {
         m["pleiades_recv_anomalies_total{kind=\"slow_stream\"}"],
         1.0
     );
-    assert_eq!(
-        scope.terminate(daemon, Duration::from_secs(10)).await,
-        Some(0)
-    );
+}
+
+/// Compares the embedded store `counters.db` of `scope` with `expected`.
+async fn assert_embedded_counters(scope: &TestScope, expected: &Expected) {
+    let settings = pleiades::config::StoreSettings::Embedded(pleiades::config::StoreConfig {
+        path: scope.path("counters.db"),
+        ..Default::default()
+    });
+    assert_counters_equal(&stored(&open_store(&settings).await).await, expected);
 }
 
 /// Events whose `length` no page can have, one per way of getting it wrong.
@@ -287,14 +289,7 @@ async fn lengths_near_the_i64_limits_are_quarantined_and_counting_goes_on() {
         m["pleiades_goroutine_restarts{component=\"aggregate\"}"],
         0.0
     );
-    let store = open_store(&pleiades::config::StoreSettings::Embedded(
-        pleiades::config::StoreConfig {
-            path: scope.path("counters.db"),
-            ..Default::default()
-        },
-    ))
-    .await;
-    assert_counters_equal(&stored(&store).await, &expected);
+    assert_embedded_counters(&scope, &expected).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,14 +322,7 @@ async fn an_absurd_length_already_on_the_bus_is_quarantined_by_the_aggregator() 
         scope.terminate(daemon, Duration::from_secs(10)).await,
         Some(0)
     );
-    let store = open_store(&pleiades::config::StoreSettings::Embedded(
-        pleiades::config::StoreConfig {
-            path: scope.path("counters.db"),
-            ..Default::default()
-        },
-    ))
-    .await;
-    assert_counters_equal(&stored(&store).await, &expected);
+    assert_embedded_counters(&scope, &expected).await;
 }
 
 /// A valid event with meta.dt `at`.
