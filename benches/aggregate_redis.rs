@@ -132,7 +132,7 @@ async fn main() {
         }
     };
     let url = format!("redis://127.0.0.1:{port}/");
-    let store = RedisStore::open(&url, Duration::from_secs(10)).expect("store");
+    let store = RedisStore::open(&url, None, Duration::from_secs(10)).expect("store");
     let deadline = Instant::now() + Duration::from_secs(10);
     while store.ping().await.is_err() {
         assert!(Instant::now() < deadline, "redis-server did not start");

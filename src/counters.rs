@@ -185,9 +185,12 @@ impl Tally {
     }
 }
 
+/// Adds `delta`, saturating at the bounds of i64: events are range-checked (see
+/// `event::MAX_PAGE_LENGTH`), so only an absurd number of them could get there, and a counter
+/// pinned at its bound is better than one that wraps or a batch that can never be applied.
 fn bump(map: &mut HashMap<String, i64>, counter: &str, delta: i64) {
     match map.get_mut(counter) {
-        Some(value) => *value += delta,
+        Some(value) => *value = value.saturating_add(delta),
         None => {
             map.insert(counter.to_owned(), delta);
         }
@@ -266,6 +269,17 @@ mod tests {
                 c("pleiades_wiki_enwiki", 1)
             ]
         );
+    }
+
+    #[test]
+    fn sums_saturate_instead_of_wrapping() {
+        let mut day = HashMap::new();
+        bump(&mut day, GROWTH, i64::MAX - 1);
+        bump(&mut day, GROWTH, 5);
+        assert_eq!(day[GROWTH], i64::MAX);
+        bump(&mut day, LENGTH_DEC, i64::MIN);
+        bump(&mut day, LENGTH_DEC, -1);
+        assert_eq!(day[LENGTH_DEC], i64::MIN);
     }
 
     #[test]

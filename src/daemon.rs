@@ -45,7 +45,51 @@ pub fn preflight(config: &Config) -> Vec<Problem> {
     if config.uses_kafka() {
         problems.extend(crate::bus::kafka::check_properties(&config.kafka));
     }
+    // The Redis URL as the client reads it (with its TLS authorities), never printed with its
+    // password.
+    let stores = config.aggregate.enabled || config.web.enabled;
+    if stores && config.store.kind == crate::config::StoreKind::Redis {
+        let ca_file = config.redis.ca_file.as_deref();
+        if let Err(error) = crate::store::redis::connection_info(&config.redis.url, ca_file) {
+            let message = match &error {
+                crate::store::redis::SettingsError::Url(_) => {
+                    format!("{}: {error}", crate::config::redact_url(&config.redis.url))
+                }
+                crate::store::redis::SettingsError::CaFile { .. } => error.to_string(),
+            };
+            problems.push(Problem {
+                key: error.key().into(),
+                message,
+            });
+        }
+    }
     problems
+}
+
+/// Raises the soft limit on open files to the hard one, as network daemons do: every
+/// listener's connection limit, the bus, the store and upstream share this budget. Returns the
+/// limit in force.
+fn raise_open_file_limit() -> Option<libc::rlim_t> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    Some(limit.rlim_cur)
 }
 
 /// Runs the roles `config` enables until SIGTERM/SIGINT or `shutdown` is cancelled, telling
@@ -97,6 +141,23 @@ pub async fn run_roles(
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
     let metrics = Arc::new(Metrics::new(config.aggregate.workers)?);
+    if let Some(limit) = raise_open_file_limit() {
+        let listeners = config.metrics.max_connections
+            + if config.web.enabled {
+                config.web.max_connections
+            } else {
+                0
+            };
+        // What the bus, the store, upstream and the runtime need beside the listeners.
+        const RESERVE: u64 = 256;
+        if (listeners as u64).saturating_add(RESERVE) > limit {
+            tracing::warn!(
+                open_file_limit = limit,
+                listeners,
+                "web.max_connections + metrics.max_connections leave fewer than {RESERVE} file descriptors for the bus, the store and upstream; lower them or raise LimitNOFILE"
+            );
+        }
+    }
     // One store handle for the whole process: the embedded database allows one opener.
     let store = if config.aggregate.enabled || config.web.enabled {
         Some(Store::open(&config.store_settings(), metrics.store.clone()).await?)
@@ -109,12 +170,15 @@ pub async fn run_roles(
         kafka: config
             .uses_kafka()
             .then(|| crate::bus::kafka::Probe::new(&config.kafka)),
+        failures: Some(metrics.http.ready_failures.clone()),
+        failing: Arc::default(),
     };
     let (metrics_listener, metrics_addr) = crate::http::bind(config.metrics.listen).await?;
     let metrics_server = tokio::spawn(crate::health::serve(
         metrics_listener,
         metrics.clone(),
         readiness.clone(),
+        config.metrics.clone(),
         shutdown.clone(),
     ));
     spawn_signal_listener(shutdown.clone())?;

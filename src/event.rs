@@ -24,7 +24,20 @@ pub enum Invalid {
     MissingTime,
     #[error("meta.dt {value:?} is not an RFC 3339 time: {reason}")]
     BadTime { value: String, reason: String },
+    #[error(
+        "length.{side} is {value}, not a page length (an integer from 0 to {MAX_PAGE_LENGTH})"
+    )]
+    OutOfRange { side: &'static str, value: String },
+    #[error(
+        "meta.dt is {ahead_ms} ms ahead of this host's clock, more than the {limit_ms} ms allowed"
+    )]
+    FutureTime { ahead_ms: i64, limit_ms: i64 },
 }
+
+/// The largest page length an event may carry, in bytes: MediaWiki stores page lengths as
+/// unsigned 32-bit integers. Bounding both sides bounds every event's `pleiades_growth` to
+/// ±2^32, so sums stay exact for billions of events (and saturate rather than wrap beyond).
+pub const MAX_PAGE_LENGTH: u64 = u32::MAX as u64;
 
 impl Invalid {
     /// The kind of problem, for metrics and quarantine records.
@@ -35,6 +48,8 @@ impl Invalid {
             Invalid::BadMeta(_) => RejectReason::BadMeta,
             Invalid::MissingTime => RejectReason::MissingTime,
             Invalid::BadTime { .. } => RejectReason::BadTime,
+            Invalid::OutOfRange { .. } => RejectReason::OutOfRange,
+            Invalid::FutureTime { .. } => RejectReason::FutureTime,
         }
     }
 }
@@ -57,11 +72,15 @@ pub enum RejectReason {
     TooLarge,
     /// A bus record that is not a record at all (unreadable line, message without a value).
     BadRecord,
+    /// A `length` side that is a number but not a page length ([`MAX_PAGE_LENGTH`]).
+    OutOfRange,
+    /// `meta.dt` further in the future than `ingest.max_future_skew`.
+    FutureTime,
 }
 
 impl RejectReason {
     /// Every reason, so that each labelled series can exist from the first scrape.
-    pub const ALL: [RejectReason; 7] = [
+    pub const ALL: [RejectReason; 9] = [
         RejectReason::NotJson,
         RejectReason::NotObject,
         RejectReason::BadMeta,
@@ -69,6 +88,8 @@ impl RejectReason {
         RejectReason::BadTime,
         RejectReason::TooLarge,
         RejectReason::BadRecord,
+        RejectReason::OutOfRange,
+        RejectReason::FutureTime,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -80,6 +101,8 @@ impl RejectReason {
             RejectReason::BadTime => "bad_dt",
             RejectReason::TooLarge => "too_large",
             RejectReason::BadRecord => "bad_record",
+            RejectReason::OutOfRange => "out_of_range",
+            RejectReason::FutureTime => "future_dt",
         }
     }
 }
@@ -129,6 +152,53 @@ struct Envelope<'a> {
     length: Option<&'a RawValue>,
 }
 
+/// The two sides of `length`, kept raw so that any number can be checked against the range.
+#[derive(Deserialize)]
+struct LengthSides<'a> {
+    #[serde(borrow, default)]
+    old: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    new: Option<&'a RawValue>,
+}
+
+/// The rule for `length`: a side that is a JSON number must be an integer from 0 to
+/// [`MAX_PAGE_LENGTH`]; anything else numeric (negative, fractional, huge) makes the event
+/// invalid, so no counter ever sees it. Sides of other types keep their SPEC §5 meaning.
+fn check_length(raw: &RawValue) -> Result<(), Invalid> {
+    if !raw.get().starts_with('{') {
+        return Ok(());
+    }
+    let Ok(sides) = serde_json::from_str::<LengthSides<'_>>(raw.get()) else {
+        return Ok(());
+    };
+    for (side, value) in [("old", sides.old), ("new", sides.new)] {
+        let Some(text) = value.map(|v| v.get()) else {
+            continue;
+        };
+        let numeric = text.starts_with(|c: char| c == '-' || c.is_ascii_digit());
+        if numeric && text.parse::<u64>().map_or(true, |n| n > MAX_PAGE_LENGTH) {
+            return Err(Invalid::OutOfRange {
+                side,
+                value: text.chars().take(40).collect(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks an event time against the clock: at most `max_future_ms` ahead of `now_ms`. Past
+/// times are always accepted (history may be replayed).
+pub fn check_not_future(time_ms: i64, now_ms: i64, max_future_ms: i64) -> Result<(), Invalid> {
+    let ahead_ms = time_ms.saturating_sub(now_ms);
+    if ahead_ms > max_future_ms {
+        return Err(Invalid::FutureTime {
+            ahead_ms,
+            limit_ms: max_future_ms,
+        });
+    }
+    Ok(())
+}
+
 #[derive(Deserialize)]
 struct Meta<'a> {
     #[serde(borrow, default)]
@@ -159,6 +229,9 @@ pub fn inspect(data: &str) -> Result<EventHead<'_>, Invalid> {
     let meta = envelope.meta.ok_or(Invalid::MissingTime)?;
     let dt = meta.dt.ok_or(Invalid::MissingTime)?;
     let time_ms = parse_time_ms(&dt)?;
+    if let Some(length) = envelope.length {
+        check_length(length)?;
+    }
     let canary = meta.domain.as_deref() == Some("canary");
     Ok(EventHead {
         id: meta.id,
@@ -260,6 +333,41 @@ mod tests {
             reason(r#"{"meta":{"dt":"2022-12-11T04:27:02Z"}"#),
             "not_json"
         );
+    }
+
+    #[test]
+    fn lengths_outside_a_page_length_are_out_of_range() {
+        let reason = |length: &str| {
+            inspect(&format!(
+                r#"{{"meta":{{"dt":"2022-12-11T04:27:02Z"}},"length":{length}}}"#
+            ))
+            .err()
+            .map(|e| e.reason().as_str())
+        };
+        assert_eq!(reason(r#"{"old":10,"new":4294967295}"#), None);
+        assert_eq!(reason(r#"{"old":null,"new":7}"#), None);
+        assert_eq!(reason(r#"{"new":"12"}"#), None);
+        assert_eq!(reason("12"), None);
+        for bad in [
+            r#"{"old":0,"new":4294967296}"#,
+            r#"{"old":-1,"new":3}"#,
+            r#"{"old":1,"new":9223372036854775807}"#,
+            r#"{"old":-9223372036854775808}"#,
+            r#"{"new":1e30}"#,
+            r#"{"new":12.5}"#,
+        ] {
+            assert_eq!(reason(bad), Some("out_of_range"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_times_too_far_ahead_of_the_clock_are_refused() {
+        let now = 1_700_000_000_000;
+        assert!(check_not_future(now + 1000, now, 1000).is_ok());
+        assert!(check_not_future(0, now, 1000).is_ok());
+        assert!(check_not_future(i64::MIN, now, 0).is_ok());
+        let far = check_not_future(i64::MAX, now, 1000).unwrap_err();
+        assert_eq!(far.reason(), RejectReason::FutureTime);
     }
 
     #[test]

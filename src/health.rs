@@ -1,9 +1,14 @@
 //! Health: `/healthz` (the process answers) and `/readyz` (this host's roles reach their store and
 //! bus), served with `/metrics` on `metrics.listen` on every host, and by the web role.
+//!
+//! The web listener may face the public, so its `/readyz` names the failing checks only; why
+//! they fail (addresses, paths, broker names) goes to the log, to
+//! `pleiades_ready_check_failures_total` and to the `/readyz` of `metrics.listen`, which is the
+//! operator's.
 
 use crate::bus::kafka::Probe;
 use crate::http::ServeError;
-use crate::metrics::Metrics;
+use crate::metrics::{Listener, Metrics, ReadyCheck};
 use crate::store::Store;
 use bytes::Bytes;
 use std::convert::Infallible;
@@ -22,34 +27,53 @@ pub struct Readiness {
     pub store: Option<Store>,
     pub event_files: Option<PathBuf>,
     pub kafka: Option<Probe>,
+    /// Where failed checks are counted; none in tests that do not look.
+    pub failures: Option<crate::metrics::LabelledCounter<ReadyCheck>>,
+    /// The checks failing at the last look, so that a change is logged once, not every probe.
+    pub failing: Arc<std::sync::Mutex<std::collections::HashSet<&'static str>>>,
+}
+
+/// How much a `/readyz` answer tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detail {
+    /// Check names and outcomes only (the public web listener).
+    Public,
+    /// With each failure's reason (the operator's metrics listener).
+    Operator,
 }
 
 impl Readiness {
-    /// Runs every check: 200 with `{"ready": true, "checks": […]}` when all pass, else 503 with
-    /// the failing check's error.
-    pub async fn check(&self) -> (StatusCode, Bytes) {
+    /// Runs every check: 200 with `{"ready": true, "checks": […]}` when all pass, else 503;
+    /// with `Detail::Operator`, each failing check carries its error.
+    pub async fn check(&self, detail: Detail) -> (StatusCode, Bytes) {
         let mut checks = Vec::new();
         if let Some(store) = &self.store {
             let result = store.ping().await;
-            checks.push(("store", result.err().map(|e| e.to_string())));
+            checks.push((ReadyCheck::Store, result.err().map(|e| e.to_string())));
         }
         if let Some(dir) = &self.event_files {
             let ok = dir.is_dir();
             checks.push((
-                "event_files",
+                ReadyCheck::EventFiles,
                 (!ok).then(|| format!("{} is not a directory", dir.display())),
             ));
         }
         if let Some(probe) = &self.kafka {
             let result = probe.check().await;
-            checks.push(("kafka", result.err().map(|e| e.to_string())));
+            checks.push((ReadyCheck::Kafka, result.err().map(|e| e.to_string())));
+        }
+        for (check, error) in &checks {
+            self.record(*check, error.as_deref());
         }
         let ready = checks.iter().all(|(_, error)| error.is_none());
         let body = serde_json::json!({
             "ready": ready,
             "checks": checks
                 .iter()
-                .map(|(name, error)| serde_json::json!({ "name": name, "ok": error.is_none(), "error": error }))
+                .map(|(check, error)| match detail {
+                    Detail::Operator => serde_json::json!({ "name": check.as_str(), "ok": error.is_none(), "error": error }),
+                    Detail::Public => serde_json::json!({ "name": check.as_str(), "ok": error.is_none() }),
+                })
                 .collect::<Vec<_>>(),
         });
         let status = if ready {
@@ -58,6 +82,29 @@ impl Readiness {
             StatusCode::SERVICE_UNAVAILABLE
         };
         (status, Bytes::from(body.to_string()))
+    }
+}
+
+impl Readiness {
+    /// Counts a failed check, and logs when a check starts or stops failing.
+    fn record(&self, check: ReadyCheck, error: Option<&str>) {
+        if error.is_some() {
+            if let Some(failures) = &self.failures {
+                failures.inc(check);
+            }
+        }
+        let Ok(mut failing) = self.failing.lock() else {
+            return;
+        };
+        match error {
+            Some(error) if failing.insert(check.as_str()) => {
+                tracing::warn!(check = check.as_str(), error, "readiness check failing");
+            }
+            None if failing.remove(check.as_str()) => {
+                tracing::info!(check = check.as_str(), "readiness check passing again");
+            }
+            _ => {}
+        }
     }
 }
 
@@ -77,9 +124,10 @@ pub fn json(status: StatusCode, body: Bytes) -> warp::reply::Response {
     response
 }
 
-/// The `/healthz` and `/readyz` routes.
+/// The `/healthz` and `/readyz` routes, telling as much as `detail` allows.
 pub fn routes(
     readiness: Readiness,
+    detail: Detail,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection>
        + Clone
        + Send
@@ -89,20 +137,30 @@ pub fn routes(
     let readyz = warp::path!("readyz").then(move || {
         let readiness = readiness.clone();
         async move {
-            let (status, body) = readiness.check().await;
+            let (status, body) = readiness.check(detail).await;
             json(status, body)
         }
     });
     healthz.or(readyz).unify()
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown`.
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown`, within the
+/// `[metrics]` section's connection limits.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     readiness: Readiness,
+    config: crate::config::MetricsConfig,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    let handles = metrics.http.listener(Listener::Metrics);
+    let limits = crate::http::Limits {
+        max_connections: config.max_connections,
+        header_timeout: config.header_timeout,
+        open: handles.open,
+        shed: handles.shed,
+        header_timeouts: handles.header_timeouts,
+    };
     let scrape = warp::path!("metrics").map(move || {
         warp::reply::with_header(
             metrics.render(),
@@ -112,13 +170,17 @@ pub async fn serve(
         .into_response()
     });
     let routes = warp::get()
-        .and(scrape.or(routes(readiness)).unify())
+        .and(scrape.or(routes(readiness, Detail::Operator)).unify())
         .recover(|_: warp::Rejection| async {
             Ok::<_, Infallible>(json(
                 StatusCode::NOT_FOUND,
                 Bytes::from_static(b"{\"error\":\"no such page\"}"),
             ))
         })
-        .unify();
-    crate::http::serve(listener, routes, shutdown).await
+        .unify()
+        .with(warp::reply::with::header(
+            "x-content-type-options",
+            "nosniff",
+        ));
+    crate::http::serve(listener, routes, limits, shutdown).await
 }

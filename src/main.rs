@@ -20,6 +20,9 @@ struct Cli {
     /// Log debug detail.
     #[arg(long, short = 'v', global = true)]
     verbose: bool,
+    /// Log line format: "text" or "json" (one JSON object per line); overrides log.format.
+    #[arg(long, global = true, value_parser = ["text", "json"])]
+    log_format: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -76,8 +79,14 @@ fn main() -> ExitCode {
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    let log_format = cli.log_format.as_deref().map(|f| match f {
+        "json" => LogFormat::Json,
+        _ => LogFormat::Text,
+    });
     let (role, flags, check_only) = match cli.command {
-        Some(Command::Replay(options)) => return run_replay(options, cli.quiet, cli.verbose),
+        Some(Command::Replay(options)) => {
+            return run_replay(options, cli.quiet, cli.verbose, log_format)
+        }
         Some(Command::CheckConfig) => (None, None, true),
         Some(Command::Ingest(f)) => (Some(Role::Ingest), Some(f), false),
         Some(Command::Aggregate(f)) => (Some(Role::Aggregate), Some(f), false),
@@ -88,6 +97,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         only_role: role,
         quiet: cli.quiet,
         verbose: cli.verbose,
+        log_format,
         ..Overrides::default()
     };
     if let Some(f) = flags {
@@ -106,8 +116,15 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         .or_else(|| default_file.exists().then(|| default_file.to_owned()));
     let env: std::collections::HashMap<String, String> = std::env::vars().collect();
     let notifier = pleiades::systemd::Notifier::from_env(&env);
+    // systemd's LoadCredential= hands secrets over in $CREDENTIALS_DIRECTORY, readable by this
+    // service alone: a `secrets.toml` there is merged over the configuration file.
+    let secrets = env
+        .get("CREDENTIALS_DIRECTORY")
+        .map(|dir| Path::new(dir).join("secrets.toml"))
+        .filter(|path| path.exists());
     let sources = Sources {
         file: file.as_deref(),
+        secrets: secrets.as_deref(),
         env,
         overrides,
     };
@@ -155,6 +172,7 @@ fn run_replay(
     options: pleiades::replay::ReplayOptions,
     quiet: bool,
     verbose: bool,
+    format: Option<LogFormat>,
 ) -> anyhow::Result<ExitCode> {
     if quiet && verbose {
         eprintln!("pleiades: -q and -v both given; choose one");
@@ -167,7 +185,7 @@ fn run_replay(
     } else {
         "info"
     };
-    init_logging(level, LogFormat::Text);
+    init_logging(level, format.unwrap_or(LogFormat::Text));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -192,11 +210,15 @@ fn run_replay(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Logs go to stderr: coloured only when it is a terminal, so that the journal and log files get
+/// plain text (or JSON, where escapes are part of the format).
 fn init_logging(level: &str, format: LogFormat) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

@@ -78,10 +78,7 @@ impl<E: LabelValue> LabelledCounter<E> {
         help: &str,
         label: &str,
     ) -> Result<Self, prometheus::Error> {
-        let vec = counter_vec(r, name, help, &[label])?;
-        for value in E::ALL {
-            vec.with_label_values(&[value.as_str()]);
-        }
+        let vec = with_every_value::<E, _>(counter_vec(r, name, help, &[label])?);
         Ok(LabelledCounter {
             vec,
             values: std::marker::PhantomData,
@@ -96,6 +93,45 @@ impl<E: LabelValue> LabelledCounter<E> {
     /// The count so far.
     pub fn get(&self, value: E) -> u64 {
         self.vec.with_label_values(&[value.as_str()]).get()
+    }
+
+    /// The series of one value, for a component that counts into it without knowing the label.
+    pub fn series(&self, value: E) -> IntCounter {
+        self.vec.with_label_values(&[value.as_str()])
+    }
+}
+
+/// A gauge with one label whose values are `E`, every series existing from registration.
+#[derive(Clone)]
+pub struct LabelledGauge<E> {
+    vec: IntGaugeVec,
+    values: std::marker::PhantomData<E>,
+}
+
+/// `vec` with the series of every value of `E` created, so that each exists from the first
+/// scrape.
+fn with_every_value<E: LabelValue, B: prometheus::core::MetricVecBuilder>(
+    vec: prometheus::core::MetricVec<B>,
+) -> prometheus::core::MetricVec<B> {
+    for value in E::ALL {
+        vec.with_label_values(&[value.as_str()]);
+    }
+    vec
+}
+
+impl<E: LabelValue> LabelledGauge<E> {
+    fn register(r: &Registry, opts: Opts, label: &str) -> Result<Self, prometheus::Error> {
+        let vec = registered(r, IntGaugeVec::new(opts, &[label]))?;
+        let vec = with_every_value::<E, _>(vec);
+        Ok(LabelledGauge {
+            vec,
+            values: std::marker::PhantomData,
+        })
+    }
+
+    /// The series of one value.
+    pub fn series(&self, value: E) -> IntGauge {
+        self.vec.with_label_values(&[value.as_str()])
     }
 }
 
@@ -118,6 +154,36 @@ label_values! {
         Throttled => "throttled",
         Status => "status",
         Transport => "transport",
+    }
+}
+
+label_values! {
+    /// Hostile or broken upstream behaviour the ingester defused: label `kind` of
+    /// `pleiades_recv_anomalies_total`.
+    Anomaly {
+        /// An `id:` longer than `ingest::sse::MAX_ID_BYTES`, ignored.
+        LongId => "long_id",
+        /// A `Retry-After` or `retry:` longer than `ingest.max_retry_after`, cut to it.
+        RetryClamped => "retry_clamped",
+        /// Bytes kept arriving but completed no event or heartbeat within the stall timeout.
+        SlowStream => "slow_stream",
+    }
+}
+
+label_values! {
+    /// The HTTP listeners: label `listener` of the connection metrics.
+    Listener {
+        Web => "web",
+        Metrics => "metrics",
+    }
+}
+
+label_values! {
+    /// The readiness checks: label `check` of `pleiades_ready_check_failures_total`.
+    ReadyCheck {
+        Store => "store",
+        EventFiles => "event_files",
+        Kafka => "kafka",
     }
 }
 
@@ -201,6 +267,73 @@ pub struct Metrics {
     pub web: WebMetrics,
     pub store: StoreMetrics,
     pub supervisor: SupervisorMetrics,
+    pub http: HttpMetrics,
+}
+
+/// Metrics of the HTTP listeners (`web.listen`, `metrics.listen`) and the readiness checks.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    /// `pleiades_http_open_connections{listener}`.
+    pub open: LabelledGauge<Listener>,
+    /// `pleiades_http_shed_connections_total{listener}`: idle connections closed to make room
+    /// at the listener's connection limit.
+    pub shed: LabelledCounter<Listener>,
+    /// `pleiades_http_header_timeouts_total{listener}`: connections closed because no request
+    /// headers arrived within the listener's header timeout.
+    pub header_timeouts: LabelledCounter<Listener>,
+    /// `pleiades_ready_check_failures_total{check}`: readiness checks that failed (the reason
+    /// is logged; the public `/readyz` does not show it).
+    pub ready_failures: LabelledCounter<ReadyCheck>,
+}
+
+/// The handles one listener counts into.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    pub open: IntGauge,
+    pub shed: IntCounter,
+    pub header_timeouts: IntCounter,
+}
+
+impl HttpMetrics {
+    fn register(r: &Registry) -> Result<Self, prometheus::Error> {
+        Ok(HttpMetrics {
+            open: LabelledGauge::register(
+                r,
+                Opts::new(
+                    "pleiades_http_open_connections",
+                    "Connections open on each HTTP listener",
+                ),
+                "listener",
+            )?,
+            shed: LabelledCounter::register(
+                r,
+                "pleiades_http_shed_connections_total",
+                "Idle connections closed to make room at the listener's connection limit",
+                "listener",
+            )?,
+            header_timeouts: LabelledCounter::register(
+                r,
+                "pleiades_http_header_timeouts_total",
+                "Connections closed because no request headers arrived within the header timeout",
+                "listener",
+            )?,
+            ready_failures: LabelledCounter::register(
+                r,
+                "pleiades_ready_check_failures_total",
+                "Readiness checks that failed, by check",
+                "check",
+            )?,
+        })
+    }
+
+    /// The handles of one listener.
+    pub fn listener(&self, listener: Listener) -> ListenerMetrics {
+        ListenerMetrics {
+            open: self.open.series(listener),
+            shed: self.shed.series(listener),
+            header_timeouts: self.header_timeouts.series(listener),
+        }
+    }
 }
 
 /// Metrics of the counter store, whoever uses it.
@@ -222,6 +355,8 @@ pub struct WebMetrics {
     pub cache_hits: IntCounter,
     pub cache_misses: IntCounter,
     pub live_clients: IntGauge,
+    /// `pleiades_web_live_refused_total`: `/api/live` requests refused at `web.live_max_clients`.
+    pub live_refused: IntCounter,
 }
 
 /// Metrics of the aggregators and the store.
@@ -261,6 +396,8 @@ pub struct IngestMetrics {
     pub disconnects: LabelledCounter<Disconnect>,
     pub connected: IntGauge,
     pub bytes: IntCounter,
+    /// `pleiades_recv_anomalies_total{kind}`: hostile or broken upstream behaviour defused.
+    pub anomalies: LabelledCounter<Anomaly>,
     pub last_event_time: Arc<AtomicI64>,
     pub last_event_timestamp: Gauge,
     pub dedupe_window: IntGauge,
@@ -341,6 +478,7 @@ impl Metrics {
             web: WebMetrics::register(r)?,
             store: StoreMetrics::register(r)?,
             supervisor: SupervisorMetrics::register(r)?,
+            http: HttpMetrics::register(r)?,
             registry,
         };
         register_build_info(&metrics.registry)?;
@@ -376,6 +514,7 @@ impl IngestMetrics {
             disconnects: LabelledCounter::register(r, "pleiades_ingest_disconnects_total", "Connection attempts or connections that ended, by reason", "reason")?,
             connected: gauge(r, "pleiades_ingest_connected", "1 while a stream from upstream is open, else 0")?,
             bytes: counter(r, "pleiades_recv_bytes_total", "Bytes received from upstream")?,
+            anomalies: LabelledCounter::register(r, "pleiades_recv_anomalies_total", "Hostile or broken upstream behaviour the ingester defused, by kind", "kind")?,
             last_event_timestamp: float_gauge(r, "pleiades_ingest_last_event_timestamp_seconds", "meta.dt of the newest event delivered to the bus, in seconds since the epoch")?,
             last_event_time: last_event_time.clone(),
             dedupe_window: gauge(r, "pleiades_ingest_dedupe_window_ids", "meta.ids currently remembered to drop repeats")?,
@@ -527,6 +666,11 @@ impl WebMetrics {
                 "pleiades_web_live_clients",
                 "Open live-update (server-sent events) connections",
             )?,
+            live_refused: counter(
+                r,
+                "pleiades_web_live_refused_total",
+                "Live-update requests refused because web.live_max_clients streams were open",
+            )?,
         };
         for route in Route::ALL {
             m.duration.with_label_values(&[route.as_str()]);
@@ -644,7 +788,7 @@ impl EventAge {
     fn new(last_ms: Arc<AtomicI64>) -> Result<Self, prometheus::Error> {
         let gauge = Gauge::with_opts(Opts::new(
             "pleiades_ingest_last_event_age_seconds",
-            "Age (now minus meta.dt) of the newest event delivered to the bus; 0 before the first",
+            "Age (now minus meta.dt, never negative) of the newest event delivered to the bus; 0 before the first",
         ))?;
         Ok(EventAge { last_ms, gauge })
     }
@@ -660,7 +804,7 @@ impl Collector for EventAge {
         let age = if last == 0 {
             0.0
         } else {
-            (chrono::Utc::now().timestamp_millis() - last) as f64 / 1000.0
+            (chrono::Utc::now().timestamp_millis().saturating_sub(last)).max(0) as f64 / 1000.0
         };
         self.gauge.set(age);
         self.gauge.collect()
@@ -668,7 +812,9 @@ impl Collector for EventAge {
 }
 
 impl IngestMetrics {
-    /// Records the event time of the newest event delivered to the bus.
+    /// Records the event time of the newest event delivered to the bus. The caller passes a
+    /// time no later than its clock, so that an event from the (tolerated) future cannot make
+    /// the age negative, which would keep the upstream-stalled alert from ever firing.
     pub fn delivered_event_time(&self, time_ms: i64) {
         let newest = self
             .last_event_time

@@ -13,6 +13,8 @@ enum StoreChoice {
     Embedded,
     /// The Redis URL.
     Redis(String),
+    /// A `rediss://` URL and the authority that signed the server's certificate.
+    RedisTls(String, std::path::PathBuf),
 }
 
 impl StoreChoice {
@@ -27,6 +29,11 @@ impl StoreChoice {
                 url: url.clone(),
                 ..RedisConfig::default()
             }),
+            StoreChoice::RedisTls(url, ca_file) => StoreSettings::Redis(RedisConfig {
+                url: url.clone(),
+                ca_file: Some(ca_file.clone()),
+                ..RedisConfig::default()
+            }),
         }
     }
 
@@ -37,6 +44,11 @@ impl StoreChoice {
             StoreChoice::Redis(url) => {
                 config.store.kind = StoreKind::Redis;
                 config.redis.url = url.clone();
+            }
+            StoreChoice::RedisTls(url, ca_file) => {
+                config.store.kind = StoreKind::Redis;
+                config.redis.url = url.clone();
+                config.redis.ca_file = Some(ca_file.clone());
             }
         }
     }
@@ -58,7 +70,9 @@ async fn read_store(scope: &TestScope, choice: &StoreChoice) -> Expected {
     stored(&open_store(&choice.settings(scope)).await).await
 }
 
-async fn whole_pipeline(choice: StoreChoice) {
+/// Counts the mixed events through the whole pipeline into `choice` and compares with the
+/// oracle; returns the scope (with its configuration and logs) and the metrics port.
+async fn whole_pipeline(choice: StoreChoice) -> (TestScope, u16) {
     let mut scope = TestScope::new();
     let (lines, _) = mixed_lines();
     let expected = oracle(&lines);
@@ -95,6 +109,7 @@ async fn whole_pipeline(choice: StoreChoice) {
         expected.days.len(),
         expected.all_time.len()
     );
+    (scope, metrics)
 }
 
 fn bus_segment_count(dir: &std::path::Path) -> usize {
@@ -274,4 +289,108 @@ async fn redis_commands_per_event_stay_under_budget() {
     );
     let found = read_store(&scope, &StoreChoice::Redis(redis.url())).await;
     assert_counters_equal(&found, &expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "service-tests"),
+    ignore = "needs redis-server and openssl (scripts/test)"
+)]
+async fn redis_over_tls_with_a_password_counts_exactly_and_never_shows_it() {
+    const PASSWORD: &str = "pleiades-tls-s3cret";
+    let redis_scope = TestScope::new();
+    let redis = RedisServer::start_tls(&redis_scope, PASSWORD).await;
+    let ca_file = redis.tls().expect("a TLS server").ca_file.clone();
+    let (mut scope, metrics) = whole_pipeline(StoreChoice::RedisTls(redis.url(), ca_file)).await;
+
+    let check = std::process::Command::new(binary())
+        .args(["check-config", "--config", "pleiades.toml"])
+        .current_dir(scope.dir.path())
+        .output()
+        .expect("check-config runs");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(check.status.success(), "{said}");
+    assert!(!said.contains(PASSWORD), "{said}");
+
+    // With a wrong password nothing is counted, and the logs say so without either password.
+    let text = std::fs::read_to_string(scope.path("pleiades.toml")).expect("the configuration");
+    let mut wrong: Config = toml::from_str(&text).expect("a configuration");
+    wrong.redis.url = redis.url().replace(PASSWORD, "not-the-s3cret");
+    scope.write_config_as("wrong.toml", &wrong);
+    let refused = scope.spawn(&["--config", "wrong.toml"]);
+    wait_for_metric(
+        metrics,
+        "pleiades_store_errors_total",
+        Duration::from_secs(30),
+        |v| v >= 1.0,
+    )
+    .await;
+    assert_eq!(
+        scope.terminate(refused, Duration::from_secs(10)).await,
+        Some(0)
+    );
+    let logs = scope.logs();
+    assert!(logs.contains("rediss://:***@127.0.0.1"), "{logs}");
+    for secret in [PASSWORD, "not-the-s3cret"] {
+        assert!(!logs.contains(secret), "{secret} in the logs:\n{logs}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "service-tests"),
+    ignore = "needs redis-server (scripts/test)"
+)]
+async fn redis_counters_stay_exact_beyond_2_53_and_saturate_like_the_embedded_store() {
+    use pleiades::counters::Tally;
+    use pleiades::store::Batch;
+    let scope = TestScope::new();
+    let redis = RedisServer::start(&scope, false).await;
+    let stores = [
+        open_store(&StoreChoice::Redis(redis.url()).settings(&scope)).await,
+        open_store(&StoreChoice::Embedded.settings(&scope)).await,
+    ];
+    let big = (1_i64 << 53) + 1;
+    let steps: [&[(&str, i64)]; 6] = [
+        &[("exact", big), ("low", -(1 << 60)), ("up", i64::MAX - 5)],
+        &[("exact", 1), ("low", -(1 << 60)), ("up", 3)],
+        &[("exact", big), ("low", -(1 << 62)), ("up", 10)],
+        &[("exact", -1), ("low", i64::MIN), ("up", i64::MIN)],
+        &[("exact", 999_999_999_999_999), ("low", 7), ("up", 1)],
+        &[("exact", -999_999_999_999_999), ("low", 0), ("up", 0)],
+    ];
+    for (n, step) in steps.iter().enumerate() {
+        let mut tally = Tally::default();
+        for (name, delta) in step.iter() {
+            tally.all_time.insert((*name).to_owned(), *delta);
+            tally
+                .days
+                .entry(20_000)
+                .or_default()
+                .insert((*name).to_owned(), *delta);
+        }
+        tally.events = 1;
+        let batch = Batch {
+            source: "exact".into(),
+            start: n as u64,
+            end: n as u64 + 1,
+            tally,
+        };
+        for store in &stores {
+            store.apply(&batch).await.expect("applied");
+        }
+    }
+    let want = std::collections::BTreeMap::from([
+        ("exact".to_owned(), 2 * big + 1 - 1),
+        ("low".to_owned(), i64::MIN + 7),
+        ("up".to_owned(), i64::MAX + i64::MIN + 1),
+    ]);
+    for store in &stores {
+        assert_eq!(store.all_time().await.expect("all-time"), want);
+        assert_eq!(store.day(20_000).await.expect("a day"), Some(want.clone()));
+    }
 }

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 fn pleiades(scope: &TestScope, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pleiades"))
+    let out = Command::new(binary())
         .args(args)
         .current_dir(scope.dir.path())
         .envs(env.iter().copied())
@@ -148,4 +148,27 @@ fn replay_without_events_is_a_usage_error() {
     );
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("nope.jsonl"), "{err}");
+}
+
+#[test]
+fn a_redis_url_is_never_printed_with_its_password() {
+    let scope = TestScope::new();
+    for (n, url) in [
+        "rediss://:hunter2-s3cret@[::1:6379/0",
+        "redis://user:hunter2-s3cret@127.0.0.1:notaport/",
+        "http://:hunter2-s3cret@127.0.0.1:6379/",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut config = pleiades::config::Config::default();
+        config.store.kind = pleiades::config::StoreKind::Redis;
+        config.redis.url = (*url).to_owned();
+        let name = format!("redis-{n}.toml");
+        scope.write_config_as(&name, &config);
+        let (code, out, err) = pleiades(&scope, &["check-config", "--config", &name], &[]);
+        assert_eq!(code, 2, "{url}: {out}{err}");
+        assert!(err.contains("  redis.url:"), "{url}: {err}");
+        assert!(!format!("{out}{err}").contains("hunter2"), "{url}: {err}");
+    }
 }

@@ -181,7 +181,13 @@ fn counter(stats: &Value, name: &str) -> i64 {
 )]
 async fn the_dashboard_shows_the_stored_numbers_and_updates_live() {
     let mut scope = TestScope::new();
-    let lines = events_for_today(600);
+    let mut lines = events_for_today(600);
+    // One event dated 1970: past events are accepted as they are, and must not break the page
+    // (the trend it asks for stays within the range limit).
+    let mut epoch: Value = serde_json::from_str(&lines[0]).expect("JSON");
+    epoch["meta"]["id"] = json!("epoch");
+    epoch["meta"]["dt"] = json!("1970-01-01T00:00:00Z");
+    lines.insert(0, epoch.to_string());
     let events = scope.path("today.jsonl");
     std::fs::write(&events, lines.join("\n")).unwrap();
     let mut options = replay_options(vec![events]);
@@ -235,7 +241,7 @@ async fn the_dashboard_shows_the_stored_numbers_and_updates_live() {
         metrics,
         "pleiades_aggregator_event_count_total",
         Duration::from_secs(60),
-        |v| v >= 600.0,
+        |v| v >= 601.0,
     )
     .await;
     let stats = api(&base, "/api/stats").await;
@@ -267,7 +273,16 @@ async fn the_dashboard_shows_the_stored_numbers_and_updates_live() {
         .await
         .as_i64()
         .unwrap_or(-1);
-    assert_eq!(alltime, 600);
+    assert_eq!(alltime, 601);
+    // The page shows no error, and its trend (under the content security policy) is drawn.
+    let clean: Value = browser
+        .eval("return document.getElementById('message').hidden && document.querySelectorAll('#trend circle').length > 0")
+        .await;
+    assert_eq!(
+        clean,
+        Value::Bool(true),
+        "the dashboard shows an error or no trend"
+    );
     let path = browser.screenshot("dashboard.png").await;
     assert!(std::fs::metadata(&path)
         .map(|m| m.len() > 10_000)

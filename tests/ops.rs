@@ -55,6 +55,83 @@ fn systemd_accepts_the_unit() {
     );
 }
 
+#[test]
+#[cfg_attr(
+    not(feature = "service-tests"),
+    ignore = "needs systemd-analyze (scripts/test)"
+)]
+fn the_unit_is_hardened_to_an_exposure_of_1_0() {
+    let scope = TestScope::new();
+    let unit = std::fs::read_to_string(Path::new(ROOT).join("systemd/pleiades.service")).unwrap();
+    for directive in [
+        "SystemCallFilter=~@privileged @resources",
+        "ProtectProc=invisible",
+        "ProcSubset=pid",
+        "PrivateUsers=yes",
+        "PrivateMounts=yes",
+        "MemoryMax=",
+        "TasksMax=",
+        "RestartPreventExitStatus=2",
+        "LoadCredential=",
+        "UMask=0077",
+    ] {
+        assert!(
+            unit.contains(directive),
+            "{directive} missing from the unit"
+        );
+    }
+    let path = scope.path("pleiades.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/pleiades", env!("CARGO_BIN_EXE_pleiades")),
+    )
+    .unwrap();
+    // The threshold is the exposure times ten: exit 0 means 1.0 or lower.
+    let (code, output) = run(
+        "systemd-analyze",
+        &[
+            "security",
+            "--offline=true",
+            "--threshold=10",
+            path.to_str().unwrap(),
+        ],
+    );
+    let overall = output
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or("no overall exposure level")
+        .to_owned();
+    println!("{overall}");
+    assert_eq!(code, 0, "{output}");
+}
+
+#[test]
+fn secrets_from_systemd_credentials_are_merged_and_never_printed() {
+    let scope = TestScope::new();
+    let credentials = scope.path("credentials");
+    std::fs::create_dir_all(&credentials).unwrap();
+    std::fs::write(
+        credentials.join("secrets.toml"),
+        "[store]\nkind = \"redis\"\n[redis]\nurl = \"rediss://:cr3dential-s3cret@[::1/\"\n",
+    )
+    .unwrap();
+    let out = Command::new(binary())
+        .args(["check-config"])
+        .current_dir(scope.dir.path())
+        .env("CREDENTIALS_DIRECTORY", &credentials)
+        .output()
+        .expect("pleiades runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The secret URL was read (it is the one that does not parse), and not shown.
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("redis.url"), "{text}");
+    assert!(!text.contains("cr3dential-s3cret"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_watchdog_and_stopping_reach_systemd() {
     let mut scope = TestScope::new();

@@ -145,7 +145,7 @@ async fn redis_backed_api_and_readiness_follow_the_store() {
     let mut scope = TestScope::new();
     let mut redis = RedisServer::start(&scope, true).await;
     let url = redis.url();
-    let (web, _metrics, expected) = filled(&mut scope, |c| {
+    let (web, metrics, expected) = filled(&mut scope, |c| {
         c.store.kind = pleiades::config::StoreKind::Redis;
         c.redis.url = url;
     })
@@ -162,17 +162,26 @@ async fn redis_backed_api_and_readiness_follow_the_store() {
     assert_eq!(total, expected.all_time.get("pleiades_total").copied());
     assert_eq!(web.get("/readyz").await.0, 200);
 
-    // Redis goes away: not ready, and reads say why with 503; it comes back: ready again.
+    // Redis goes away: not ready, with 503; the public listener names the failing check, the
+    // operator's metrics listener says why. It comes back: ready again.
     let port = redis.port;
     redis.stop();
     let (status, ready) = web.get("/readyz").await;
     assert_eq!(status, 503, "{ready}");
+    assert_eq!(ready["checks"][0]["name"], "store", "{ready}");
+    assert_eq!(ready["checks"][0]["ok"], false, "{ready}");
+    assert!(!ready.to_string().contains(&port.to_string()), "{ready}");
+    let operator = Web {
+        base: format!("http://127.0.0.1:{metrics}"),
+    };
+    let (status, detail) = operator.get("/readyz").await;
+    assert_eq!(status, 503, "{detail}");
     assert!(
-        ready["checks"][0]["error"]
+        detail["checks"][0]["error"]
             .as_str()
             .unwrap_or("")
             .contains(&port.to_string()),
-        "{ready}"
+        "{detail}"
     );
     let (status, body) = web
         .get(&format!(

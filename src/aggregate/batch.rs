@@ -140,10 +140,11 @@ impl Counting {
         };
         if let Some((reason, error, data)) = rejected {
             self.metrics.quarantined(reason);
+            // Bus content came from upstream: logged escaped (`?`), never verbatim.
             tracing::warn!(
                 %reason,
-                error,
-                id = %record.sse_id,
+                error = ?error.chars().take(200).collect::<String>(),
+                id = ?record.sse_id.chars().take(200).collect::<String>(),
                 "an event on the bus cannot be counted; quarantined"
             );
             self.quarantine

@@ -30,6 +30,8 @@ pub struct Overrides {
     pub resume: Option<bool>,
     pub quiet: bool,
     pub verbose: bool,
+    /// `--log-format`: overrides `log.format`.
+    pub log_format: Option<super::LogFormat>,
 }
 
 /// Where the configuration comes from.
@@ -37,6 +39,9 @@ pub struct Overrides {
 pub struct Sources<'a> {
     /// The TOML file, if any.
     pub file: Option<&'a Path>,
+    /// A second TOML file merged over the first, for secrets kept out of it (systemd's
+    /// `secrets.toml` credential); its keys win over the file's, the environment's win over it.
+    pub secrets: Option<&'a Path>,
     /// The process environment (only `PLEIADES_*` variables are read).
     pub env: HashMap<String, String>,
     pub overrides: Overrides,
@@ -48,7 +53,7 @@ const FREE_FORM: &[&str] = &["kafka.properties"];
 /// Reads, merges and validates the configuration, reporting every problem found.
 pub fn load(sources: &Sources<'_>) -> Result<Config, ConfigError> {
     let mut builder = config::Config::builder();
-    if let Some(path) = sources.file {
+    for path in sources.file.into_iter().chain(sources.secrets) {
         // Read the file ourselves so that a missing or unreadable file names its path.
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Unreadable {
             path: path.to_owned(),
@@ -259,6 +264,9 @@ fn apply_overrides(config: &mut Config, o: &Overrides) -> Vec<Problem> {
         (false, true) => config.log.level = "debug".into(),
         (false, false) => {}
     }
+    if let Some(format) = o.log_format {
+        config.log.format = format;
+    }
     problems
 }
 
@@ -278,8 +286,36 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            overrides: Overrides::default(),
+            ..Sources::default()
         })
+    }
+
+    #[test]
+    fn secrets_are_merged_over_the_file_and_under_the_environment() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(b"[redis]\nurl = \"redis://file/\"\ntimeout = \"3s\"\n")
+            .unwrap();
+        let mut secrets = tempfile::NamedTempFile::new().unwrap();
+        secrets
+            .write_all(b"# no secrets\n[redis]\nurl = \"rediss://:pw@secret/\"\n")
+            .unwrap();
+        let sources = |env: &[(&str, &str)]| Sources {
+            file: Some(file.path()),
+            secrets: Some(secrets.path()),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            overrides: Overrides::default(),
+        };
+        let config = load(&sources(&[])).unwrap();
+        assert_eq!(config.redis.url, "rediss://:pw@secret/");
+        assert_eq!(config.redis.timeout, Duration::from_secs(3));
+        let config = load(&sources(&[("PLEIADES_REDIS__URL", "redis://env/")])).unwrap();
+        assert_eq!(config.redis.url, "redis://env/");
+        // The default systemd gives when there is no secrets file: a comment.
+        std::fs::write(secrets.path(), "# no secrets").unwrap();
+        assert_eq!(load(&sources(&[])).unwrap().redis.url, "redis://file/");
     }
 
     /// Asserts that each of `keys` is named by a problem.

@@ -68,7 +68,8 @@ pub struct IngestConfig {
     pub since: String,
     /// The bus events are published to: `"file"` or `"kafka"`.
     pub publisher: BusKind,
-    /// A connection that receives no byte at all for this long is considered dead and reopened.
+    /// A connection that completes no event and no heartbeat for this long is considered dead
+    /// and reopened: bytes trickling in without completing anything do not count.
     #[serde(with = "humantime_serde")]
     pub stall_timeout: Duration,
     /// Longest line, and longest event, accepted from upstream; longer ones are dropped and counted.
@@ -85,6 +86,16 @@ pub struct IngestConfig {
     /// Time allowed to open a connection and receive the response headers.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// The longest wait upstream may ask for, with `Retry-After` on a 429 or 503 or with the
+    /// stream's `retry:` field; a longer request is cut to this and counted in
+    /// `pleiades_recv_anomalies_total{kind="retry_clamped"}`.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_after: Duration,
+    /// How far in the future (by this host's clock) an event's `meta.dt` may be. Later events
+    /// are quarantined as `future_dt`: one bad clock upstream must not create days that have not
+    /// happened. Events from the past are accepted as they are.
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
 }
 
 impl Default for IngestConfig {
@@ -103,6 +114,8 @@ impl Default for IngestConfig {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(15),
+            max_retry_after: Duration::from_secs(300),
+            max_future_skew: Duration::from_secs(300),
         }
     }
 }
@@ -273,11 +286,16 @@ impl Default for StoreConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://` or `rediss://`, with a password in the URL if needed.
+    /// `redis://` or `rediss://` (TLS), with a password in the URL if needed
+    /// (`rediss://:password@host:6380/0`). The password is never printed.
     pub url: String,
     /// The longest one store operation may take before it counts as failed (and is retried).
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// With `rediss://`: a PEM file of the certificate authorities that may sign the server's
+    /// certificate, for a Redis whose certificate no system authority signed. Unset trusts the
+    /// system's authorities.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for RedisConfig {
@@ -285,6 +303,7 @@ impl Default for RedisConfig {
         RedisConfig {
             url: "redis://127.0.0.1:6379".to_owned(),
             timeout: Duration::from_secs(10),
+            ca_file: None,
         }
     }
 }
@@ -305,6 +324,16 @@ pub struct WebConfig {
     /// How often live updates are pushed to open dashboards (when something changed).
     #[serde(with = "humantime_serde")]
     pub live_interval: Duration,
+    /// Open `/api/live` streams at most; one more is answered 503 until another closes.
+    pub live_max_clients: usize,
+    /// Connections held open at most. At the limit, the oldest connection that has no request
+    /// in progress is closed to make room, so idle connections cannot lock out real clients,
+    /// and the file descriptors every role shares stay bounded.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers, from connecting or from its previous
+    /// answer; a connection that sends none is closed after it (this is also the idle timeout).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
 }
 
 impl Default for WebConfig {
@@ -314,6 +343,9 @@ impl Default for WebConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             cache_ttl: Duration::from_secs(1),
             live_interval: Duration::from_secs(1),
+            live_max_clients: 256,
+            max_connections: 1024,
+            header_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -324,12 +356,20 @@ impl Default for WebConfig {
 pub struct MetricsConfig {
     /// Address of the Prometheus `/metrics` endpoint, served whatever roles this host runs.
     pub listen: SocketAddr,
+    /// Connections held open at most (the oldest idle one is closed to make room, as on
+    /// `web.max_connections`).
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers; idle connections are closed after it.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
+            max_connections: 64,
+            header_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -459,13 +499,28 @@ pub fn parse_since(since: &str) -> Option<i64> {
     crate::event::parse_time_ms(since).ok()
 }
 
-/// `url` with its password replaced, so that it can be shown in errors and logs.
+/// `url` with its password replaced, so that it can be shown in errors and logs. A URL that
+/// does not parse may still hold a password: everything up to its last `@` (after the scheme)
+/// is hidden then.
 pub fn redact_url(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
+            if parsed.set_password(Some("***")).is_ok() {
+                parsed.to_string()
+            } else {
+                redact_userinfo(url)
+            }
         }
-        _ => url.to_owned(),
+        Ok(_) => url.to_owned(),
+        Err(_) => redact_userinfo(url),
     }
+}
+
+/// Hides whatever precedes the last `@` of `url`, keeping its scheme.
+fn redact_userinfo(url: &str) -> String {
+    let Some(at) = url.rfind('@') else {
+        return url.to_owned();
+    };
+    let scheme_end = url[..at].find("://").map_or(0, |i| i + 3);
+    format!("{}***{}", &url[..scheme_end], &url[at..])
 }

@@ -66,7 +66,16 @@ impl Config {
         p.positive(&[
             ("redis.timeout", self.redis.timeout),
             ("web.live_interval", self.web.live_interval),
+            ("web.header_timeout", self.web.header_timeout),
+            ("metrics.header_timeout", self.metrics.header_timeout),
         ]);
+        p.at_least("web.max_connections", self.web.max_connections as u64, 1);
+        p.at_least("web.live_max_clients", self.web.live_max_clients as u64, 1);
+        p.at_least(
+            "metrics.max_connections",
+            self.metrics.max_connections as u64,
+            1,
+        );
         if self.store.kind == StoreKind::Redis {
             self.redis.validate(&mut p);
         }
@@ -118,6 +127,7 @@ impl IngestConfig {
             ("ingest.backoff_initial", self.backoff_initial),
             ("ingest.backoff_max", self.backoff_max),
             ("ingest.connect_timeout", self.connect_timeout),
+            ("ingest.max_retry_after", self.max_retry_after),
         ]);
         if self.backoff_max < self.backoff_initial {
             p.bad(

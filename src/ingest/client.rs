@@ -118,6 +118,22 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(when.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
+/// A wait the server asked for (`Retry-After`, `retry:`), cut to `max`; true when it was cut.
+pub fn clamp_server_delay(asked: Duration, max: Duration) -> (Duration, bool) {
+    if asked > max {
+        (max, true)
+    } else {
+        (asked, false)
+    }
+}
+
+/// The wait after a throttling answer: the server's floor plus a tenth of it as jitter, so a
+/// fleet of clients does not return in the same instant. Saturating: no value a server sends
+/// can overflow it.
+pub fn throttled_delay(retry_after: Duration) -> Duration {
+    retry_after.saturating_add(retry_after / 10)
+}
+
 /// Exponential backoff with jitter: each delay is drawn from the upper half of a window that
 /// doubles after every failure, up to a cap; a success resets it.
 #[derive(Debug, Clone)]
@@ -166,6 +182,22 @@ mod tests {
         let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
         assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn the_largest_retry_after_is_clamped_without_overflow() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let asked = parse_retry_after("18446744073709551615", now).unwrap();
+        assert_eq!(asked, Duration::from_secs(u64::MAX));
+        // The old arithmetic, r + r / 10, overflows here; the clamp comes first now.
+        assert_eq!(throttled_delay(Duration::MAX), Duration::MAX);
+        let (wait, clamped) = clamp_server_delay(asked, Duration::from_secs(300));
+        assert_eq!((wait, clamped), (Duration::from_secs(300), true));
+        assert_eq!(throttled_delay(wait), Duration::from_secs(330));
+        let (wait, clamped) = clamp_server_delay(Duration::from_secs(2), Duration::from_secs(300));
+        assert_eq!((wait, clamped), (Duration::from_secs(2), false));
+        let date = parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now).unwrap();
+        assert!(clamp_server_delay(date, Duration::from_secs(300)).1);
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub mod sse;
 use crate::bus::{BusError, Outgoing, Publisher, QuarantineRecord};
 use crate::config::{self, BusSettings, IngestConfig};
 use crate::event::RejectReason;
-use crate::metrics::{Disconnect, IngestMetrics};
+use crate::metrics::{Anomaly, Disconnect, IngestMetrics};
 use crate::ComponentContext;
 use client::{Backoff, ConnectError, Upstream};
 use cursor::Cursor;
@@ -44,8 +44,8 @@ pub struct IngestSettings {
 enum Ended {
     /// The server closed the stream (normal about every 15 minutes upstream).
     Closed { delivered: u64 },
-    /// No byte arrived for `ingest.stall_timeout`.
-    Stalled { delivered: u64 },
+    /// No event and no heartbeat completed for `ingest.stall_timeout`.
+    Stalled { delivered: u64, trickled: bool },
     /// The body failed mid-stream.
     Broken { delivered: u64 },
     /// Shutdown was requested.
@@ -120,10 +120,16 @@ impl Ingester {
                     tracing::info!(peer = %self.upstream.peer(), delivered, "upstream closed the stream; reconnecting");
                     self.after_connection(&mut backoff, delivered)
                 }
-                Ok(Ended::Stalled { delivered }) => {
+                Ok(Ended::Stalled {
+                    delivered,
+                    trickled,
+                }) => {
                     self.metrics.errors.inc();
                     self.metrics.disconnects.inc(Disconnect::Stalled);
-                    tracing::warn!(peer = %self.upstream.peer(), delivered, timeout = ?c.stall_timeout, "no byte received within the stall timeout; reconnecting");
+                    if trickled {
+                        self.metrics.anomalies.inc(Anomaly::SlowStream);
+                    }
+                    tracing::warn!(peer = %self.upstream.peer(), delivered, trickled, timeout = ?c.stall_timeout, "no event or heartbeat within the stall timeout; reconnecting");
                     self.after_connection(&mut backoff, delivered)
                 }
                 Ok(Ended::Broken { delivered }) => {
@@ -136,11 +142,14 @@ impl Ingester {
                     self.metrics.errors.inc();
                     let backoff_delay = backoff.next_delay();
                     let (reason, delay) = match &e {
-                        // Retry-After is a floor set by the server; a little jitter on top
-                        // keeps a fleet of clients from returning in the same instant.
+                        // Retry-After is a floor set by the server, up to the longest wait we
+                        // accept; a little jitter on top keeps a fleet of clients from
+                        // returning in the same instant.
                         ConnectError::Throttled { retry_after, .. } => (
                             Disconnect::Throttled,
-                            retry_after.map_or(backoff_delay, |r| r + r / 10),
+                            retry_after.map_or(backoff_delay, |asked| {
+                                client::throttled_delay(self.server_delay(asked))
+                            }),
                         ),
                         ConnectError::Status { .. } => (Disconnect::Status, backoff_delay),
                         ConnectError::Transport { .. } | ConnectError::Client(_) => {
@@ -163,6 +172,16 @@ impl Ingester {
             "ingester stopped; events synced"
         );
         Ok(())
+    }
+
+    /// A wait the server asked for, cut to `ingest.max_retry_after` (and counted when cut).
+    fn server_delay(&self, asked: Duration) -> Duration {
+        let (delay, clamped) = client::clamp_server_delay(asked, self.config.max_retry_after);
+        if clamped {
+            self.metrics.anomalies.inc(Anomaly::RetryClamped);
+            tracing::warn!(peer = %self.upstream.peer(), asked = ?asked, waiting = ?delay, "upstream asked for a longer wait than ingest.max_retry_after");
+        }
+        delay
     }
 
     /// A connection that delivered events proves upstream healthy: reconnect soon, but not
@@ -218,14 +237,19 @@ impl Ingester {
         // taking acknowledgements).
         let tick = self.bus.tick_interval();
         let mut bus_timer = tokio::time::interval(tick.unwrap_or(Duration::from_secs(3600)));
-        // The watchdog measures silence from the last byte received, so other wake-ups in this
-        // loop (the sync timer) cannot postpone it.
-        let mut last_byte = tokio::time::Instant::now();
+        // The watchdog measures the time since the stream last made progress: a completed event
+        // or heartbeat. Bytes that complete nothing do not count, so a server trickling one
+        // byte at a time cannot keep a dead connection open, and other wake-ups in this loop
+        // (the sync timer) cannot postpone it either.
+        let mut last_progress = tokio::time::Instant::now();
+        let mut trickled = false;
+        // The `retry:` value last seen, so that a clamped one is counted once.
+        let mut retry_seen = None;
         loop {
             let chunk = tokio::select! {
                 biased;
                 _ = ctx.shutdown.cancelled() => return Ok(Ended::Shutdown),
-                _ = tokio::time::sleep_until(last_byte + stall) => return Ok(Ended::Stalled { delivered }),
+                _ = tokio::time::sleep_until(last_progress + stall) => return Ok(Ended::Stalled { delivered, trickled }),
                 _ = bus_timer.tick(), if tick.is_some() => {
                     self.bus.tick().await.map_err(|e| StreamError::Bus(e.into()))?;
                     continue;
@@ -242,8 +266,24 @@ impl Ingester {
             };
             self.metrics.bytes.inc_by(bytes.len() as u64);
             parser.push(&bytes, &mut events);
-            self.server_retry = parser.retry_ms().map(Duration::from_millis);
+            if parser.retry_ms() != retry_seen {
+                retry_seen = parser.retry_ms();
+                self.server_retry =
+                    retry_seen.map(|ms| self.server_delay(Duration::from_millis(ms)));
+            }
             let stats = parser.stats();
+            let progressed = stats.events > seen.events || stats.comments > seen.comments;
+            trickled = !progressed;
+            if stats.long_ids > seen.long_ids {
+                self.metrics
+                    .anomalies
+                    .series(Anomaly::LongId)
+                    .inc_by(stats.long_ids - seen.long_ids);
+                tracing::warn!(
+                    limit = sse::MAX_ID_BYTES,
+                    "ignored an SSE id longer than the limit"
+                );
+            }
             self.metrics.lines.inc_by(stats.lines - seen.lines);
             self.metrics
                 .oversize
@@ -269,7 +309,9 @@ impl Ingester {
             }
             // Silence is measured from here: time spent waiting for room on the bus (Kafka's
             // backpressure) is ours, not upstream's.
-            last_byte = tokio::time::Instant::now();
+            if progressed {
+                last_progress = tokio::time::Instant::now();
+            }
         }
     }
 
@@ -284,14 +326,21 @@ impl Ingester {
             return Ok(Some(0));
         }
         let mut accepted = Vec::with_capacity(events.len());
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let max_future_ms =
+            i64::try_from(self.config.max_future_skew.as_millis()).unwrap_or(i64::MAX);
         for event in events.drain(..) {
             self.metrics.events.inc();
             if event.event_type != "message" {
                 self.metrics.errors.inc();
-                tracing::warn!(event_type = %event.event_type, id = %event.id, data = %event.data, "upstream sent a non-message event");
+                tracing::warn!(event_type = ?shown(&event.event_type), id = ?shown(&event.id), data = ?shown(&event.data), "upstream sent a non-message event");
                 continue;
             }
-            let (time_ms, key, canary) = match crate::event::inspect(&event.data) {
+            let checked = crate::event::inspect(&event.data).and_then(|head| {
+                crate::event::check_not_future(head.time_ms, now_ms, max_future_ms)?;
+                Ok(head)
+            });
+            let (time_ms, key, canary) = match checked {
                 Ok(head) => (head.time_ms, head.id.map(|id| id.into_owned()), head.canary),
                 Err(invalid) => {
                     self.quarantine(invalid.reason(), invalid.to_string(), &event, shutdown)
@@ -337,7 +386,7 @@ impl Ingester {
             .map(|(_, (_, time_ms, _))| *time_ms)
             .max();
         if let Some(newest_ms) = newest_ms {
-            self.metrics.delivered_event_time(newest_ms);
+            self.metrics.delivered_event_time(newest_ms.min(now_ms));
         }
         self.metrics
             .dedupe_window
@@ -358,9 +407,19 @@ impl Ingester {
     ) -> Result<(), IngestError> {
         self.metrics.quarantined(reason);
         let record = QuarantineRecord::new(reason, error, &event.id, &event.data);
-        tracing::warn!(%reason, error = %record.error, id = %record.id, "quarantined an event");
+        tracing::warn!(%reason, error = ?shown(&record.error), id = ?shown(record.id), "quarantined an event");
         self.bus.quarantine(&record, shutdown).await?;
         Ok(())
+    }
+}
+
+/// Upstream text as a log field: at most 200 characters, and (logged with `?`) every control
+/// character escaped, so that nothing upstream sends can start a line of its own or colour a
+/// terminal.
+fn shown(text: &str) -> &str {
+    match text.char_indices().nth(200) {
+        Some((end, _)) => &text[..end],
+        None => text,
     }
 }
 

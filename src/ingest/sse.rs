@@ -3,6 +3,15 @@
 //! The parser never looks at a byte twice: each chunk is scanned once for line ends and each
 //! complete line is interpreted once, so its cost is linear in the input however it is chunked.
 //! Lines longer than the cap are dropped while they stream in, so memory stays bounded too.
+//! The last event id is shared, not copied, by the events that carry it, and an id longer than
+//! [`MAX_ID_BYTES`] is ignored, so a hostile `id:` line costs its own bytes once, not once per
+//! event.
+
+use std::sync::Arc;
+
+/// The longest `id:` value kept. EventStreams ids are a JSON array of a few Kafka positions,
+/// a few hundred bytes; a longer one is ignored (as an id holding NULL is) and counted.
+pub const MAX_ID_BYTES: usize = 4096;
 
 /// One dispatched event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -11,8 +20,9 @@ pub struct SseEvent {
     pub event_type: String,
     /// The `data:` lines joined with `\n`.
     pub data: String,
-    /// The last event id at dispatch time (it persists across events, as in a browser).
-    pub id: String,
+    /// The last event id at dispatch time (it persists across events, as in a browser); shared
+    /// by every event dispatched under it.
+    pub id: Arc<str>,
 }
 
 /// Running totals a caller turns into metrics.
@@ -26,6 +36,8 @@ pub struct SseStats {
     pub oversize_events: u64,
     /// Comment lines (`:ok` heartbeats among them).
     pub comments: u64,
+    /// `id:` values ignored because they were longer than [`MAX_ID_BYTES`].
+    pub long_ids: u64,
 }
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";
@@ -44,7 +56,7 @@ pub struct SseParser {
     data: String,
     event_type: String,
     id_buffer: String,
-    last_event_id: String,
+    last_event_id: Arc<str>,
     /// The event being built lost data to the cap and is dropped at dispatch.
     event_over: bool,
     retry_ms: Option<u64>,
@@ -63,7 +75,7 @@ impl SseParser {
             data: String::new(),
             event_type: String::new(),
             id_buffer: String::new(),
-            last_event_id: String::new(),
+            last_event_id: Arc::from(""),
             event_over: false,
             retry_ms: None,
             stats: SseStats::default(),
@@ -178,21 +190,25 @@ impl SseParser {
                     self.data.push('\n');
                 }
             }
-            // An id holding NULL is ignored, as the standard says.
+            // An id holding NULL is ignored, as the standard says; so is one too long to be an
+            // EventStreams position list.
+            "id" if value.len() > MAX_ID_BYTES => self.stats.long_ids += 1,
             "id" if !value.contains('\0') => {
                 self.id_buffer.clear();
                 self.id_buffer.push_str(value);
             }
+            // Digits beyond what fits are still a (very long) time: they saturate, and the
+            // caller decides how long it is willing to wait.
             "retry" if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => {
-                self.retry_ms = value.parse().ok();
+                self.retry_ms = Some(value.parse().unwrap_or(u64::MAX));
             }
             _ => {}
         }
     }
 
     fn dispatch(&mut self, out: &mut Vec<SseEvent>) {
-        if self.last_event_id != self.id_buffer {
-            self.last_event_id.clone_from(&self.id_buffer);
+        if *self.last_event_id != *self.id_buffer {
+            self.last_event_id = Arc::from(self.id_buffer.as_str());
         }
         let event_type = std::mem::take(&mut self.event_type);
         if std::mem::replace(&mut self.event_over, false) {
@@ -240,7 +256,7 @@ mod tests {
         SseEvent {
             event_type: event_type.into(),
             data: data.into(),
-            id: id.into(),
+            id: Arc::from(id),
         }
     }
 
@@ -302,6 +318,33 @@ mod tests {
         let (out, parser) = parse_chunks(&[b"data: a\nid: 1\n\nid: 2\n\n"], 1024);
         assert_eq!(out, vec![ev("message", "a", "1")]);
         assert_eq!(parser.last_event_id(), "2");
+    }
+
+    #[test]
+    fn a_long_id_is_ignored_and_a_kept_one_is_shared() {
+        let long = "9".repeat(MAX_ID_BYTES + 1);
+        let input = format!("id: 1\ndata: a\n\nid: {long}\ndata: b\n\ndata: c\n\n");
+        let (out, parser) = parse_chunks(&[input.as_bytes()], 1 << 20);
+        assert_eq!(
+            out,
+            vec![
+                ev("message", "a", "1"),
+                ev("message", "b", "1"),
+                ev("message", "c", "1")
+            ]
+        );
+        assert_eq!(parser.stats().long_ids, 1);
+        // One allocation for the id, however many events carry it.
+        assert!(Arc::ptr_eq(&out[1].id, &out[2].id));
+        let exact = "7".repeat(MAX_ID_BYTES);
+        let (out, _) = parse_chunks(&[format!("id: {exact}\ndata: d\n\n").as_bytes()], 1 << 20);
+        assert_eq!(&*out[0].id, exact.as_str());
+    }
+
+    #[test]
+    fn a_retry_beyond_u64_saturates() {
+        let (_, parser) = parse_chunks(&[b"retry: 18446744073709551615999\n"], 1024);
+        assert_eq!(parser.retry_ms(), Some(u64::MAX));
     }
 
     #[test]

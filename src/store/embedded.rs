@@ -105,18 +105,18 @@ impl EmbeddedStore {
                     for (name, delta) in values {
                         let key = (*day, name.as_str());
                         let current = counters.get(key)?.map_or(0, |v| v.value());
-                        counters.insert(key, current + delta)?;
+                        counters.insert(key, current.saturating_add(*delta))?;
                         if name == crate::counters::TOTAL {
                             events = *delta;
                         }
                     }
                     let seen = days.get(*day)?.map_or(0, |v| v.value());
-                    days.insert(*day, seen + events as u64)?;
+                    days.insert(*day, seen.saturating_add(events.max(0) as u64))?;
                 }
                 let mut all_time = txn.open_table(ALL_TIME)?;
                 for (name, delta) in &batch.tally.all_time {
                     let current = all_time.get(name.as_str())?.map_or(0, |v| v.value());
-                    all_time.insert(name.as_str(), current + delta)?;
+                    all_time.insert(name.as_str(), current.saturating_add(*delta))?;
                 }
             }
             txn.commit()?;

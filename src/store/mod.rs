@@ -83,9 +83,11 @@ impl Store {
             StoreSettings::Embedded(config) => {
                 Backend::Embedded(embedded::EmbeddedStore::open(&config.path).await?)
             }
-            StoreSettings::Redis(config) => {
-                Backend::Redis(redis::RedisStore::open(&config.url, config.timeout)?)
-            }
+            StoreSettings::Redis(config) => Backend::Redis(redis::RedisStore::open(
+                &config.url,
+                config.ca_file.as_deref(),
+                config.timeout,
+            )?),
         };
         Ok(Store {
             backend,

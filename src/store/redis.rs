@@ -10,6 +10,7 @@ use super::{Applied, Batch, Counters, StoreError};
 use deadpool_redis::redis::{self, AsyncCommands};
 use deadpool_redis::{Pool, Runtime};
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 
 const POSITIONS: &str = "{pleiades}:positions";
@@ -22,10 +23,65 @@ fn day_key(day: i64) -> String {
 
 /// Applies a batch. Counters are read with HMGET and written with one HSET per hash (in chunks
 /// of 500 fields) instead of one HINCRBY per counter, so a batch costs a handful of commands
-/// however many counters it touches. `%d` keeps large values out of exponent notation.
+/// however many counters it touches.
+///
+/// Lua numbers are doubles, exact only up to 2^53, so values and deltas travel as decimal
+/// strings and are added as such: below 10^15 with Lua numbers (exact there), beyond with
+/// digit-by-digit arithmetic, saturating at the bounds of a signed 64-bit integer as the
+/// embedded store does. This keeps the stored values plain decimal integers (what HGETALL
+/// readers and HINCRBY expect) and the command count unchanged. Positions are compared as the
+/// strings they were written as.
 const APPLY: &str = r"
-local stored = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if stored ~= tonumber(ARGV[2]) then return {0, tostring(stored)} end
+local MAX, MIN_MAG = '9223372036854775807', '9223372036854775808'
+local function cmp_mag(a, b)
+  if #a ~= #b then return #a < #b and -1 or 1 end
+  if a == b then return 0 end
+  return a < b and -1 or 1
+end
+local function add_mag(a, b)
+  local out, carry, i, j = {}, 0, #a, #b
+  while i > 0 or j > 0 or carry > 0 do
+    local d = carry + (i > 0 and a:byte(i) - 48 or 0) + (j > 0 and b:byte(j) - 48 or 0)
+    out[#out + 1] = string.char(48 + d % 10)
+    carry = math.floor(d / 10)
+    i, j = i - 1, j - 1
+  end
+  return string.reverse(table.concat(out))
+end
+local function sub_mag(a, b)
+  local out, borrow, i, j = {}, 0, #a, #b
+  while i > 0 do
+    local d = a:byte(i) - 48 - borrow - (j > 0 and b:byte(j) - 48 or 0)
+    if d < 0 then d, borrow = d + 10, 1 else borrow = 0 end
+    out[#out + 1] = string.char(48 + d)
+    i, j = i - 1, j - 1
+  end
+  local s = string.gsub(string.reverse(table.concat(out)), '^0+', '')
+  if s == '' then return '0' end
+  return s
+end
+local function add(x, y)
+  if #x < 16 and #y < 16 then return string.format('%d', tonumber(x) + tonumber(y)) end
+  local sx, mx, sy, my = 1, x, 1, y
+  if x:sub(1, 1) == '-' then sx, mx = -1, x:sub(2) end
+  if y:sub(1, 1) == '-' then sy, my = -1, y:sub(2) end
+  local sign, mag
+  if sx == sy then
+    sign, mag = sx, add_mag(mx, my)
+  else
+    local c = cmp_mag(mx, my)
+    if c == 0 then return '0' end
+    if c > 0 then sign, mag = sx, sub_mag(mx, my) else sign, mag = sy, sub_mag(my, mx) end
+  end
+  if sign > 0 then
+    if cmp_mag(mag, MAX) > 0 then return MAX end
+    return mag
+  end
+  if cmp_mag(mag, MIN_MAG) > 0 then mag = MIN_MAG end
+  return '-' .. mag
+end
+local stored = redis.call('HGET', KEYS[1], ARGV[1]) or '0'
+if stored ~= ARGV[2] then return {0, stored} end
 local i = 4
 local function merge(key)
   local n = tonumber(ARGV[i]); i = i + 1
@@ -33,12 +89,12 @@ local function merge(key)
   while done < n do
     local m = math.min(n - done, 500)
     local fields, deltas = {}, {}
-    for j = 1, m do fields[j] = ARGV[i]; deltas[j] = tonumber(ARGV[i + 1]); i = i + 2 end
+    for j = 1, m do fields[j] = ARGV[i]; deltas[j] = ARGV[i + 1]; i = i + 2 end
     local current = redis.call('HMGET', key, unpack(fields))
     local values = {}
     for j = 1, m do
       values[2 * j - 1] = fields[j]
-      values[2 * j] = string.format('%d', (tonumber(current[j]) or 0) + deltas[j])
+      values[2 * j] = add(current[j] or '0', deltas[j])
     end
     redis.call('HSET', key, unpack(values))
     done = done + m
@@ -57,6 +113,51 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return {1, ARGV[3]}
 ";
 
+/// Why the Redis settings cannot be used; never repeats the URL (it may hold a password).
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("not a usable Redis URL ({0})")]
+    Url(String),
+    #[error("{path}: {reason}")]
+    CaFile { path: String, reason: String },
+}
+
+impl SettingsError {
+    /// The configuration key at fault.
+    pub fn key(&self) -> &'static str {
+        match self {
+            SettingsError::Url(_) => "redis.url",
+            SettingsError::CaFile { .. } => "redis.ca_file",
+        }
+    }
+}
+
+/// Parses `url` the way the client will use it, with the authorities of `ca_file` for TLS.
+pub fn connection_info(
+    url: &str,
+    ca_file: Option<&Path>,
+) -> Result<redis::ConnectionInfo, SettingsError> {
+    use redis::IntoConnectionInfo as _;
+    let info = url
+        .into_connection_info()
+        .map_err(|e| SettingsError::Url(e.category().to_owned()))?;
+    let Some(ca_file) = ca_file else {
+        return Ok(info);
+    };
+    let fail = |reason: String| SettingsError::CaFile {
+        path: ca_file.display().to_string(),
+        reason,
+    };
+    let root_cert = std::fs::read(ca_file).map_err(|e| fail(e.to_string()))?;
+    let certificates = redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(root_cert),
+    };
+    redis::Client::build_with_tls(info, certificates)
+        .map(|client| client.get_connection_info().clone())
+        .map_err(|e| fail(e.to_string()))
+}
+
 /// A pool of connections to one Redis; cheap to clone.
 #[derive(Clone)]
 pub struct RedisStore {
@@ -69,15 +170,25 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    /// A pool for `url`; connections are made on first use.
-    pub fn open(url: &str, deadline: std::time::Duration) -> Result<Self, StoreError> {
+    /// A pool for `url`; connections are made on first use. With `rediss://`, the server's
+    /// certificate must be signed by an authority of `ca_file` (PEM) when given, else by one
+    /// the system trusts.
+    pub fn open(
+        url: &str,
+        ca_file: Option<&Path>,
+        deadline: std::time::Duration,
+    ) -> Result<Self, StoreError> {
         let peer: Arc<str> = crate::config::redact_url(url).into();
-        let pool = deadpool_redis::Config::from_url(url)
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(|e| StoreError::Redis {
-                url: peer.to_string(),
-                message: e.to_string(),
-            })?;
+        let fail = |message: String| StoreError::Redis {
+            url: peer.to_string(),
+            message,
+        };
+        let info = connection_info(url, ca_file).map_err(|e| fail(e.to_string()))?;
+        let manager = deadpool_redis::Manager::new(info).map_err(|e| fail(e.to_string()))?;
+        let pool = Pool::builder(manager)
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
         Ok(RedisStore {
             pool,
             peer,
@@ -218,6 +329,7 @@ mod tests {
         });
         let store = RedisStore::open(
             &format!("redis://{addr}/"),
+            None,
             std::time::Duration::from_millis(300),
         )
         .unwrap();
@@ -236,5 +348,14 @@ mod tests {
             "redis://:***@127.0.0.1:6379/0"
         );
         assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        // A URL that does not parse is still cut before its last @.
+        assert_eq!(
+            redact("rediss://:s3cr3t@[::1:6379/0"),
+            "rediss://***@[::1:6379/0"
+        );
+        assert_eq!(redact("redis//user:s3cr3t@host"), "***@host");
+        let error = connection_info("redis://:s3cr3t@host:notaport/", None).unwrap_err();
+        assert!(!error.to_string().contains("s3cr3t"), "{error}");
+        assert_eq!(error.key(), "redis.url");
     }
 }

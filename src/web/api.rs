@@ -60,11 +60,13 @@ impl JsonReply {
         }
     }
 
+    /// The store's error goes to the log; the answer, which anyone may read, names no
+    /// address or path.
     fn store(error: &StoreError) -> Self {
         tracing::warn!(%error, "store read failed");
         JsonReply::error(
             StatusCode::SERVICE_UNAVAILABLE,
-            &format!("the counter store cannot be read: {error}"),
+            "the counter store cannot be read now",
         )
     }
 }

@@ -12,7 +12,7 @@ pub mod live;
 use crate::config::WebConfig;
 use crate::health::Readiness;
 use crate::http::ServeError;
-use crate::metrics::{Route, WebMetrics};
+use crate::metrics::{Listener, Route, WebMetrics};
 use crate::store::Store;
 use crate::ComponentContext;
 use api::{Api, JsonReply};
@@ -55,7 +55,20 @@ pub async fn serve(
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<Result<(), ServeError>>), ServeError> {
     let (listener, bound) = crate::http::bind(ctx.config.listen).await?;
     let routes = routes(&ctx, parts);
-    let server = tokio::spawn(crate::http::serve(listener, routes, ctx.shutdown.clone()));
+    let handles = ctx.metrics.http.listener(Listener::Web);
+    let limits = crate::http::Limits {
+        max_connections: ctx.config.max_connections,
+        header_timeout: ctx.config.header_timeout,
+        open: handles.open,
+        shed: handles.shed,
+        header_timeouts: handles.header_timeouts,
+    };
+    let server = tokio::spawn(crate::http::serve(
+        listener,
+        routes,
+        limits,
+        ctx.shutdown.clone(),
+    ));
     Ok((bound, server))
 }
 
@@ -99,8 +112,9 @@ pub fn routes(
         let metrics = metrics.clone();
         let shutdown = ctx.shutdown.clone();
         let live = parts.live;
+        let max = ctx.config.live_max_clients;
         warp::path!("api" / "live")
-            .map(move || live_stream(live.clone(), metrics.clone(), shutdown.clone()))
+            .map(move || live_stream(live.clone(), metrics.clone(), max, shutdown.clone()))
     };
     let assets =
         warp::path::tail().map(|tail: warp::path::Tail| match assets::find(tail.as_str()) {
@@ -133,7 +147,7 @@ pub fn routes(
         .unify()
         .or(live_route.boxed())
         .unify()
-        .or(crate::health::routes(parts.readiness).boxed())
+        .or(crate::health::routes(parts.readiness, crate::health::Detail::Public).boxed())
         .unify()
         .or(assets.boxed())
         .unify()
@@ -151,6 +165,7 @@ pub fn routes(
             Ok::<_, Infallible>(json(JsonReply::error(status, message)))
         })
         .unify()
+        .with(security_headers())
         .with(warp::log::custom(move |info| {
             metrics.responded(
                 Route::of(info.path()),
@@ -160,9 +175,37 @@ pub fn routes(
         }))
 }
 
+/// Headers on every answer of the web role: the dashboard loads only its own files and may not
+/// be framed (clickjacking), and no answer is sniffed into another type.
+fn security_headers() -> warp::filters::reply::WithHeaders {
+    let mut headers = warp::http::HeaderMap::new();
+    headers.insert(
+        "content-security-policy",
+        warp::http::HeaderValue::from_static(
+            "default-src 'self'; connect-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        ),
+    );
+    headers.insert(
+        "x-content-type-options",
+        warp::http::HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        "x-frame-options",
+        warp::http::HeaderValue::from_static("DENY"),
+    );
+    headers.insert(
+        "referrer-policy",
+        warp::http::HeaderValue::from_static("no-referrer"),
+    );
+    warp::reply::with::headers(headers)
+}
+
+/// One `/api/live` stream, or 503 when `max` are open already: each holds a connection for as
+/// long as the viewer stays, so their number is bounded on its own.
 fn live_stream(
     rx: watch::Receiver<String>,
     metrics: WebMetrics,
+    max: usize,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> warp::reply::Response {
     struct Client {
@@ -173,7 +216,17 @@ fn live_stream(
             self.metrics.live_clients.dec();
         }
     }
+    // Counted first and checked after, so that concurrent requests cannot both take the last
+    // place (at worst both are refused).
     metrics.live_clients.inc();
+    if metrics.live_clients.get() > max as i64 {
+        metrics.live_clients.dec();
+        metrics.live_refused.inc();
+        return json(JsonReply::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many live viewers; try again later",
+        ));
+    }
     let client = Client { metrics };
     let updates = stream_from_watch(rx)
         .take_until(async move { shutdown.cancelled().await })

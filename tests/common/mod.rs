@@ -3,6 +3,8 @@
 //! reading of the bus.
 #![allow(dead_code)]
 
+pub mod hostile;
+
 use pleiades::config::Config;
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -22,6 +24,14 @@ pub fn loopback(port: u16) -> SocketAddr {
 }
 
 pub const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/events");
+
+/// The binary under test: this build's, or another one named by `PLEIADES_TEST_BINARY` (to
+/// run the same tests against an earlier build).
+pub fn binary() -> PathBuf {
+    std::env::var_os("PLEIADES_TEST_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pleiades")))
+}
 
 /// Everything one test owns: a directory and the processes and servers it started.
 pub struct TestScope {
@@ -74,10 +84,14 @@ impl TestScope {
         path
     }
 
-    /// Writes `config` as `name` in the scratch directory.
+    /// Writes `config` as `name` in the scratch directory: only the keys that differ from the
+    /// defaults, as an operator would write it (and as any build that knows those keys reads).
     pub fn write_config_as(&self, name: &str, config: &Config) -> PathBuf {
         let path = self.path(name);
-        let text = toml::to_string(config).expect("a configuration serialises");
+        let mut table = toml::Table::try_from(config).expect("a configuration serialises");
+        let defaults = toml::Table::try_from(Config::default()).expect("defaults serialise");
+        without_defaults(&mut table, &defaults);
+        let text = toml::to_string(&table).expect("a configuration serialises");
         std::fs::write(&path, text).expect("config written");
         path
     }
@@ -91,7 +105,7 @@ impl TestScope {
     pub fn spawn_with_env(&mut self, args: &[&str], env: &[(&str, &str)]) -> usize {
         let log = self.path(&format!("daemon-{}.log", self.children.len()));
         let log = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_pleiades"))
+        let child = Command::new(binary())
             .args(args)
             .current_dir(self.dir.path())
             .env_remove("RUST_LOG")
@@ -136,6 +150,18 @@ impl TestScope {
         }
         all
     }
+}
+
+/// Removes from `table` every key whose value equals the one in `defaults`.
+fn without_defaults(table: &mut toml::Table, defaults: &toml::Table) {
+    table.retain(|key, value| match (value, defaults.get(key)) {
+        (toml::Value::Table(inner), Some(toml::Value::Table(default))) => {
+            without_defaults(inner, default);
+            !inner.is_empty()
+        }
+        (value, Some(default)) => value != default,
+        (_, None) => true,
+    });
 }
 
 impl Drop for TestScope {
@@ -444,31 +470,145 @@ pub struct RedisServer {
     dir: PathBuf,
     aof: bool,
     child: Option<Child>,
+    tls: Option<RedisTls>,
+}
+
+/// A Redis that speaks only TLS and wants a password.
+#[derive(Debug, Clone)]
+pub struct RedisTls {
+    /// The authority that signed the server's certificate (PEM).
+    pub ca_file: PathBuf,
+    pub password: String,
+}
+
+/// Makes a certificate authority and a server certificate for 127.0.0.1 in `dir` with openssl.
+fn make_certificates(dir: &Path) -> PathBuf {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs (scripts/install-test-deps installs it)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=pleiades test authority",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .expect("extensions");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    dir.join("ca.pem")
 }
 
 impl RedisServer {
     pub async fn start(scope: &TestScope, aof: bool) -> RedisServer {
-        let dir = scope.path(&format!("redis-{}", TestScope::free_port()));
+        Self::start_with(scope, aof, None).await
+    }
+
+    /// A Redis that accepts only TLS connections (certificates made for the test) and
+    /// requires `password`.
+    pub async fn start_tls(scope: &TestScope, password: &str) -> RedisServer {
+        let dir = scope.path(&format!("redis-tls-{}", TestScope::free_port()));
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        let ca_file = make_certificates(&dir);
+        let tls = RedisTls {
+            ca_file,
+            password: password.to_owned(),
+        };
+        Self::start_with(scope, false, Some(tls)).await
+    }
+
+    async fn start_with(scope: &TestScope, aof: bool, tls: Option<RedisTls>) -> RedisServer {
+        let dir = match &tls {
+            Some(tls) => tls.ca_file.parent().expect("a directory").to_owned(),
+            None => scope.path(&format!("redis-{}", TestScope::free_port())),
+        };
         std::fs::create_dir_all(&dir).expect("redis dir");
         let mut server = RedisServer {
             port: TestScope::free_port(),
             dir,
             aof,
             child: None,
+            tls,
         };
         server.launch().await;
         server
     }
 
+    /// The TLS settings, for a TLS server.
+    pub fn tls(&self) -> Option<&RedisTls> {
+        self.tls.as_ref()
+    }
+
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        match &self.tls {
+            Some(tls) => format!("rediss://:{}@127.0.0.1:{}/", tls.password, self.port),
+            None => format!("redis://127.0.0.1:{}/", self.port),
+        }
     }
 
     async fn launch(&mut self) {
         let port = self.port.to_string();
         let mut args = vec![
-            "--port",
-            port.as_str(),
             "--bind",
             "127.0.0.1",
             "--save",
@@ -476,6 +616,25 @@ impl RedisServer {
             "--protected-mode",
             "no",
         ];
+        match &self.tls {
+            Some(tls) => args.extend([
+                "--port",
+                "0",
+                "--tls-port",
+                port.as_str(),
+                "--tls-cert-file",
+                "server.pem",
+                "--tls-key-file",
+                "server.key",
+                "--tls-ca-cert-file",
+                "ca.pem",
+                "--tls-auth-clients",
+                "no",
+                "--requirepass",
+                tls.password.as_str(),
+            ]),
+            None => args.extend(["--port", port.as_str()]),
+        }
         if self.aof {
             args.extend(["--appendonly", "yes", "--appendfsync", "always"]);
         }
@@ -512,7 +671,9 @@ impl RedisServer {
 
     /// One command; None when the server does not answer.
     pub async fn query(&self, args: &[&str]) -> Option<redis::Value> {
-        let client = redis::Client::open(self.url()).ok()?;
+        let ca_file = self.tls.as_ref().map(|t| t.ca_file.as_path());
+        let info = pleiades::store::redis::connection_info(&self.url(), ca_file).ok()?;
+        let client = redis::Client::open(info).ok()?;
         let mut conn = client.get_multiplexed_async_connection().await.ok()?;
         let mut cmd = redis::cmd(args[0]);
         for arg in &args[1..] {
@@ -590,6 +751,18 @@ pub fn oracle(lines: &[String]) -> Expected {
         let Ok(time) = chrono::DateTime::parse_from_rfc3339(dt) else {
             continue;
         };
+        if let Some(length) = v["length"].as_object() {
+            // A numeric side must be a page length (0 to 2^32-1), else the event is invalid.
+            let page_length = |side: &str| match length.get(side) {
+                Some(serde_json::Value::Number(n)) => {
+                    n.as_u64().is_some_and(|n| n <= u32::MAX as u64)
+                }
+                _ => true,
+            };
+            if !page_length("old") || !page_length("new") {
+                continue;
+            }
+        }
         if let Some(id) = v["meta"]["id"].as_str() {
             if !seen.insert(id.to_owned()) {
                 continue;
@@ -914,8 +1087,23 @@ pub fn read_topic(brokers: &str, topic: &str) -> Vec<TopicMessage> {
 
 /// A process's resident memory in bytes, from /proc.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
+    status_kb(pid, "VmRSS:").map(|kb| kb * 1024)
+}
+
+/// The most resident memory a process has had, in bytes (VmHWM, the high-water mark).
+pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
+    status_kb(pid, "VmHWM:").map(|kb| kb * 1024)
+}
+
+fn status_kb(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// How many file descriptors a process has open, from /proc.
+pub fn open_fds(pid: u32) -> Option<usize> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .map(|d| d.count())
 }
