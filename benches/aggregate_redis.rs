@@ -132,7 +132,12 @@ async fn main() {
         }
     };
     let url = format!("redis://127.0.0.1:{port}/");
-    let store = RedisStore::open(&url, None, Duration::from_secs(10)).expect("store");
+    let config = pleiades::config::RedisConfig {
+        url: url.clone(),
+        ..pleiades::config::RedisConfig::default()
+    };
+    let metrics = pleiades::metrics::Metrics::new(1).expect("metrics");
+    let store = RedisStore::open(&config, metrics.store.clone()).expect("store");
     let deadline = Instant::now() + Duration::from_secs(10);
     while store.ping().await.is_err() {
         assert!(Instant::now() < deadline, "redis-server did not start");

@@ -341,6 +341,16 @@ impl HttpMetrics {
 pub struct StoreMetrics {
     /// `pleiades_store_reads_total{query}`: reads of the store, by what they read.
     pub reads: LabelledCounter<StoreRead>,
+    /// `pleiades_redis_master_info{address}`: 1 for the Redis server the store talks to (with
+    /// Sentinel, the master; with Cluster, the master of the pleiades slot). The address is not
+    /// known in advance, so there is no series before the first connection.
+    pub master: IntGaugeVec,
+    /// `pleiades_redis_failovers_total`: times the store found the master at another address
+    /// than before (a failover, or a moved cluster slot).
+    pub failovers: IntCounter,
+    /// `pleiades_redis_reconnects_total`: connections to Redis made after the first; each
+    /// begins a new epoch, after which aggregators read their positions again.
+    pub reconnects: IntCounter,
 }
 
 /// Metrics of the web role.
@@ -372,6 +382,11 @@ pub struct AggregateMetrics {
     pub batch_events: Histogram,
     pub apply_seconds: Histogram,
     pub stale_batches: IntCounter,
+    /// `pleiades_aggregator_rewound_batches_total`: refused batches whose source the store had
+    /// at an earlier position than the batch's start. Positions only move forward, so this
+    /// means the store lost writes it had acknowledged (a Redis failover or restart): the
+    /// events from the stored position on are read and counted again.
+    pub rewound_batches: IntCounter,
     pub store_errors: IntCounter,
     pub position_bytes: IntGauge,
     /// `pleiades_aggregator_caught_up_timestamp_seconds{worker}`: when the worker's latest pass
@@ -583,6 +598,7 @@ impl AggregateMetrics {
             batch_events: histogram(r, "pleiades_aggregator_batch_events", "Bus lines covered by one store batch", prometheus::exponential_buckets(1.0, 4.0, 9)?)?,
             apply_seconds: histogram(r, "pleiades_store_apply_duration_seconds", "Time to apply one batch to the store", prometheus::exponential_buckets(0.0001, 4.0, 10)?)?,
             stale_batches: counter(r, "pleiades_aggregator_stale_batches_total", "Batches the store refused because their source had moved on (replays after a crash, stale owners)")?,
+            rewound_batches: counter(r, "pleiades_aggregator_rewound_batches_total", "Refused batches whose source the store had at an earlier position than their start: the store lost acknowledged writes (a Redis failover or restart), and the events are counted again from there")?,
             store_errors: counter(r, "pleiades_store_errors_total", "Failed store operations")?,
             position_bytes: gauge(r, "pleiades_aggregator_bus_position_bytes", "Byte position reached in the newest event segment")?,
             caught_up: registered(r, GaugeVec::new(Opts::new("pleiades_aggregator_caught_up_timestamp_seconds", "Start time of the worker's latest pass that counted every complete line on the bus; everything written before it is counted"), &["worker"]))?,
@@ -697,6 +713,26 @@ impl StoreMetrics {
                 "pleiades_store_reads_total",
                 "Reads of the counter store, by what they read",
                 "query",
+            )?,
+            master: registered(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "pleiades_redis_master_info",
+                        "Always 1; the label is the address of the Redis server the store writes to (the master, with Sentinel or Cluster)",
+                    ),
+                    &["address"],
+                ),
+            )?,
+            failovers: counter(
+                r,
+                "pleiades_redis_failovers_total",
+                "Times the store found the Redis master at another address than before: a failover, or a moved cluster slot",
+            )?,
+            reconnects: counter(
+                r,
+                "pleiades_redis_reconnects_total",
+                "Connections to Redis made after the first; aggregators read their positions again after each",
             )?,
         })
     }

@@ -178,7 +178,13 @@ impl Counting {
             }
             Applied::Stale { stored } => {
                 self.metrics.stale_batches.inc();
-                tracing::warn!(source = %batch.source, batch_start = batch.start, stored, "store refused a batch that does not start at its stored position; reading again from there");
+                if stored < batch.start {
+                    // Positions only move forward: the store lost writes it acknowledged.
+                    self.metrics.rewound_batches.inc();
+                    tracing::warn!(source = %batch.source, batch_start = batch.start, stored, "the store's position is behind a batch: it lost acknowledged writes (a Redis failover or restart); counting again from the stored position");
+                } else {
+                    tracing::warn!(source = %batch.source, batch_start = batch.start, stored, "store refused a batch that does not start at its stored position; reading again from there");
+                }
                 pending.restart(stored);
             }
         }

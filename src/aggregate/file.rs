@@ -31,6 +31,10 @@ pub struct FileAggregator {
     /// The stored position of each segment as last seen. Only a hint to avoid a store round trip
     /// per poll: the store still refuses any batch that does not start at its real position.
     positions: HashMap<u64, u64>,
+    /// The store's epoch when `positions` and `finished` were last trusted. When it moves, the
+    /// store may have lost acknowledged writes (a Redis failover), so both are forgotten: a
+    /// segment remembered as counted may have to be counted again from where the store is.
+    epoch: Option<u64>,
 }
 
 impl FileAggregator {
@@ -53,6 +57,7 @@ impl FileAggregator {
             workers,
             finished: HashSet::new(),
             positions: HashMap::new(),
+            epoch: None,
             ctx,
         }
     }
@@ -81,6 +86,19 @@ impl FileAggregator {
     /// One look at every segment this worker owns; true when anything was counted.
     async fn pass(&mut self) -> Result<bool, AggregateError> {
         let started = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
+        let epoch = self.counting.store().epoch().await;
+        if self.epoch != Some(epoch) {
+            if self.epoch.is_some() {
+                tracing::info!(
+                    worker = self.index,
+                    epoch,
+                    "new store connection; every segment's position is read again"
+                );
+            }
+            self.positions.clear();
+            self.finished.clear();
+            self.epoch = Some(epoch);
+        }
         let all = segments(&self.files.dir)?;
         let newest = all.last().map(|(number, _)| *number);
         let mut progressed = false;

@@ -28,6 +28,9 @@ pub struct KafkaAggregator {
     policy: BatchPolicy,
     kafka_metrics: KafkaMetrics,
     index: usize,
+    /// The store's epoch when the partitions' positions were read. When it moves, the store may
+    /// have lost acknowledged writes (a Redis failover), so every partition is lined up again.
+    epoch: u64,
 }
 
 impl KafkaAggregator {
@@ -40,7 +43,10 @@ impl KafkaAggregator {
     ) -> Result<Self, AggregateError> {
         let reader = GroupReader::join(kafka, index, ctx.metrics.kafka.clone()).await?;
         let quarantine = Quarantine::for_aggregator(&ctx.config.bus, index);
+        // Read before any position is: a change after it is a change for every position read.
+        let epoch = store.epoch().await;
         Ok(KafkaAggregator {
+            epoch,
             counting: Counting::new(store, ctx.metrics.aggregate.clone(), quarantine),
             policy: BatchPolicy::of(&ctx.config.aggregate),
             kafka_metrics: ctx.metrics.kafka.clone(),
@@ -62,7 +68,10 @@ impl KafkaAggregator {
             self.take_changes().await?;
             tokio::select! {
                 _ = self.ctx.shutdown.cancelled() => break,
-                _ = tick.tick() => self.flush_due().await?,
+                _ = tick.tick() => {
+                    self.follow_store().await?;
+                    self.flush_due().await?;
+                }
                 message = reader.recv() => match message {
                     Ok(message) => {
                         // A rebalance may have happened inside `recv`: act on it before counting.
@@ -188,6 +197,35 @@ impl KafkaAggregator {
     fn seek(&self, p: i32, offset: i64) -> Result<(), AggregateError> {
         self.kafka_metrics.seeks.inc();
         Ok(self.reader.seek(p, offset)?)
+    }
+
+    /// After the store's epoch moved (a new connection to Redis, perhaps to a promoted replica
+    /// that never received the last batches), no position read before is trusted: each
+    /// positioned partition drops its batch, moves to the position the store holds now, and
+    /// looks it up again on its next message (which also notices a retention gap). A partition
+    /// with nothing new is thereby still counted again from where the store is.
+    async fn follow_store(&mut self) -> Result<(), AggregateError> {
+        let epoch = self.counting.store().epoch().await;
+        if epoch == self.epoch {
+            return Ok(());
+        }
+        self.epoch = epoch;
+        let store = self.counting.store().clone();
+        let positioned = self.assignment.positioned();
+        tracing::info!(
+            worker = self.index,
+            epoch,
+            partitions = ?positioned,
+            "new store connection; every partition is read again from its stored position"
+        );
+        for p in positioned {
+            let key = source_key(self.reader.topic(), p);
+            let stored = self.counting.store_call(store.position(&key)).await? as i64;
+            self.pending.remove(&p);
+            self.assignment.unposition(p);
+            self.seek(p, stored)?;
+        }
+        Ok(())
     }
 
     /// Applies every batch that has waited `aggregate.batch_delay`.

@@ -287,11 +287,26 @@ impl Default for StoreConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     /// `redis://` or `rediss://` (TLS), with a password in the URL if needed
-    /// (`rediss://:password@host:6380/0`). The password is never printed.
+    /// (`rediss://:password@host:6380/0`). The password is never printed. With `sentinels` or
+    /// `cluster`, its host and port are not used, but its scheme (TLS), user, password and
+    /// database apply to every server Pleiades connects to.
     pub url: String,
-    /// The longest one store operation may take before it counts as failed (and is retried).
+    /// The longest one store operation may take, reconnections and retries through a failover
+    /// included, before it counts as failed.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Redis Sentinel: the sentinels' `host:port`. When set, the store asks them in turn for
+    /// the address of the master named `master_name`, checks with `ROLE` that it is the
+    /// master, and asks again after any failure, so it follows a failover without a restart.
+    /// Reads and writes both go to the master only: a replica may lag behind it.
+    pub sentinels: Vec<String>,
+    /// With `sentinels`: the name the sentinels monitor the master under
+    /// (`sentinel monitor <name> …`); the default is the original's.
+    pub master_name: String,
+    /// Redis Cluster: some nodes' `host:port`. Every key Pleiades writes carries the hash tag
+    /// `{pleiades}`, so they all live in one slot; the store finds the master of that slot
+    /// from these nodes and follows it when the slot moves (a resharding) or fails over.
+    pub cluster: Vec<String>,
     /// With `rediss://`: a PEM file of the certificate authorities that may sign the server's
     /// certificate, for a Redis whose certificate no system authority signed. Unset trusts the
     /// system's authorities.
@@ -303,6 +318,9 @@ impl Default for RedisConfig {
         RedisConfig {
             url: "redis://127.0.0.1:6379".to_owned(),
             timeout: Duration::from_secs(10),
+            sentinels: Vec::new(),
+            master_name: "mymaster".to_owned(),
+            cluster: Vec::new(),
             ca_file: None,
         }
     }
@@ -497,6 +515,50 @@ pub fn parse_since(since: &str) -> Option<i64> {
         return Some(ms);
     }
     crate::event::parse_time_ms(since).ok()
+}
+
+/// Splits `host:port` (`[v6]:port` for IPv6 addresses); None unless both parts are there.
+pub fn parse_host_port(addr: &str) -> Option<(String, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.strip_suffix(']')?,
+        None if host.contains(':') => return None,
+        None => host,
+    };
+    (!host.is_empty() && !host.contains(['/', '@', ' '])).then(|| (host.to_owned(), port))
+}
+
+/// `url` with its host and port replaced, everything else (scheme, user, password, database)
+/// kept; None when `url` does not parse.
+pub fn with_host_port(url: &str, host: &str, port: u16) -> Option<String> {
+    let mut parsed = reqwest::Url::parse(url).ok()?;
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
+    parsed.set_host(Some(&host)).ok()?;
+    parsed.set_port(Some(port)).ok()?;
+    Some(parsed.to_string())
+}
+
+/// A listen address in the original's form: `:8080` is every interface, `localhost:8080` the
+/// loopback one, anything else an `IP:PORT`.
+pub fn parse_listen_addr(addr: &str) -> Option<SocketAddr> {
+    if let Some(port) = addr.strip_prefix(':') {
+        return port
+            .parse()
+            .ok()
+            .map(|port| SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    if let Some(port) = addr.strip_prefix("localhost:") {
+        return port
+            .parse()
+            .ok()
+            .map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    addr.parse().ok()
 }
 
 /// `url` with its password replaced, so that it can be shown in errors and logs. A URL that

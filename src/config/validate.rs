@@ -202,7 +202,15 @@ impl KafkaConfig {
 impl RedisConfig {
     fn validate(&self, p: &mut Problems) {
         match reqwest::Url::parse(&self.url) {
-            Ok(url) if url.scheme() == "redis" || url.scheme() == "rediss" => {}
+            Ok(url) if url.scheme() == "redis" || url.scheme() == "rediss" => {
+                let db = url.path().trim_matches('/');
+                if !self.cluster.is_empty() && !db.is_empty() && db != "0" {
+                    p.bad(
+                        "redis.url",
+                        format!("names database {db:?}, but Redis Cluster has database 0 only"),
+                    );
+                }
+            }
             _ => p.bad(
                 "redis.url",
                 format!(
@@ -210,6 +218,28 @@ impl RedisConfig {
                     super::redact_url(&self.url)
                 ),
             ),
+        }
+        for (key, nodes) in [
+            ("redis.sentinels", &self.sentinels),
+            ("redis.cluster", &self.cluster),
+        ] {
+            for node in nodes {
+                if super::parse_host_port(node).is_none() {
+                    p.bad(key, format!("{node:?} is not HOST:PORT"));
+                }
+            }
+        }
+        if !self.sentinels.is_empty() && !self.cluster.is_empty() {
+            p.bad(
+                "redis.cluster",
+                "is set together with redis.sentinels; Redis is reached through one or the other",
+            );
+        }
+        if !self.sentinels.is_empty() && self.master_name.trim().is_empty() {
+            p.bad(
+                "redis.master_name",
+                "must name the master the sentinels monitor",
+            );
         }
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod embedded;
 pub mod redis;
+pub mod redis_link;
 
 use crate::config::StoreSettings;
 use crate::counters::Tally;
@@ -83,17 +84,28 @@ impl Store {
             StoreSettings::Embedded(config) => {
                 Backend::Embedded(embedded::EmbeddedStore::open(&config.path).await?)
             }
-            StoreSettings::Redis(config) => Backend::Redis(redis::RedisStore::open(
-                &config.url,
-                config.ca_file.as_deref(),
-                config.timeout,
-            )?),
+            StoreSettings::Redis(config) => {
+                Backend::Redis(redis::RedisStore::open(config, metrics.clone())?)
+            }
         };
         Ok(Store {
             backend,
             changes: Arc::default(),
             metrics,
         })
+    }
+
+    /// A number that moves whenever the store may have lost writes it acknowledged: with
+    /// Redis, each new connection (after a failure, a failover, a moved cluster slot) starts a
+    /// new epoch, because the server behind it may be a promoted replica that never received
+    /// the last writes. A position remembered under an older epoch must be read again; the
+    /// embedded store never loses a committed write and stays at 0. At most once a second this
+    /// also checks that the connection still reaches the master.
+    pub async fn epoch(&self) -> u64 {
+        match &self.backend {
+            Backend::Embedded(_) => 0,
+            Backend::Redis(s) => s.epoch().await,
+        }
     }
 
     /// How many batches this process applied, whatever days they touched: a generation for
@@ -118,7 +130,7 @@ impl Store {
         self.metrics.reads.inc(StoreRead::Position);
         match &self.backend {
             Backend::Embedded(s) => s.position(source).await,
-            Backend::Redis(s) => s.bounded(s.position(source)).await,
+            Backend::Redis(s) => s.position(source).await,
         }
     }
 
@@ -126,7 +138,7 @@ impl Store {
     pub async fn apply(&self, batch: &Batch) -> Result<Applied, StoreError> {
         let applied = match &self.backend {
             Backend::Embedded(s) => s.apply(batch).await?,
-            Backend::Redis(s) => s.bounded(s.apply(batch)).await?,
+            Backend::Redis(s) => s.apply(batch).await?,
         };
         if applied == Applied::Counted && !batch.tally.is_empty() {
             self.changes
@@ -151,7 +163,7 @@ impl Store {
         self.metrics.reads.inc(StoreRead::Days);
         match &self.backend {
             Backend::Embedded(s) => s.days().await,
-            Backend::Redis(s) => s.bounded(s.days()).await,
+            Backend::Redis(s) => s.days().await,
         }
     }
 
@@ -160,7 +172,7 @@ impl Store {
         self.metrics.reads.inc(StoreRead::Day);
         match &self.backend {
             Backend::Embedded(s) => s.day(day).await,
-            Backend::Redis(s) => s.bounded(s.day(day)).await,
+            Backend::Redis(s) => s.day(day).await,
         }
     }
 
@@ -169,7 +181,7 @@ impl Store {
         self.metrics.reads.inc(StoreRead::Range);
         match &self.backend {
             Backend::Embedded(s) => s.range(from, to).await,
-            Backend::Redis(s) => s.bounded(s.range(from, to)).await,
+            Backend::Redis(s) => s.range(from, to).await,
         }
     }
 
@@ -178,7 +190,7 @@ impl Store {
         self.metrics.reads.inc(StoreRead::AllTime);
         match &self.backend {
             Backend::Embedded(s) => s.all_time().await,
-            Backend::Redis(s) => s.bounded(s.all_time()).await,
+            Backend::Redis(s) => s.all_time().await,
         }
     }
 
@@ -186,7 +198,7 @@ impl Store {
     pub async fn ping(&self) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Embedded(_) => Ok(()),
-            Backend::Redis(s) => s.bounded(s.ping()).await,
+            Backend::Redis(s) => s.ping().await,
         }
     }
 }

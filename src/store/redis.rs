@@ -6,19 +6,30 @@
 //! `{pleiades}:days` sorted set (the index of days with data), `{pleiades}:positions` hash
 //! (source → next position). Readers use HGETALL and ZRANGE on known keys: nothing scans.
 
+use super::redis_link::{RedisLink, Request, Topology};
 use super::{Applied, Batch, Counters, StoreError};
-use deadpool_redis::redis::{self, AsyncCommands};
-use deadpool_redis::{Pool, Runtime};
+use crate::config::RedisConfig;
+use crate::metrics::StoreMetrics;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+/// The hash tag of every key: Redis Cluster puts all of them in the slot of `pleiades`, so
+/// the apply script and every multi-key read work there.
+pub const HASH_TAG: &str = "{pleiades}";
 const POSITIONS: &str = "{pleiades}:positions";
 const DAYS: &str = "{pleiades}:days";
 const ALL_TIME: &str = "{pleiades}:all";
 
 fn day_key(day: i64) -> String {
-    format!("{{pleiades}}:day:{day}")
+    format!("{HASH_TAG}:day:{day}")
+}
+
+/// The keys the store writes for the days `days`: what a test of their slots checks.
+pub fn keys_for(days: &[i64]) -> Vec<String> {
+    let mut keys = vec![POSITIONS.to_owned(), DAYS.to_owned(), ALL_TIME.to_owned()];
+    keys.extend(days.iter().map(|day| day_key(*day)));
+    keys
 }
 
 /// Applies a batch. Counters are read with HMGET and written with one HSET per hash (in chunks
@@ -158,110 +169,99 @@ pub fn connection_info(
         .map_err(|e| fail(e.to_string()))
 }
 
-/// A pool of connections to one Redis; cheap to clone.
+/// The Redis store; cheap to clone (one link to Redis underneath, shared by every clone).
 #[derive(Clone)]
 pub struct RedisStore {
-    pool: Pool,
-    /// The URL with any password hidden, for errors and logs.
-    peer: Arc<str>,
-    script: Arc<redis::Script>,
-    /// The longest one operation may take (`redis.timeout`).
-    deadline: std::time::Duration,
+    link: Arc<RedisLink>,
+    /// The apply script's SHA1, for `EVALSHA`.
+    script_hash: Arc<str>,
 }
 
 impl RedisStore {
-    /// A pool for `url`; connections are made on first use. With `rediss://`, the server's
-    /// certificate must be signed by an authority of `ca_file` (PEM) when given, else by one
-    /// the system trusts.
-    pub fn open(
-        url: &str,
-        ca_file: Option<&Path>,
-        deadline: std::time::Duration,
-    ) -> Result<Self, StoreError> {
-        let peer: Arc<str> = crate::config::redact_url(url).into();
-        let fail = |message: String| StoreError::Redis {
-            url: peer.to_string(),
-            message,
-        };
-        let info = connection_info(url, ca_file).map_err(|e| fail(e.to_string()))?;
-        let manager = deadpool_redis::Manager::new(info).map_err(|e| fail(e.to_string()))?;
-        let pool = Pool::builder(manager)
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| fail(e.to_string()))?;
+    /// A store on the Redis `config` describes: one server at `redis.url`, the master the
+    /// `redis.sentinels` name, or the master of the `{pleiades}` slot of `redis.cluster`.
+    /// Nothing is connected before the first operation. With `rediss://`, servers' certificates
+    /// must be signed by an authority of `redis.ca_file` (PEM) when given, else by one the
+    /// system trusts.
+    pub fn open(config: &RedisConfig, metrics: StoreMetrics) -> Result<Self, StoreError> {
+        let template = connection_info(&config.url, config.ca_file.as_deref()).map_err(|e| {
+            StoreError::Redis {
+                url: crate::config::redact_url(&config.url),
+                message: e.to_string(),
+            }
+        })?;
+        let topology = Topology::of(config, template);
         Ok(RedisStore {
-            pool,
-            peer,
-            script: Arc::new(redis::Script::new(APPLY)),
-            deadline,
+            link: Arc::new(RedisLink::new(
+                topology,
+                &config.url,
+                config.timeout,
+                metrics,
+            )),
+            script_hash: redis::Script::new(APPLY).get_hash().into(),
         })
     }
 
-    /// Runs one store operation with a deadline, so that a Redis that hangs (rather than
-    /// refusing) fails the call instead of stalling its caller, and shutdown, indefinitely.
-    pub async fn bounded<T>(
-        &self,
-        operation: impl std::future::Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.deadline, operation)
-            .await
-            .unwrap_or_else(|_| Err(self.err(format!("no answer within {:?}", self.deadline))))
+    /// The link's epoch: it moves whenever a new connection may reach a server that lacks
+    /// writes an earlier one acknowledged (see [`RedisLink::epoch`]).
+    pub async fn epoch(&self) -> u64 {
+        self.link.epoch().await
     }
 
-    fn err(&self, e: impl std::fmt::Display) -> StoreError {
-        StoreError::Redis {
-            url: self.peer.to_string(),
-            message: e.to_string(),
-        }
+    /// Sends one command and decodes its reply.
+    async fn one<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, StoreError> {
+        let mut replies = self.link.send(&Request::one(cmd)).await?;
+        self.decode(replies.pop().unwrap_or(redis::Value::Nil))
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
-        self.pool.get().await.map_err(|e| self.err(e))
+    fn decode<T: redis::FromRedisValue>(&self, value: redis::Value) -> Result<T, StoreError> {
+        redis::from_redis_value(value).map_err(|e| self.link.error(e))
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+        self.one::<String>(redis::cmd("PING")).await.map(|_| ())
     }
 
     pub async fn position(&self, source: &str) -> Result<u64, StoreError> {
-        let mut conn = self.conn().await?;
-        let value: Option<u64> = conn
-            .hget(POSITIONS, source)
-            .await
-            .map_err(|e| self.err(e))?;
+        let mut cmd = redis::cmd("HGET");
+        cmd.arg(POSITIONS).arg(source);
+        let value: Option<u64> = self.one(cmd).await?;
         Ok(value.unwrap_or(0))
     }
 
     pub async fn apply(&self, batch: &Batch) -> Result<Applied, StoreError> {
-        let mut invocation = self.script.prepare_invoke();
-        invocation
-            .key(POSITIONS)
-            .key(DAYS)
-            .key(ALL_TIME)
-            .arg(&batch.source)
-            .arg(batch.start)
-            .arg(batch.end);
-        invocation.arg(batch.tally.all_time.len());
+        let mut keys = vec![POSITIONS.to_owned(), DAYS.to_owned(), ALL_TIME.to_owned()];
+        let mut args = vec![
+            batch.source.clone(),
+            batch.start.to_string(),
+            batch.end.to_string(),
+            batch.tally.all_time.len().to_string(),
+        ];
         for (name, delta) in &batch.tally.all_time {
-            invocation.arg(name).arg(*delta);
+            args.push(name.clone());
+            args.push(delta.to_string());
         }
         for (day, counters) in &batch.tally.days {
-            invocation.key(day_key(*day));
-            invocation.arg(*day).arg(counters.len());
+            keys.push(day_key(*day));
+            args.push(day.to_string());
+            args.push(counters.len().to_string());
             for (name, delta) in counters {
-                invocation.arg(name).arg(*delta);
+                args.push(name.clone());
+                args.push(delta.to_string());
             }
         }
-        let mut conn = self.conn().await?;
-        let (counted, stored): (i64, u64) = invocation
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| self.err(e))?;
+        let call = |verb: &str, script: &str| {
+            let mut cmd = redis::cmd(verb);
+            cmd.arg(script).arg(keys.len()).arg(&keys).arg(&args);
+            cmd
+        };
+        let request = Request::Script {
+            by_hash: call("EVALSHA", &self.script_hash),
+            with_body: call("EVAL", APPLY),
+        };
+        let mut replies = self.link.send(&request).await?;
+        let (counted, stored): (i64, u64) =
+            self.decode(replies.pop().unwrap_or(redis::Value::Nil))?;
         Ok(if counted == 1 {
             Applied::Counted
         } else {
@@ -270,44 +270,47 @@ impl RedisStore {
     }
 
     pub async fn days(&self) -> Result<Vec<i64>, StoreError> {
-        let mut conn = self.conn().await?;
-        let days: Vec<i64> = conn.zrange(DAYS, 0, -1).await.map_err(|e| self.err(e))?;
-        Ok(days)
+        let mut cmd = redis::cmd("ZRANGE");
+        cmd.arg(DAYS).arg(0).arg(-1);
+        self.one(cmd).await
     }
 
     pub async fn day(&self, day: i64) -> Result<Option<Counters>, StoreError> {
-        let mut conn = self.conn().await?;
-        let values: HashMap<String, i64> =
-            conn.hgetall(day_key(day)).await.map_err(|e| self.err(e))?;
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(day_key(day));
+        let values: HashMap<String, i64> = self.one(cmd).await?;
         Ok((!values.is_empty()).then(|| values.into_iter().collect()))
     }
 
     pub async fn range(&self, from: i64, to: i64) -> Result<Vec<(i64, Counters)>, StoreError> {
-        let mut conn = self.conn().await?;
-        let days: Vec<i64> = conn
-            .zrangebyscore(DAYS, from, to)
-            .await
-            .map_err(|e| self.err(e))?;
+        let mut cmd = redis::cmd("ZRANGEBYSCORE");
+        cmd.arg(DAYS).arg(from).arg(to);
+        let days: Vec<i64> = self.one(cmd).await?;
         if days.is_empty() {
             return Ok(Vec::new());
         }
         // One round trip for all the days.
-        let mut pipe = redis::pipe();
-        for day in &days {
-            pipe.hgetall(day_key(*day));
+        let commands = days
+            .iter()
+            .map(|day| {
+                let mut cmd = redis::cmd("HGETALL");
+                cmd.arg(day_key(*day));
+                cmd
+            })
+            .collect();
+        let replies = self.link.send(&Request::Commands(commands)).await?;
+        let mut out = Vec::with_capacity(days.len());
+        for (day, reply) in days.into_iter().zip(replies) {
+            let counters: HashMap<String, i64> = self.decode(reply)?;
+            out.push((day, counters.into_iter().collect()));
         }
-        let values: Vec<HashMap<String, i64>> =
-            pipe.query_async(&mut conn).await.map_err(|e| self.err(e))?;
-        Ok(days
-            .into_iter()
-            .zip(values)
-            .map(|(day, counters)| (day, counters.into_iter().collect()))
-            .collect())
+        Ok(out)
     }
 
     pub async fn all_time(&self) -> Result<Counters, StoreError> {
-        let mut conn = self.conn().await?;
-        let values: HashMap<String, i64> = conn.hgetall(ALL_TIME).await.map_err(|e| self.err(e))?;
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(ALL_TIME);
+        let values: HashMap<String, i64> = self.one(cmd).await?;
         Ok(values.into_iter().collect())
     }
 }
@@ -315,6 +318,17 @@ impl RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_key_lives_in_the_slot_of_the_hash_tag() {
+        use super::super::redis_link::key_slot;
+        let slot = key_slot(HASH_TAG.as_bytes());
+        assert_eq!(slot, key_slot(b"pleiades"));
+        for key in keys_for(&[i64::MIN, -1, 0, 19_337, 20_000, i64::MAX]) {
+            assert!(key.starts_with(HASH_TAG), "{key}");
+            assert_eq!(key_slot(key.as_bytes()), slot, "{key}");
+        }
+    }
 
     #[tokio::test]
     async fn a_server_that_never_answers_fails_the_call_in_time() {
@@ -327,14 +341,15 @@ mod tests {
                 held.push(socket);
             }
         });
-        let store = RedisStore::open(
-            &format!("redis://{addr}/"),
-            None,
-            std::time::Duration::from_millis(300),
-        )
-        .unwrap();
+        let config = RedisConfig {
+            url: format!("redis://{addr}/"),
+            timeout: std::time::Duration::from_millis(300),
+            ..RedisConfig::default()
+        };
+        let metrics = crate::metrics::Metrics::new(1).unwrap();
+        let store = RedisStore::open(&config, metrics.store.clone()).unwrap();
         let started = std::time::Instant::now();
-        let error = store.bounded(store.position("file:x")).await.unwrap_err();
+        let error = store.position("file:x").await.unwrap_err();
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
         assert!(error.to_string().contains(&addr.to_string()), "{error}");
         assert!(error.to_string().contains("no answer within"), "{error}");

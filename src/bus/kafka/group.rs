@@ -342,6 +342,19 @@ impl Assignment {
         awaiting
     }
 
+    /// Forgets where `partition` stands; it stays assigned, and its next message looks its
+    /// position up again (after the store's epoch moved: a position read before may be gone).
+    pub fn unposition(&mut self, partition: i32) {
+        self.cursors.remove(&partition);
+    }
+
+    /// Partitions owned now that have a position.
+    pub fn positioned(&self) -> Vec<i32> {
+        let mut partitions: Vec<i32> = self.cursors.keys().copied().collect();
+        partitions.sort_unstable();
+        partitions
+    }
+
     /// Moves `partition` back (or on) to `stored`, after the store refused a batch; the reader
     /// must seek there.
     pub fn rewind(&mut self, partition: i32, stored: i64) {
@@ -422,5 +435,25 @@ mod tests {
             Admit::Unpositioned,
             "positions are looked up again"
         );
+    }
+
+    #[test]
+    fn an_unpositioned_partition_is_looked_up_again_and_stays_owned() {
+        let mut a = Assignment::default();
+        a.apply(&Change::Assigned(vec![0, 1]));
+        a.start(0, 0, 0);
+        a.start(1, 7, 7);
+        assert_eq!(a.positioned(), vec![0, 1]);
+        for offset in 0..5 {
+            assert_eq!(a.admit(0, offset), Admit::Read { missing: 0 });
+        }
+        a.unposition(0);
+        assert!(a.owns(0));
+        assert_eq!(a.positioned(), vec![1]);
+        assert_eq!(a.admit(0, 5), Admit::Unpositioned);
+        // The store now says 3 (it lost the batch that ended at 5): seek back and read again.
+        assert!(a.start(0, 3, 5));
+        assert_eq!(a.admit(0, 5), Admit::Skip);
+        assert_eq!(a.admit(0, 3), Admit::Read { missing: 0 });
     }
 }
