@@ -34,9 +34,9 @@ enum Command {
     /// Run only the ingest role (the original personality and flags).
     Ingest(LegacyFlags),
     /// Run only the aggregate role (the original personality and flags).
-    Aggregate(LegacyFlags),
+    Aggregate(AggregateFlags),
     /// Run only the web role (the original personality and flags).
-    Frontend(LegacyFlags),
+    Frontend(FrontendFlags),
     /// Serve recorded events as an EventStreams-compatible SSE endpoint.
     Replay(pleiades::replay::ReplayOptions),
 }
@@ -67,6 +67,53 @@ struct LegacyFlags {
     resume: Option<bool>,
 }
 
+/// The original `aggregate` flags.
+#[derive(Debug, Args)]
+struct AggregateFlags {
+    #[command(flatten)]
+    common: LegacyFlags,
+    /// The Redis server to write aggregated stats to (the host and port of redis.url; selects
+    /// store.kind = "redis"). With --redis-use-sentinel alone: localhost:6379.
+    #[arg(long = "redis-addr", value_name = "HOST:PORT")]
+    redis_addr: Option<String>,
+    /// Find the Redis master through Sentinel: --redis-addr is a sentinel's address
+    /// (redis.sentinels), the master is redis.master_name.
+    #[arg(long = "redis-use-sentinel")]
+    redis_use_sentinel: bool,
+}
+
+/// The original `frontend` flags.
+#[derive(Debug, Args)]
+struct FrontendFlags {
+    #[command(flatten)]
+    common: LegacyFlags,
+    /// The Redis server to read stats from (the host and port of redis.url; selects
+    /// store.kind = "redis"). With --frontend-redis-use-sentinel alone: localhost:6379.
+    #[arg(long = "frontend-redis-addr", value_name = "HOST:PORT")]
+    frontend_redis_addr: Option<String>,
+    /// Find the Redis master through Sentinel: --frontend-redis-addr is a sentinel's address
+    /// (redis.sentinels), the master is redis.master_name.
+    #[arg(long = "frontend-redis-use-sentinel")]
+    frontend_redis_use_sentinel: bool,
+    /// The address to serve the API and the dashboard on (web.listen): ":8080" is every
+    /// interface, "localhost:8080" or "IP:PORT" one. Without it, web.listen (127.0.0.1:8080).
+    #[arg(long = "listen-addr", value_name = "ADDR")]
+    listen_addr: Option<String>,
+}
+
+impl LegacyFlags {
+    /// Sets the overrides these flags stand for.
+    fn apply(self, overrides: &mut Overrides) {
+        overrides.file_enable = self.file_enable;
+        overrides.kafka_enable = self.kafka_enable;
+        overrides.file_dir = self.file_publish_dir;
+        overrides.kafka_broker = self.kafka_broker;
+        overrides.kafka_topic = self.kafka_topic;
+        overrides.metrics_port = self.metrics_port;
+        overrides.resume = self.resume;
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match real_main(cli) {
@@ -83,31 +130,41 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         "json" => LogFormat::Json,
         _ => LogFormat::Text,
     });
+    // The original's store and listen flags, of `aggregate` or `frontend`.
+    let mut store_flags = (None, false, None);
     let (role, flags, check_only) = match cli.command {
         Some(Command::Replay(options)) => {
             return run_replay(options, cli.quiet, cli.verbose, log_format)
         }
         Some(Command::CheckConfig) => (None, None, true),
         Some(Command::Ingest(f)) => (Some(Role::Ingest), Some(f), false),
-        Some(Command::Aggregate(f)) => (Some(Role::Aggregate), Some(f), false),
-        Some(Command::Frontend(f)) => (Some(Role::Web), Some(f), false),
+        Some(Command::Aggregate(f)) => {
+            store_flags = (f.redis_addr, f.redis_use_sentinel, None);
+            (Some(Role::Aggregate), Some(f.common), false)
+        }
+        Some(Command::Frontend(f)) => {
+            store_flags = (
+                f.frontend_redis_addr,
+                f.frontend_redis_use_sentinel,
+                f.listen_addr,
+            );
+            (Some(Role::Web), Some(f.common), false)
+        }
         None => (None, None, false),
     };
+    let (redis_addr, redis_use_sentinel, listen_addr) = store_flags;
     let mut overrides = Overrides {
         only_role: role,
         quiet: cli.quiet,
         verbose: cli.verbose,
         log_format,
+        redis_addr,
+        redis_use_sentinel,
+        listen_addr,
         ..Overrides::default()
     };
     if let Some(f) = flags {
-        overrides.file_enable = f.file_enable;
-        overrides.kafka_enable = f.kafka_enable;
-        overrides.file_dir = f.file_publish_dir;
-        overrides.kafka_broker = f.kafka_broker;
-        overrides.kafka_topic = f.kafka_topic;
-        overrides.metrics_port = f.metrics_port;
-        overrides.resume = f.resume;
+        f.apply(&mut overrides);
     }
     let default_file = Path::new("pleiades.toml");
     let file = cli

@@ -3,7 +3,7 @@
 //! its key, before anything runs.
 
 use super::validate::Problem;
-use super::{BusKind, Config, Role};
+use super::{BusKind, Config, Role, StoreKind};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -28,6 +28,14 @@ pub struct Overrides {
     pub kafka_topic: Option<String>,
     pub metrics_port: Option<u16>,
     pub resume: Option<bool>,
+    /// `--redis-addr` / `--frontend-redis-addr`: the Redis at `HOST:PORT` (the host and port of
+    /// `redis.url`), or with `redis_use_sentinel` a sentinel's address (`redis.sentinels`).
+    /// Either flag selects `store.kind = "redis"`.
+    pub redis_addr: Option<String>,
+    /// `--redis-use-sentinel` / `--frontend-redis-use-sentinel`.
+    pub redis_use_sentinel: bool,
+    /// `--listen-addr`: `web.listen` in the original's form, where `:8080` means every interface.
+    pub listen_addr: Option<String>,
     pub quiet: bool,
     pub verbose: bool,
     /// `--log-format`: overrides `log.format`.
@@ -255,6 +263,20 @@ fn apply_overrides(config: &mut Config, o: &Overrides) -> Vec<Problem> {
     if let Some(resume) = o.resume {
         config.ingest.resume = resume;
     }
+    if o.redis_addr.is_some() || o.redis_use_sentinel {
+        problems.extend(apply_redis_flags(config, o));
+    }
+    if let Some(listen) = &o.listen_addr {
+        match super::parse_listen_addr(listen) {
+            Some(addr) => config.web.listen = addr,
+            None => problems.push(Problem {
+                key: "web.listen".into(),
+                message: format!(
+                    "--listen-addr {listen:?} is not :PORT, IP:PORT or localhost:PORT"
+                ),
+            }),
+        }
+    }
     match (o.quiet, o.verbose) {
         (true, true) => problems.push(Problem {
             key: "log.level".into(),
@@ -268,6 +290,52 @@ fn apply_overrides(config: &mut Config, o: &Overrides) -> Vec<Problem> {
         config.log.format = format;
     }
     problems
+}
+
+/// The original's Redis address when a Redis flag comes without one.
+pub const ORIGINAL_REDIS_ADDR: &str = "localhost:6379";
+
+/// The original's Redis flags: the address is the Redis itself (the host and port of
+/// `redis.url`, whose scheme, password and database stay), or with Sentinel a sentinel's. Either
+/// way it replaces whatever the file said about how Redis is reached, except that the Sentinel
+/// flag alone keeps the file's sentinels when it lists some.
+fn apply_redis_flags(config: &mut Config, o: &Overrides) -> Option<Problem> {
+    config.store.kind = StoreKind::Redis;
+    if o.redis_addr.is_none() && o.redis_use_sentinel && !config.redis.sentinels.is_empty() {
+        config.redis.cluster.clear();
+        return None;
+    }
+    let addr = o.redis_addr.as_deref().unwrap_or(ORIGINAL_REDIS_ADDR);
+    let key = if o.redis_use_sentinel {
+        "redis.sentinels"
+    } else {
+        "redis.url"
+    };
+    let Some((host, port)) = super::parse_host_port(addr) else {
+        return Some(Problem {
+            key: key.into(),
+            message: format!("--redis-addr {addr:?} is not HOST:PORT"),
+        });
+    };
+    config.redis.cluster.clear();
+    if o.redis_use_sentinel {
+        config.redis.sentinels = vec![addr.to_owned()];
+        return None;
+    }
+    config.redis.sentinels.clear();
+    match super::with_host_port(&config.redis.url, &host, port) {
+        Some(url) => {
+            config.redis.url = url;
+            None
+        }
+        None => Some(Problem {
+            key: key.into(),
+            message: format!(
+                "{:?} is not a URL whose host --redis-addr can replace",
+                super::redact_url(&config.redis.url)
+            ),
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -449,6 +517,91 @@ mod tests {
             ..Sources::default()
         }));
         assert_named(&p, &["ingest.publisher", "log.level"]);
+    }
+
+    #[test]
+    fn the_original_redis_and_listen_flags_select_redis_and_keep_the_url_secrets() {
+        let flags = |redis_addr: Option<&str>, sentinel: bool, listen: Option<&str>| Overrides {
+            only_role: Some(Role::Aggregate),
+            redis_addr: redis_addr.map(str::to_owned),
+            redis_use_sentinel: sentinel,
+            listen_addr: listen.map(str::to_owned),
+            ..Overrides::default()
+        };
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(
+            b"[redis]\nurl = \"rediss://:pw@old.example:6380/2\"\ncluster = [\"c:1\"]\n",
+        )
+        .unwrap();
+        let with = |overrides: Overrides| {
+            load(&Sources {
+                file: Some(file.path()),
+                overrides,
+                ..Sources::default()
+            })
+        };
+        let config = with(flags(Some("10.0.0.5:7000"), false, None)).unwrap();
+        assert_eq!(config.store.kind, StoreKind::Redis);
+        assert_eq!(config.redis.url, "rediss://:pw@10.0.0.5:7000/2");
+        assert!(config.redis.cluster.is_empty() && config.redis.sentinels.is_empty());
+
+        let config = with(flags(Some("[::1]:26379"), true, None)).unwrap();
+        assert_eq!(config.redis.sentinels, vec!["[::1]:26379".to_owned()]);
+        assert_eq!(config.redis.master_name, "mymaster");
+        assert_eq!(config.redis.url, "rediss://:pw@old.example:6380/2");
+
+        // The Sentinel flag alone: the original's default address, a sentinel's.
+        let config = with(flags(None, true, None)).unwrap();
+        assert_eq!(config.redis.sentinels, vec![ORIGINAL_REDIS_ADDR.to_owned()]);
+
+        let config = with(flags(None, false, Some(":8088"))).unwrap();
+        assert_eq!(config.web.listen, "0.0.0.0:8088".parse().unwrap());
+        assert_eq!(
+            config.store.kind,
+            StoreKind::Embedded,
+            "no Redis flag given"
+        );
+        let config = with(flags(None, false, Some("localhost:8089"))).unwrap();
+        assert_eq!(config.web.listen, "127.0.0.1:8089".parse().unwrap());
+
+        let p = problems(with(flags(Some("no-port"), false, Some("everywhere"))));
+        assert_named(&p, &["redis.url", "web.listen"]);
+        let p = problems(with(flags(Some("host:99999"), true, None)));
+        assert_named(&p, &["redis.sentinels"]);
+    }
+
+    #[test]
+    fn sentinel_and_cluster_keys_are_checked_by_key() {
+        let redis = "[store]\nkind = \"redis\"\n[redis]\n";
+        let p = problems(load_toml(
+            &format!(
+                "{redis}sentinels = [\"a:1\", \"b\"]\ncluster = [\"c:x\"]\nmaster_name = \"\"\n"
+            ),
+            &[],
+        ));
+        assert_named(
+            &p,
+            &["redis.sentinels", "redis.cluster", "redis.master_name"],
+        );
+        assert_eq!(p.len(), 4, "{p:?}");
+        let config = load_toml(
+            &format!(
+                "{redis}sentinels = [\"s1:26379\", \"[::1]:26380\"]\nmaster_name = \"counters\"\n"
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.redis.sentinels.len(), 2);
+        assert!(load_toml(
+            &format!("{redis}cluster = [\"n1:7000\", \"n2:7001\"]\n"),
+            &[]
+        )
+        .is_ok());
+        let p = problems(load_toml(
+            &format!("{redis}cluster = [\"n1:7000\"]\nurl = \"redis://x/3\"\n"),
+            &[],
+        ));
+        assert_named(&p, &["redis.url"]);
     }
 
     #[test]
