@@ -33,13 +33,7 @@ fn host_config(
     config.ingest.publisher = BusKind::Kafka;
     config.ingest.backoff_max = Duration::from_secs(1);
     config.ingest.stall_timeout = Duration::from_secs(10);
-    config.kafka.brokers = brokers.to_owned();
-    config.kafka.partitions = 4;
-    config.kafka.replication_factor = 1;
-    config
-        .kafka
-        .properties
-        .insert("reconnect.backoff.max.ms".into(), "500".into());
+    use_test_brokers(&mut config, brokers);
     config.aggregate.enabled = roles.aggregate;
     config.aggregate.batch_delay = ms(100);
     config.aggregate.poll_interval = ms(50);

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod hostile;
+pub mod redis_ha;
 
 use pleiades::config::Config;
 use std::collections::HashMap;
@@ -471,6 +472,8 @@ pub struct RedisServer {
     aof: bool,
     child: Option<Child>,
     tls: Option<RedisTls>,
+    /// More `redis-server` arguments (replication, cluster mode).
+    extra: Vec<String>,
 }
 
 /// A Redis that speaks only TLS and wants a password.
@@ -577,6 +580,37 @@ impl RedisServer {
         Self::start_with(scope, false, Some(tls)).await
     }
 
+    /// A server started with more `redis-server` arguments.
+    pub async fn start_with_args(scope: &TestScope, aof: bool, extra: &[&str]) -> RedisServer {
+        let mut server = RedisServer {
+            port: TestScope::free_port(),
+            dir: scope.path(&format!("redis-{}", TestScope::free_port())),
+            aof,
+            child: None,
+            tls: None,
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
+        };
+        std::fs::create_dir_all(&server.dir).expect("redis dir");
+        server.launch().await;
+        server
+    }
+
+    /// Starts it again after [`RedisServer::stop`], with other extra arguments.
+    pub async fn start_again_with(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|a| (*a).to_owned()).collect();
+        self.launch().await;
+    }
+
+    /// Sends `signal` to the running server (SIGSTOP to freeze it, SIGCONT to let it go on).
+    pub fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) on the pid of a child this server started and has not reaped.
+            unsafe {
+                libc::kill(child.id() as i32, signal);
+            }
+        }
+    }
+
     async fn start_with(scope: &TestScope, aof: bool, tls: Option<RedisTls>) -> RedisServer {
         let dir = match &tls {
             Some(tls) => tls.ca_file.parent().expect("a directory").to_owned(),
@@ -589,6 +623,7 @@ impl RedisServer {
             aof,
             child: None,
             tls,
+            extra: Vec::new(),
         };
         server.launch().await;
         server
@@ -638,6 +673,7 @@ impl RedisServer {
         if self.aof {
             args.extend(["--appendonly", "yes", "--appendfsync", "always"]);
         }
+        args.extend(self.extra.iter().map(String::as_str));
         let child = Command::new("redis-server")
             .args(&args)
             .current_dir(&self.dir)
@@ -672,14 +708,7 @@ impl RedisServer {
     /// One command; None when the server does not answer.
     pub async fn query(&self, args: &[&str]) -> Option<redis::Value> {
         let ca_file = self.tls.as_ref().map(|t| t.ca_file.as_path());
-        let info = pleiades::store::redis::connection_info(&self.url(), ca_file).ok()?;
-        let client = redis::Client::open(info).ok()?;
-        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-        let mut cmd = redis::cmd(args[0]);
-        for arg in &args[1..] {
-            cmd.arg(*arg);
-        }
-        cmd.query_async(&mut conn).await.ok()
+        redis_query(&self.url(), ca_file, args).await
     }
 
     /// `INFO commandstats` as command → calls.
@@ -715,6 +744,19 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         kill_child(&mut self.child);
     }
+}
+
+/// One command to the Redis (or sentinel) at `url`, over TLS with the authorities of `ca_file`
+/// for `rediss://`; None when it does not answer.
+pub async fn redis_query(url: &str, ca_file: Option<&Path>, args: &[&str]) -> Option<redis::Value> {
+    let info = pleiades::store::redis::connection_info(url, ca_file).ok()?;
+    let client = redis::Client::open(info).ok()?;
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    let mut cmd = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    cmd.query_async(&mut conn).await.ok()
 }
 
 /// kill -9 of a server the test started, and waiting for it to be gone.
@@ -855,14 +897,20 @@ pub fn assert_counters_equal(found: &Expected, expected: &Expected) {
 /// `count` events made from the recorded ones, each with a new meta.id and a meta.dt spread over
 /// `days` days, so that volume tests exercise many days and never repeat an id.
 pub fn synthetic_events(count: usize, days: i64) -> Vec<String> {
+    // From 2026-01-01T00:00:00Z, 7,919 s apart (wrapping round the span).
+    events_within(count, 1_767_225_600_000, days * 86_400_000, 7_919_000)
+}
+
+/// `count` events made from the recorded ones, each with a new meta.id and a meta.dt in
+/// `[base_ms, base_ms + span_ms)`, `step_ms` apart wrapping round the span.
+pub fn events_within(count: usize, base_ms: i64, span_ms: i64, step_ms: i64) -> Vec<String> {
     let recorded = recorded_lines();
-    let base = 1_767_225_600_000_i64; // 2026-01-01T00:00:00Z
-    let span = days * 86_400_000;
+    let (base, span) = (base_ms, span_ms.max(1));
     (0..count)
         .map(|i| {
             let mut v: serde_json::Value =
                 serde_json::from_str(&recorded[i % recorded.len()]).expect("recorded JSON");
-            let ms = base + (i as i64 * 7_919_000) % span;
+            let ms = base + (i as i64 * step_ms) % span;
             let dt = chrono::DateTime::from_timestamp_millis(ms)
                 .expect("a time")
                 .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
@@ -960,6 +1008,18 @@ impl Drop for KafkaBroker {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Points `config` at the broker(s) `brokers` with the tests' topic settings: four partitions,
+/// one replica, reconnections within half a second.
+pub fn use_test_brokers(config: &mut Config, brokers: &str) {
+    config.kafka.brokers = brokers.to_owned();
+    config.kafka.partitions = 4;
+    config.kafka.replication_factor = 1;
+    config
+        .kafka
+        .properties
+        .insert("reconnect.backoff.max.ms".into(), "500".into());
 }
 
 /// Waits until the aggregator workers of the host whose metrics are on `port` own `partitions`
