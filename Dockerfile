@@ -36,11 +36,14 @@ RUN mkdir src \
  && rm -rf src
 COPY src src
 COPY static static
+# The build context has no git history: `--build-arg COMMIT=$(git rev-parse --short=12 HEAD)`
+# puts the commit into --version and pleiades_build_info.
+ARG COMMIT=""
 # The copied sources may be older than the placeholder build: touching them makes cargo rebuild.
 # The binary lands at /pleiades, which is what the runtime stage copies (and what
 # `--build-context builder=DIR` can provide instead, with a binary built elsewhere).
 RUN touch src/main.rs src/lib.rs \
- && cargo build --release --locked --bin pleiades \
+ && PLEIADES_BUILD_COMMIT="${COMMIT}" cargo build --release --locked --bin pleiades \
  && cp target/release/pleiades /pleiades \
  && /pleiades --version
 
@@ -88,10 +91,12 @@ RUN set -eu; \
     chroot /rootfs /usr/bin/pleiades check-config --config /etc/pleiades/pleiades.toml
 
 FROM scratch AS runtime
+ARG COMMIT=""
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="pleiades" \
       org.opencontainers.image.description="Turns the live edit stream of every Wikimedia wiki into trustworthy statistics" \
       org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${COMMIT}" \
       org.opencontainers.image.source="https://github.com/pleiades-stats/pleiades" \
       org.opencontainers.image.licenses="MIT OR Apache-2.0"
 COPY --from=runtime-files /rootfs/ /

@@ -177,6 +177,11 @@ impl Running {
         unsafe {
             libc::kill(self.child.id() as i32, libc::SIGTERM);
         }
+        self.exit_within(limit).await
+    }
+
+    /// The exit code once it exits within `limit` (None if it is still running).
+    async fn exit_within(&mut self, limit: Duration) -> Option<i32> {
         let child = &mut self.child;
         let status = try_wait_until(limit, async || child.try_wait().ok().flatten()).await?;
         status.code()
@@ -308,8 +313,15 @@ fn unpack_oci_archive(archive: &Path, layout: &Path, rootfs: &Path) -> ImageConf
 
 /// Starts the image's entry point in `rootfs` as a runtime would: chrooted, in its working
 /// directory, as its user, with its environment and `env` on top (the host's network, as
-/// `--network host`).
-fn run_image(rootfs: &Path, image: &ImageConfig, env: &[(&str, String)], log: &Path) -> Running {
+/// `--network host`), with `args` in place of the image's command when there are any (as
+/// `docker run IMAGE ARGS…`).
+fn run_image(
+    rootfs: &Path,
+    image: &ImageConfig,
+    args: &[&str],
+    env: &[(&str, String)],
+    log: &Path,
+) -> Running {
     let entrypoint = image.strings("Entrypoint");
     let mut vars = image.env();
     vars.extend(env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
@@ -329,9 +341,13 @@ fn run_image(rootfs: &Path, image: &ImageConfig, env: &[(&str, String)], log: &P
     let workdir = CString::new(image.text("WorkingDir")).expect("a path");
     let log = std::fs::File::create(log).expect("log file");
     let mut command = Command::new(program);
+    command.args(&entrypoint[1..]);
+    if args.is_empty() {
+        command.args(image.strings("Cmd"));
+    } else {
+        command.args(args);
+    }
     command
-        .args(&entrypoint[1..])
-        .args(image.strings("Cmd"))
         .env_clear()
         .envs(vars)
         .stdin(Stdio::null())
@@ -540,9 +556,19 @@ async fn the_image_counts_a_recorded_stream_as_a_non_root_user() {
     let upstream = scope.replay(replay_options(vec![events])).await.addr;
     let (web, metrics) = (TestScope::free_port(), TestScope::free_port());
     let log = scope.path("image.log");
+    // Every form of the command line reads the image's configuration.
+    let check_log = scope.path("check-config.log");
+    let mut check = run_image(&rootfs, &image, &["check-config"], &[], &check_log);
+    assert_eq!(check.exit_within(Duration::from_secs(20)).await, Some(0));
+    let checked = std::fs::read_to_string(&check_log).unwrap_or_default();
+    assert!(
+        checked.contains("configuration OK (/etc/pleiades/pleiades.toml)"),
+        "{checked}"
+    );
     let mut daemon = run_image(
         &rootfs,
         &image,
+        &[],
         &[
             (
                 "PLEIADES_INGEST__URL",
@@ -716,12 +742,14 @@ impl Chroot {
 
 /// Builds the package from the test binary with `cargo deb --no-build`, as revision `revision`.
 fn build_deb(scope: &TestScope, revision: u32) -> PathBuf {
-    // cargo deb takes the binary from <target dir>/release; give it one with this run's binary.
+    // cargo deb takes the binary from <target dir>/release; give it one with this run's binary,
+    // stripped already (so no symbols to package apart).
     let target = scope.path("deb-target");
     stripped_binary(&target.join("release"), "pleiades");
     let out = scope.path("deb");
     let output = run(Command::new("cargo")
-        .args(["deb", "--no-build", "--strip", "--fast", "--deb-revision"])
+        .args(["deb", "--no-build", "--strip", "--no-dbgsym", "--fast"])
+        .arg("--deb-revision")
         .arg(revision.to_string())
         .arg("--output")
         .arg(&out)
@@ -752,6 +780,11 @@ fn the_debian_package_installs_keeps_local_edits_and_purges_cleanly() {
     println!("lintian {}:\n{lintian}", deb.display());
     assert_eq!(code, 0, "lintian fails the package:\n{lintian}");
     assert!(!lintian.lines().any(|l| l.starts_with("E:")), "{lintian}");
+    let changelog = std::fs::read_to_string(Path::new(ROOT).join("debian/changelog")).unwrap();
+    assert!(
+        changelog.starts_with(&format!("pleiades ({VERSION}-1) ")),
+        "debian/changelog names another version"
+    );
     let field = |name: &str| {
         run(Command::new("dpkg-deb")
             .args(["--field"])

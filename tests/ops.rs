@@ -227,10 +227,21 @@ type Probe = (String, bool);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_manifests_run_the_built_image_on_its_ports_with_probes_the_daemon_serves() {
     let mut scope = TestScope::new();
-    // The build tags the image pleiades:<version> (deploy/README.md) and labels it so.
+    // The build tags the image pleiades:<version>, as the documented commands say, and labels
+    // it with that version.
     let version = env!("CARGO_PKG_VERSION");
     assert_eq!(dockerfile("ARG"), format!("VERSION={version}"));
     let image = format!("pleiades:{version}");
+    let steps = std::fs::read_to_string(Path::new(ROOT).join("deploy/README.md")).unwrap();
+    for step in [
+        format!("docker build . -t {image}"),
+        format!("kind load docker-image {image}"),
+        format!(
+            "buildah push {image} oci-archive:pleiades-{version}.tar:docker.io/library/{image}"
+        ),
+    ] {
+        assert!(steps.contains(&step), "deploy/README.md lacks `{step}`");
+    }
     let image_user = dockerfile("USER");
     let (uid, gid) = image_user.split_once(':').expect("USER uid:gid");
     let (uid, gid): (i64, i64) = (uid.parse().unwrap(), gid.parse().unwrap());
@@ -249,7 +260,7 @@ async fn the_manifests_run_the_built_image_on_its_ports_with_probes_the_daemon_s
         .collect();
     let mut probes: BTreeSet<Probe> = BTreeSet::new();
     let mut pod_ports: std::collections::HashMap<String, BTreeSet<String>> = Default::default();
-    let mut deployments = 0;
+    let mut containers = 0;
     for (file, document) in documents.iter().filter(|(_, d)| d["kind"] == "Deployment") {
         let name = document["metadata"]["name"].as_str().unwrap();
         let pod = &document["spec"]["template"]["spec"];
@@ -263,7 +274,7 @@ async fn the_manifests_run_the_built_image_on_its_ports_with_probes_the_daemon_s
         );
         for container in pod["containers"].as_array().unwrap() {
             assert_eq!(container["image"], image.as_str(), "{file}");
-            deployments += 1;
+            containers += 1;
             let security = &container["securityContext"];
             assert_eq!(security["readOnlyRootFilesystem"], true, "{file}");
             assert_eq!(security["allowPrivilegeEscalation"], false, "{file}");
@@ -353,7 +364,7 @@ async fn the_manifests_run_the_built_image_on_its_ports_with_probes_the_daemon_s
             }
         }
     }
-    assert_eq!(deployments, 3, "ingest, aggregate and web");
+    assert_eq!(containers, 3, "ingest, aggregate and web");
     // Services reach the pods on ports the pods name.
     for (file, service) in documents.iter().filter(|(_, d)| d["kind"] == "Service") {
         let name = service["metadata"]["name"].as_str().unwrap();
