@@ -903,7 +903,15 @@ fn the_debian_package_installs_keeps_local_edits_and_purges_cleanly() {
     host.run(&["apt-get", "remove", "-y", "-qq", "pleiades"]);
     assert!(!host.file("/usr/bin/pleiades").exists());
     assert!(config_path.exists() && host.file("/var/lib/pleiades/pleiades.db").exists());
+    // An operator's secrets beside the configuration (the unit's credential file).
+    let secrets = host.file("/etc/pleiades/secrets.toml");
+    std::fs::write(
+        &secrets,
+        "[redis]\nurl = \"redis://:secret@127.0.0.1:6379\"\n",
+    )
+    .unwrap();
     host.run(&["apt-get", "purge", "-y", "-qq", "pleiades"]);
+    assert!(!secrets.exists(), "purge left the secrets behind");
     let (code, _) = run_status(&mut host.cmd(&["dpkg-query", "--show", "pleiades"]));
     assert_ne!(code, 0, "dpkg still knows the package after purge");
     let mut after = host.paths();
