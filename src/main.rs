@@ -11,8 +11,9 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(name = "pleiades", version = pleiades::build::LONG_VERSION, about)]
 struct Cli {
-    /// Configuration file (default: ./pleiades.toml if present, else built-in defaults).
-    #[arg(long, short = 'c', global = true)]
+    /// Configuration file (default: $PLEIADES_CONFIG if set, else ./pleiades.toml if present,
+    /// else built-in defaults). The container image sets PLEIADES_CONFIG to its own file.
+    #[arg(long, short = 'c', global = true, env = "PLEIADES_CONFIG")]
     config: Option<PathBuf>,
     /// Log errors only.
     #[arg(long, short = 'q', global = true)]
