@@ -84,7 +84,7 @@ fn the_unit_is_hardened_to_an_exposure_of_1_0() {
     let path = scope.path("pleiades.service");
     std::fs::write(
         &path,
-        unit.replace("/usr/local/bin/pleiades", env!("CARGO_BIN_EXE_pleiades")),
+        unit.replace("/usr/bin/pleiades", env!("CARGO_BIN_EXE_pleiades")),
     )
     .unwrap();
     // The threshold is the exposure times ten: exit 0 means 1.0 or lower.
