@@ -2,6 +2,7 @@
 //! bus), served with `/metrics` on `metrics.listen` on every host, and by the web role.
 
 use crate::bus::kafka::Probe;
+use crate::bus::Trouble;
 use crate::http::ServeError;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -22,6 +23,10 @@ pub struct Readiness {
     pub store: Option<Store>,
     pub event_files: Option<PathBuf>,
     pub kafka: Option<Probe>,
+    /// Set while the bus refuses the ingester's writes (ingest is paused).
+    pub bus_writes: Option<Trouble>,
+    /// Set while uncounted segments keep the event files past their limits.
+    pub retention: Option<Trouble>,
 }
 
 impl Readiness {
@@ -43,6 +48,12 @@ impl Readiness {
         if let Some(probe) = &self.kafka {
             let result = probe.check().await;
             checks.push(("kafka", result.err().map(|e| e.to_string())));
+        }
+        if let Some(trouble) = &self.bus_writes {
+            checks.push(("bus_writes", trouble.reason()));
+        }
+        if let Some(trouble) = &self.retention {
+            checks.push(("retention", trouble.reason()));
         }
         let ready = checks.iter().all(|(_, error)| error.is_none());
         let body = serde_json::json!({

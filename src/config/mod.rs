@@ -137,6 +137,19 @@ pub struct FileConfig {
     /// With `fsync = "interval"`: the longest time written data may wait for a sync.
     #[serde(with = "humantime_serde")]
     pub fsync_interval: Duration,
+    /// Closed segments whose newest event is older than this (in event time: behind the newest
+    /// event on the bus) are deleted, once every aggregator has counted them.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// The disk budget of the segments: while they take more bytes than this, the oldest
+    /// counted ones are deleted. Uncounted events are never deleted: a bus over budget because
+    /// counting is stuck is reported (metric, log, alert, `/readyz`), not emptied.
+    pub max_bytes: u64,
+    /// The most bytes all quarantine files together may hold; the oldest rotated pieces go.
+    pub quarantine_max_bytes: u64,
+    /// How often retention looks at the segments (on hosts that aggregate the event files).
+    #[serde(with = "humantime_serde")]
+    pub retention_interval: Duration,
 }
 
 impl Default for FileConfig {
@@ -146,6 +159,10 @@ impl Default for FileConfig {
             segment_bytes: 64 * 1024 * 1024,
             fsync: FsyncPolicy::Batch,
             fsync_interval: Duration::from_secs(1),
+            retention: Duration::from_secs(30 * 86_400),
+            max_bytes: 20 * 1024 * 1024 * 1024,
+            quarantine_max_bytes: 256 * 1024 * 1024,
+            retention_interval: Duration::from_secs(10),
         }
     }
 }

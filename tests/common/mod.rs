@@ -286,19 +286,65 @@ pub async fn open_store(settings: &pleiades::config::StoreSettings) -> pleiades:
         .expect("the store opens")
 }
 
-/// Every bus line, in order, read independently of the library: (SSE id, meta.id).
-pub fn bus_lines(dir: &Path) -> Vec<(String, String)> {
+/// The segment files of a bus directory in write order, one per number: plain
+/// (`segment-N.jsonl`) or compressed (`segment-N.jsonl.zst`), found independently of the library.
+pub fn segment_files(dir: &Path) -> Vec<PathBuf> {
     let mut names: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+            .filter(|p| {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                name.starts_with("segment-")
+                    && (name.ends_with(".jsonl") || name.ends_with(".jsonl.zst"))
+            })
             .collect(),
         Err(_) => return Vec::new(),
     };
     names.sort();
+    // A segment being compressed has both forms for an instant: keep the compressed one.
+    names.reverse();
+    names.dedup_by_key(|p| {
+        let name = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_owned();
+        name.trim_end_matches(".zst").to_owned()
+    });
+    names.reverse();
+    names
+}
+
+/// The content of a segment file, decompressed with the standard zstd decoder when it is
+/// compressed (which passes over the seek table); empty when it vanished meanwhile.
+pub fn segment_text(path: &Path) -> String {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if name.ends_with(".zst") {
+        return match std::fs::File::open(path) {
+            Ok(file) => String::from_utf8(zstd::stream::decode_all(file).expect("a zstd segment"))
+                .expect("UTF-8 segment"),
+            Err(_) => String::new(),
+        };
+    }
+    match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        // Compressed since it was listed.
+        Err(_) => {
+            let packed = PathBuf::from(format!("{}.zst", path.display()));
+            if packed.exists() {
+                segment_text(&packed)
+            } else {
+                String::new()
+            }
+        }
+    }
+}
+
+/// Every bus line, in order, read independently of the library: (SSE id, meta.id).
+pub fn bus_lines(dir: &Path) -> Vec<(String, String)> {
     let mut lines = Vec::new();
-    for name in names {
-        let text = std::fs::read_to_string(&name).unwrap_or_default();
+    for name in segment_files(dir) {
+        let text = segment_text(&name);
         for line in text.split_inclusive('\n') {
             if !line.ends_with('\n') {
                 continue; // a partial line does not count yet

@@ -73,6 +73,21 @@ pub enum KafkaBusError {
     Broker { brokers: String, message: String },
 }
 
+impl KafkaBusError {
+    /// True when a newer producer with the same `transactional.id` took over: this one must
+    /// stop.
+    pub fn is_fenced(&self) -> bool {
+        use rdkafka::error::RDKafkaErrorCode::{InvalidProducerEpoch, ProducerFenced};
+        let code = match self {
+            KafkaBusError::Client { source, .. } | KafkaBusError::Delivery { source, .. } => {
+                source.rdkafka_error_code()
+            }
+            KafkaBusError::Broker { .. } => None,
+        };
+        matches!(code, Some(ProducerFenced | InvalidProducerEpoch))
+    }
+}
+
 fn client_err<'a>(
     brokers: &'a str,
     op: &'static str,
