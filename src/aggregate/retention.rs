@@ -80,7 +80,18 @@ async fn pass(
         states.push(state);
     }
     let retention_ms = config.retention.as_millis().min(i64::MAX as u128) as i64;
-    let decided = plan(&states, retention_ms, config.max_bytes);
+    // Room for the segment being written to grow to its full size, and for the one just
+    // closed until it is compressed, keeps the bus under its budget between passes, not only
+    // right after one.
+    let target = config
+        .max_bytes
+        .saturating_sub(config.segment_bytes.saturating_mul(2));
+    let decided = plan(
+        &states,
+        retention_ms,
+        target,
+        chrono::Utc::now().timestamp_millis(),
+    );
     for (number, why) in &decided.delete {
         let Some(path) = paths.get(number) else {
             continue;

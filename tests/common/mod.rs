@@ -184,6 +184,9 @@ pub fn ingest_config(upstream: SocketAddr, metrics_port: u16) -> Config {
     config.ingest.backoff_initial = ms(50);
     config.ingest.backoff_max = ms(500);
     config.ingest.stall_timeout = Duration::from_secs(5);
+    // Retention ages segments in event time, and the recorded events span years: tests that
+    // read the bus afterwards keep everything unless they ask for a retention.
+    config.file.retention = Duration::from_secs(100 * 365 * 86_400);
     config.aggregate.enabled = false;
     config.web.enabled = false;
     config.metrics.listen = loopback(metrics_port);
@@ -728,15 +731,20 @@ pub fn assert_counters_equal(found: &Expected, expected: &Expected) {
 /// `count` events made from the recorded ones, each with a new meta.id and a meta.dt spread over
 /// `days` days, so that volume tests exercise many days and never repeat an id.
 pub fn synthetic_events(count: usize, days: i64) -> Vec<String> {
-    let recorded = recorded_lines();
     let base = 1_767_225_600_000_i64; // 2026-01-01T00:00:00Z
     let span = days * 86_400_000;
+    synthetic_events_at(count, |i| base + (i as i64 * 7_919_000) % span)
+}
+
+/// `count` events made from the recorded ones, event `i` re-stamped with meta.id
+/// `synthetic-<i>` and meta.dt `time_ms(i)`.
+pub fn synthetic_events_at(count: usize, time_ms: impl Fn(usize) -> i64) -> Vec<String> {
+    let recorded = recorded_lines();
     (0..count)
         .map(|i| {
             let mut v: serde_json::Value =
                 serde_json::from_str(&recorded[i % recorded.len()]).expect("recorded JSON");
-            let ms = base + (i as i64 * 7_919_000) % span;
-            let dt = chrono::DateTime::from_timestamp_millis(ms)
+            let dt = chrono::DateTime::from_timestamp_millis(time_ms(i))
                 .expect("a time")
                 .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
             v["meta"]["id"] = serde_json::Value::from(format!("synthetic-{i}"));

@@ -52,6 +52,11 @@ pub enum FileBusError {
 }
 
 impl FileBusError {
+    /// True when the file was not there: a segment deleted by retention since it was listed.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, FileBusError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+
     /// True when writing failed on the way to the disk (a full or failing file system), as
     /// opposed to a bus that cannot be opened: the writer pauses and tries again.
     pub fn is_write_failure(&self) -> bool {

@@ -407,7 +407,12 @@ impl BusReader {
             if seq >= from {
                 let at = if seq == from { position } else { 0 };
                 self.next_segment = seq;
-                return Ok(Some(SegmentReader::open(&path, at)?));
+                match SegmentReader::open(&path, at) {
+                    Ok(reader) => return Ok(Some(reader)),
+                    // Deleted by retention since the listing: the next one follows.
+                    Err(e) if e.is_not_found() => continue,
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(None)
@@ -463,7 +468,12 @@ pub fn read_tail(dir: &Path, window: usize) -> Result<Tail, FileBusError> {
     let mut newest_first: Vec<Vec<String>> = Vec::new();
     let mut found = 0usize;
     for (_, path) in segments(dir)?.iter().rev() {
-        let mut reader = SegmentReader::open(path, 0)?;
+        let mut reader = match SegmentReader::open(path, 0) {
+            Ok(reader) => reader,
+            // Deleted by retention since the listing: older than anything still needed.
+            Err(e) if e.is_not_found() => break,
+            Err(e) => return Err(e),
+        };
         let mut ring: std::collections::VecDeque<String> = std::collections::VecDeque::new();
         let mut segment_last_id = None;
         loop {

@@ -52,11 +52,17 @@ pub struct Plan {
     pub oldest_kept_event_ms: Option<i64>,
 }
 
-/// Applies the rule to `segments` (in write order) under `retention_ms` and `max_bytes`.
-pub fn plan(segments: &[SegmentState], retention_ms: i64, max_bytes: u64) -> Plan {
+/// Applies the rule to `segments` (in write order) under `retention_ms` and `max_bytes`. The
+/// newest event on the bus counts as at most `now_ms` (the wall clock), so that one event
+/// stamped in the future cannot age everything else out.
+pub fn plan(segments: &[SegmentState], retention_ms: i64, max_bytes: u64, now_ms: i64) -> Plan {
     let mut plan = Plan {
         bytes_before: segments.iter().map(|s| s.disk_bytes).sum(),
-        newest_event_ms: segments.iter().filter_map(|s| s.last_event_ms).max(),
+        newest_event_ms: segments
+            .iter()
+            .filter_map(|s| s.last_event_ms)
+            .max()
+            .map(|newest| newest.min(now_ms)),
         ..Plan::default()
     };
     let mut total = plan.bytes_before;
@@ -102,6 +108,15 @@ mod tests {
     use super::*;
 
     const DAY: i64 = 86_400_000;
+    const NOW: i64 = 1000 * DAY;
+
+    #[test]
+    fn an_event_from_the_future_ages_nothing_out() {
+        let mut segments: Vec<_> = (1..=3).map(|n| day(n, true)).collect();
+        segments[2].last_event_ms = Some(NOW * 10);
+        let p = plan(&segments, 7 * DAY, u64::MAX, 4 * DAY);
+        assert!(p.delete.is_empty(), "{p:?}");
+    }
 
     /// Segment `n` of 100 bytes holding day `n`'s events, counted when `counted`.
     fn day(n: u64, counted: bool) -> SegmentState {
@@ -119,7 +134,7 @@ mod tests {
     #[test]
     fn old_counted_segments_go_and_the_newest_never_does() {
         let segments: Vec<_> = (1..=10).map(|n| day(n, true)).collect();
-        let p = plan(&segments, 7 * DAY, u64::MAX);
+        let p = plan(&segments, 7 * DAY, u64::MAX, NOW);
         // Day 10 is the newest; days 1 and 2 end more than seven days before its last event.
         assert_eq!(
             p.delete,
@@ -127,14 +142,14 @@ mod tests {
         );
         assert_eq!(p.oldest_kept_event_ms, Some(3 * DAY));
         assert!(p.blocked.is_empty());
-        let alone = plan(&segments[9..], 0, 0);
+        let alone = plan(&segments[9..], 0, 0, NOW);
         assert!(alone.delete.is_empty(), "the segment being written stays");
     }
 
     #[test]
     fn the_budget_deletes_oldest_first_until_under_it() {
         let segments: Vec<_> = (1..=10).map(|n| day(n, true)).collect();
-        let p = plan(&segments, 365 * DAY, 650);
+        let p = plan(&segments, 365 * DAY, 650, NOW);
         assert_eq!(
             p.delete.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
             vec![1, 2, 3, 4]
@@ -148,14 +163,14 @@ mod tests {
         let mut segments: Vec<_> = (1..=10).map(|n| day(n, true)).collect();
         segments[1] = day(2, false);
         segments[4] = day(5, false);
-        let p = plan(&segments, 365 * DAY, 650);
+        let p = plan(&segments, 365 * DAY, 650, NOW);
         assert!(p.delete.iter().all(|(n, _)| *n != 2 && *n != 5), "{p:?}");
         assert_eq!(p.blocked, vec![2, 5]);
         assert_eq!(p.blocked_bytes, 200);
         assert_eq!(p.oldest_kept_event_ms, Some(2 * DAY));
         // Nothing counted at all: nothing goes, however far over.
         let stuck: Vec<_> = (1..=10).map(|n| day(n, false)).collect();
-        let p = plan(&stuck, DAY, 1);
+        let p = plan(&stuck, DAY, 1, NOW);
         assert!(p.delete.is_empty());
         assert_eq!(p.blocked.len(), 9);
     }
@@ -164,7 +179,7 @@ mod tests {
     fn a_settling_segment_waits_without_being_called_blocked() {
         let mut segments: Vec<_> = (1..=3).map(|n| day(n, true)).collect();
         segments[0].settling = true;
-        let p = plan(&segments, 0, u64::MAX);
+        let p = plan(&segments, 0, u64::MAX, NOW);
         assert_eq!(p.delete, vec![(2, Deletion::Retention)]);
         assert!(p.blocked.is_empty());
     }
