@@ -20,24 +20,6 @@ fn bus_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-/// Log text without its terminal colour sequences.
-fn without_colours(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// A month of events in time order (2026-03-01 to 2026-03-30): the first twenty days quiet (a
 /// fifth of the events), the last ten busy, so that retention by age rules the quiet days and
 /// the disk budget the busy ones.
@@ -218,3 +200,229 @@ async fn a_synthetic_month_stays_under_its_budget_and_counts_every_day_exactly()
 /// (a bus over its budget because counting lags is retention blocked, which the next test
 /// shows).
 const RATE: f64 = 4000.0;
+
+/// A daemon with every role but the web on `upstream`, counting into `store/counters.db`.
+fn one_host(upstream: std::net::SocketAddr, metrics: u16) -> pleiades::config::Config {
+    let mut config = ingest_config(upstream, metrics);
+    config.aggregate.enabled = true;
+    config.aggregate.batch_delay = ms(50);
+    config.aggregate.poll_interval = ms(20);
+    config.store.path = "store/counters.db".into();
+    config.file.segment_bytes = 64 * 1024;
+    config.file.retention_interval = ms(100);
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "service-tests"),
+    ignore = "needs unshare -Urm for a small file system (scripts/test)"
+)]
+async fn a_full_store_disk_stops_counting_not_ingest_and_nothing_uncounted_is_deleted() {
+    assert!(namespaces_work(), "unshare -Urm is refused on this machine");
+    let mut scope = TestScope::new();
+    let lines = recorded_lines();
+    let expected = oracle(&lines);
+    let events = scope.path("upstream.jsonl");
+    std::fs::write(&events, lines.join("\n")).expect("events written");
+    let mut options = replay_options(vec![events]);
+    options.rate = Some(400.0);
+    let upstream = scope.replay(options).await.addr;
+    let metrics = TestScope::free_port();
+    let mut config = one_host(upstream, metrics);
+    config.file.max_bytes = 256 * 1024;
+    scope.write_config(&config);
+    let daemon =
+        scope.spawn_with_small_disks(&[("store", 8 << 20)], &["--config", "pleiades.toml"]);
+    let pid = scope.child(daemon).id();
+    wait_for_metric(
+        metrics,
+        "pleiades_aggregator_event_count_total",
+        Duration::from_secs(30),
+        |v| v >= 500.0,
+    )
+    .await;
+    wait_for_metric(
+        metrics,
+        "pleiades_file_segments_deleted_total{reason=\"budget\"}",
+        Duration::from_secs(30),
+        |v| v > 0.0,
+    )
+    .await;
+
+    // The store's disk fills: counting stops, ingest goes on, and the bus grows past its
+    // budget with nothing deleted.
+    let ballast = fill_disk(&scope.inside(daemon, "store"));
+    let stuck = wait_for_metric(
+        metrics,
+        "pleiades_file_retention_blocked_bytes",
+        Duration::from_secs(30),
+        |v| v > 0.0,
+    )
+    .await;
+    let (status, body) = readyz(metrics).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("\"retention\"") && body.contains("not counted yet"),
+        "{body}"
+    );
+    let on_bus = bus_lines(&scope.path("events")).len();
+    wait_until(Duration::from_secs(30), "ingest to go on", async || {
+        (bus_lines(&scope.path("events")).len() > on_bus + 500).then_some(())
+    })
+    .await;
+    // Uncounted segments pile up past the budget rather than go.
+    wait_for_metric(
+        metrics,
+        "pleiades_file_bus_bytes",
+        Duration::from_secs(30),
+        |v| v > config.file.max_bytes as f64,
+    )
+    .await;
+    let (status, body) = readyz(metrics).await;
+    println!("while the store's disk is full: /readyz {status} {body}");
+
+    // Space comes back: the store is reopened in the same process and counting catches up.
+    std::fs::remove_file(&ballast).expect("ballast removed");
+    let counted = wait_for_metric(
+        metrics,
+        "pleiades_aggregator_event_count_total",
+        Duration::from_secs(120),
+        |v| v >= expected.events as f64,
+    )
+    .await;
+    assert_eq!(scope.child(daemon).id(), pid);
+    assert!(
+        scope.child(daemon).try_wait().expect("status").is_none(),
+        "the process never stopped"
+    );
+    wait_for_metric(
+        metrics,
+        "pleiades_file_retention_blocked_bytes",
+        Duration::from_secs(30),
+        |v| v == 0.0,
+    )
+    .await;
+    let after = scrape(metrics).await.expect("scrape");
+    assert!(after["pleiades_store_reopens_total"] >= 1.0, "{after:?}");
+    let (status, body) = readyz(metrics).await;
+    assert_eq!(status, 200, "{body}");
+    let copy = scope.path("counters-copy.db");
+    std::fs::copy(scope.inside(daemon, "store/counters.db"), &copy).expect("store copied");
+    assert_eq!(
+        scope.terminate(daemon, Duration::from_secs(15)).await,
+        Some(0)
+    );
+    let found = stored(
+        &open_store(&StoreSettings::Embedded(StoreConfig {
+            kind: StoreKind::Embedded,
+            path: copy,
+        }))
+        .await,
+    )
+    .await;
+    assert_counters_equal(&found, &expected);
+    for line in without_colours(&scope.logs())
+        .lines()
+        .filter(|l| l.contains("deleted a counted event segment"))
+    {
+        let field = |name: &str| {
+            line.split(&format!("{name}="))
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .map(str::to_owned)
+        };
+        assert_eq!(field("stored_position"), field("length"), "{line}");
+    }
+    println!(
+        "store disk full: {stuck} bytes kept uncounted past the budget, {} store errors, {} reopens, {counted} events counted exactly",
+        after["pleiades_store_errors_total"], after["pleiades_store_reopens_total"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "service-tests"),
+    ignore = "needs unshare -Urm for a small file system (scripts/test)"
+)]
+async fn a_full_bus_disk_pauses_ingest_and_loses_nothing() {
+    assert!(namespaces_work(), "unshare -Urm is refused on this machine");
+    let mut scope = TestScope::new();
+    let lines = recorded_lines();
+    let expected = expected_ids(&lines);
+    let events = scope.path("upstream.jsonl");
+    std::fs::write(&events, lines.join("\n")).expect("events written");
+    let mut options = replay_options(vec![events]);
+    options.rate = Some(600.0);
+    let upstream = scope.replay(options).await.addr;
+    let metrics = TestScope::free_port();
+    let mut config = ingest_config(upstream, metrics);
+    config.file.segment_bytes = 64 * 1024;
+    scope.write_config(&config);
+    let daemon =
+        scope.spawn_with_small_disks(&[("events", 16 << 20)], &["--config", "pleiades.toml"]);
+    let bus = scope.inside(daemon, "events");
+    wait_until(Duration::from_secs(30), "events on the bus", async || {
+        (bus_lines(&bus).len() >= 1000).then_some(())
+    })
+    .await;
+
+    let ballast = fill_disk(&bus);
+    wait_for_metric(
+        metrics,
+        "pleiades_ingest_write_blocked",
+        Duration::from_secs(30),
+        |v| v == 1.0,
+    )
+    .await;
+    let (status, body) = readyz(metrics).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("\"bus_writes\"") && body.contains("No space left"),
+        "{body}"
+    );
+    let paused_at = bus_lines(&bus).len();
+    // Paused for real: a second later the bus holds no more events (reading is stopped).
+    let held = wait_until(Duration::from_secs(5), "a second of pause", async || {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Some(bus_lines(&bus).len())
+    })
+    .await;
+    assert_eq!(held, paused_at);
+    assert!(
+        paused_at < expected.len(),
+        "the disk filled before the stream ended"
+    );
+
+    std::fs::remove_file(&ballast).expect("ballast removed");
+    wait_until(
+        Duration::from_secs(60),
+        "every event on the bus",
+        async || (bus_lines(&bus).len() >= expected.len()).then_some(()),
+    )
+    .await;
+    let scraped = scrape(metrics).await.expect("scrape");
+    assert_eq!(scraped["pleiades_ingest_write_blocked"], 0.0);
+    assert_eq!(scraped["pleiades_ingest_write_pauses_total"], 1.0);
+    assert_eq!(
+        scraped["pleiades_goroutine_restarts{component=\"ingest\"}"],
+        0.0
+    );
+    assert_eq!(readyz(metrics).await.0, 200);
+    assert_exactly_once(&bus_lines(&bus), &expected);
+    let logs = without_colours(&scope.logs());
+    assert_eq!(
+        logs.matches("the bus refuses writes").count(),
+        1,
+        "one line per change"
+    );
+    assert_eq!(logs.matches("the bus takes writes again").count(), 1);
+    assert_eq!(
+        scope.terminate(daemon, Duration::from_secs(15)).await,
+        Some(0)
+    );
+    println!(
+        "bus disk full after {paused_at} events: paused, /readyz 503, then all {} events exactly once",
+        expected.len()
+    );
+}

@@ -61,6 +61,7 @@ async fn pass(
     let newest = listed.last().map(|(n, _)| *n);
     let mut states = Vec::with_capacity(listed.len());
     let mut paths = HashMap::new();
+    let mut unreadable: Option<String> = None;
     for (number, path) in listed {
         let closed = Some(number) != newest;
         let Some(state) = tokio::task::block_in_place(|| inspect(&path, number, closed, known))?
@@ -71,7 +72,13 @@ async fn pass(
         if known.counted.contains(&number) {
             state.stored = state.content_len;
         } else {
-            state.stored = store.position(&source_key(number)).await?;
+            match store.position(&source_key(number)).await {
+                Ok(stored) => state.stored = stored,
+                // What cannot be proven counted is kept: the pass goes on and reports it.
+                Err(e) => {
+                    unreadable.get_or_insert(e.to_string());
+                }
+            }
             if closed && state.stored >= state.content_len {
                 known.counted.insert(number);
             }
@@ -132,8 +139,11 @@ async fn pass(
             );
         }
     } else {
+        let store = unreadable.map_or(String::new(), |e| {
+            format!(" (the store cannot be read: {e})")
+        });
         let reason = format!(
-            "{} event segment(s) ({} bytes, oldest number {}) are past file.retention or over file.max_bytes ({} bytes on disk) but not counted yet; they are kept: check the aggregators and the store",
+            "{} event segment(s) ({} bytes, oldest number {}) are past file.retention or over file.max_bytes ({} bytes on disk) but not counted yet; they are kept: check the aggregators and the store{store}",
             decided.blocked.len(),
             decided.blocked_bytes,
             decided.blocked[0],

@@ -104,6 +104,48 @@ impl TestScope {
         self.children.len() - 1
     }
 
+    /// Starts the real binary with `args` in a user and mount namespace of its own
+    /// (`unshare -Urm`) where each `(directory, bytes)` of `mounts` (relative to the scratch
+    /// directory, created here) is a tmpfs of that size: a small file system the daemon can
+    /// really fill. The test reaches those file systems through [`TestScope::inside`].
+    pub fn spawn_with_small_disks(&mut self, mounts: &[(&str, u64)], args: &[&str]) -> usize {
+        let mut script = String::new();
+        for (dir, bytes) in mounts {
+            std::fs::create_dir_all(self.path(dir)).expect("mount point");
+            script.push_str(&format!("mount -t tmpfs -o size={bytes} tmpfs {dir} && "));
+        }
+        script.push_str("exec \"$0\" \"$@\"");
+        let mut full = vec!["-Urm", "sh", "-c", &script, env!("CARGO_BIN_EXE_pleiades")];
+        full.extend_from_slice(args);
+        self.spawn_program("unshare", &full)
+    }
+
+    /// `path` (relative to the scratch directory) as child `n` sees it, through its mount
+    /// namespace.
+    pub fn inside(&self, n: usize, path: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root", self.children[n].id())).join(
+            self.path(path)
+                .strip_prefix("/")
+                .expect("an absolute scratch path"),
+        )
+    }
+
+    /// Starts `program` with `args` in the scratch directory; logs go to `daemon-N.log`.
+    pub fn spawn_program(&mut self, program: &str, args: &[&str]) -> usize {
+        let log = self.path(&format!("daemon-{}.log", self.children.len()));
+        let log = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(program)
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{program} starts: {e}"));
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
     pub fn child(&mut self, n: usize) -> &mut Child {
         &mut self.children[n]
     }
@@ -964,6 +1006,62 @@ pub fn read_topic(brokers: &str, topic: &str) -> Vec<TopicMessage> {
         started.elapsed()
     );
     messages
+}
+
+/// Fills the file system holding `dir` with a ballast file until it refuses more; returns the
+/// ballast's path (remove it to give the space back).
+pub fn fill_disk(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join("ballast");
+    let mut file = std::fs::File::create(&path).expect("ballast file");
+    let block = vec![0u8; 64 * 1024];
+    loop {
+        match file.write(&block) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(28), "the disk is full (ENOSPC): {e}");
+                break;
+            }
+        }
+    }
+    let _ = file.sync_all();
+    path
+}
+
+/// Whether this machine lets an unprivileged process make a user and mount namespace.
+pub fn namespaces_work() -> bool {
+    Command::new("unshare")
+        .args(["-Urm", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `/readyz` on `port`: the status and the body.
+pub async fn readyz(port: u16) -> (u16, String) {
+    let response = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .expect("readyz answers");
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
+/// Log text without its terminal colour sequences.
+pub fn without_colours(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A process's resident memory in bytes, from /proc.
