@@ -426,3 +426,94 @@ async fn a_full_bus_disk_pauses_ingest_and_loses_nothing() {
         expected.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_ingesters_started_together_on_one_directory_write_every_event_once() {
+    let mut scope = TestScope::new();
+    let lines = recorded_lines();
+    let expected_events = expected_ids(&lines);
+    let expected = oracle(&lines);
+    let events = scope.path("upstream.jsonl");
+    std::fs::write(&events, lines.join("\n")).expect("events written");
+    let mut options = replay_options(vec![events]);
+    options.rate = Some(3000.0);
+    let upstream = scope.replay(options).await.addr;
+    let ports = [TestScope::free_port(), TestScope::free_port()];
+    let configs: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(n, port)| {
+            scope
+                .write_config_as(&format!("ingest-{n}.toml"), &ingest_config(upstream, *port))
+                .display()
+                .to_string()
+        })
+        .collect();
+    // The daemon and the original `ingest` personality, at the same instant.
+    let first = scope.spawn(&["--config", &configs[0]]);
+    let second = scope.spawn(&["ingest", "--config", &configs[1]]);
+    let (winner, loser) = wait_until(Duration::from_secs(30), "one ingester to exit", async || {
+        if scope.child(first).try_wait().ok().flatten().is_some() {
+            Some((second, first))
+        } else if scope.child(second).try_wait().ok().flatten().is_some() {
+            Some((first, second))
+        } else {
+            None
+        }
+    })
+    .await;
+    let status = scope.child(loser).wait().expect("exit status");
+    assert_eq!(status.code(), Some(2), "the second ingester exits 2");
+    let winner_pid = scope.child(winner).id();
+    let message = without_colours(
+        &std::fs::read_to_string(scope.path(&format!("daemon-{loser}.log"))).expect("log"),
+    );
+    assert!(
+        message.contains("written by another ingester")
+            && message.contains(&format!("held by pid {winner_pid}")),
+        "the refusal names the holder:\n{message}"
+    );
+    let bus = scope.path("events");
+    wait_until(Duration::from_secs(60), "every event on the bus", async || {
+        (bus_lines(&bus).len() >= expected_events.len()).then_some(())
+    })
+    .await;
+    assert_exactly_once(&bus_lines(&bus), &expected_events);
+    assert_eq!(
+        scope.terminate(winner, Duration::from_secs(15)).await,
+        Some(0)
+    );
+
+    // And counted exactly, by an aggregator of its own.
+    let metrics = TestScope::free_port();
+    let mut aggregate = ingest_config(upstream, metrics);
+    aggregate.ingest.enabled = false;
+    aggregate.aggregate.enabled = true;
+    aggregate.store.path = "counters.db".into();
+    let path = scope.write_config_as("aggregate.toml", &aggregate);
+    let counter = scope.spawn(&["--config", &path.display().to_string()]);
+    wait_for_metric(
+        metrics,
+        "pleiades_aggregator_event_count_total",
+        Duration::from_secs(60),
+        |v| v >= expected.events as f64,
+    )
+    .await;
+    assert_eq!(
+        scope.terminate(counter, Duration::from_secs(15)).await,
+        Some(0)
+    );
+    let found = stored(
+        &open_store(&StoreSettings::Embedded(StoreConfig {
+            kind: StoreKind::Embedded,
+            path: scope.path("counters.db"),
+        }))
+        .await,
+    )
+    .await;
+    assert_counters_equal(&found, &expected);
+    println!(
+        "two ingesters: the loser exited 2 with {:?}",
+        message.lines().find(|l| l.contains("another ingester")).unwrap_or("")
+    );
+}
