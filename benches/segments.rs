@@ -57,7 +57,11 @@ fn main() {
     let mut content = Vec::new();
     for copy in 0..COPIES {
         for (n, line) in lines.iter().enumerate() {
-            encode_record(&format!("[{{\"offset\":{}}}]", copy * lines.len() + n), line, &mut content);
+            encode_record(
+                &format!("[{{\"offset\":{}}}]", copy * lines.len() + n),
+                line,
+                &mut content,
+            );
         }
     }
     let events = (COPIES * lines.len()) as f64;
@@ -96,7 +100,11 @@ fn main() {
         let mut reader = SegmentReader::open(&plain, 0).expect("segment opens");
         let mut all = Vec::new();
         loop {
-            let batch: Vec<u64> = reader.read(1 << 20).expect("reads").map(|r| r.start).collect();
+            let batch: Vec<u64> = reader
+                .read(1 << 20)
+                .expect("reads")
+                .map(|r| r.start)
+                .collect();
             if batch.is_empty() {
                 break;
             }

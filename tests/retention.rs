@@ -452,15 +452,19 @@ async fn two_ingesters_started_together_on_one_directory_write_every_event_once(
     // The daemon and the original `ingest` personality, at the same instant.
     let first = scope.spawn(&["--config", &configs[0]]);
     let second = scope.spawn(&["ingest", "--config", &configs[1]]);
-    let (winner, loser) = wait_until(Duration::from_secs(30), "one ingester to exit", async || {
-        if scope.child(first).try_wait().ok().flatten().is_some() {
-            Some((second, first))
-        } else if scope.child(second).try_wait().ok().flatten().is_some() {
-            Some((first, second))
-        } else {
-            None
-        }
-    })
+    let (winner, loser) = wait_until(
+        Duration::from_secs(30),
+        "one ingester to exit",
+        async || {
+            if scope.child(first).try_wait().ok().flatten().is_some() {
+                Some((second, first))
+            } else if scope.child(second).try_wait().ok().flatten().is_some() {
+                Some((first, second))
+            } else {
+                None
+            }
+        },
+    )
     .await;
     let status = scope.child(loser).wait().expect("exit status");
     assert_eq!(status.code(), Some(2), "the second ingester exits 2");
@@ -474,9 +478,11 @@ async fn two_ingesters_started_together_on_one_directory_write_every_event_once(
         "the refusal names the holder:\n{message}"
     );
     let bus = scope.path("events");
-    wait_until(Duration::from_secs(60), "every event on the bus", async || {
-        (bus_lines(&bus).len() >= expected_events.len()).then_some(())
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "every event on the bus",
+        async || (bus_lines(&bus).len() >= expected_events.len()).then_some(()),
+    )
     .await;
     assert_exactly_once(&bus_lines(&bus), &expected_events);
     assert_eq!(
@@ -514,6 +520,9 @@ async fn two_ingesters_started_together_on_one_directory_write_every_event_once(
     assert_counters_equal(&found, &expected);
     println!(
         "two ingesters: the loser exited 2 with {:?}",
-        message.lines().find(|l| l.contains("another ingester")).unwrap_or("")
+        message
+            .lines()
+            .find(|l| l.contains("another ingester"))
+            .unwrap_or("")
     );
 }

@@ -167,6 +167,7 @@ impl KafkaConfig {
             ("kafka.topic", &self.topic),
             ("kafka.quarantine_topic", &self.quarantine_topic),
             ("kafka.group", &self.group),
+            ("kafka.transactional_id", &self.transactional_id),
         ] {
             if value.is_empty() {
                 p.bad(key, "must not be empty");

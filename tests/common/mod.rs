@@ -919,6 +919,10 @@ fn topic_reader(brokers: &str) -> rdkafka::consumer::BaseConsumer {
         .set("bootstrap.servers", brokers)
         .set("group.id", "pleiades-tests-reader")
         .set("enable.auto.commit", "false")
+        // Committed messages only; the end of a partition is reported, as its last offsets
+        // may be transaction markers.
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
         .create()
         .expect("a consumer")
 }
@@ -942,7 +946,8 @@ fn topic_extent(consumer: &rdkafka::consumer::BaseConsumer, topic: &str) -> Vec<
         .collect()
 }
 
-/// How many messages `topic` holds, from its partitions' watermarks (nothing is read).
+/// How many offsets `topic` holds, from its partitions' watermarks (nothing is read): messages
+/// and transaction markers.
 pub fn topic_len(brokers: &str, topic: &str) -> i64 {
     topic_extent(&topic_reader(brokers), topic)
         .iter()
@@ -976,6 +981,10 @@ pub fn read_topic(brokers: &str, topic: &str) -> Vec<TopicMessage> {
         let Some(result) = consumer.poll(Duration::from_millis(500)) else {
             continue;
         };
+        if let Err(rdkafka::error::KafkaError::PartitionEOF(partition)) = &result {
+            ends.remove(partition);
+            continue;
+        }
         let m = result.expect("a message");
         let mut headers = HashMap::new();
         if let Some(h) = m.headers() {

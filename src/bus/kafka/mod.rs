@@ -71,6 +71,8 @@ pub enum KafkaBusError {
     },
     #[error("kafka at {brokers}: {message}")]
     Broker { brokers: String, message: String },
+    #[error("kafka at {brokers}: a newer ingester took over transactional.id {id:?} and fenced this one; run one ingester per topic")]
+    Fenced { brokers: String, id: String },
 }
 
 impl KafkaBusError {
@@ -83,6 +85,7 @@ impl KafkaBusError {
                 source.rdkafka_error_code()
             }
             KafkaBusError::Broker { .. } => None,
+            KafkaBusError::Fenced { .. } => return true,
         };
         matches!(code, Some(ProducerFenced | InvalidProducerEpoch))
     }
@@ -120,6 +123,12 @@ impl ClientLog {
 
     /// Logs `error` unless the same kind was logged within the interval.
     pub fn error(&self, error: &KafkaError, reason: &str) {
+        if matches!(error, KafkaError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::PartitionEOF)
+        {
+            // The end of a partition, asked for by the tail reader: not an error.
+            return;
+        }
         let kind = error
             .rdkafka_error_code()
             .map(|c| format!("{c:?}"))
