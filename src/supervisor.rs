@@ -225,18 +225,29 @@ mod tests {
         assert_eq!(p.delay(u32::MAX), Duration::from_secs(1));
     }
 
-    #[test]
-    fn failures_and_panics_are_restarted_and_counted() {
+    /// Runs `test` inside an actix system on a multi-threaded runtime, as the daemon does.
+    fn on_actix_system(test: impl std::future::Future<Output = ()>) {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
-        let system = actix_rt::System::with_tokio_rt(move || runtime);
-        system.block_on(async {
-            let metrics = Metrics::new(1).unwrap();
-            let shutdown = CancellationToken::new();
-            let runs = Arc::new(AtomicU32::new(0));
+        actix_rt::System::with_tokio_rt(move || runtime).block_on(test);
+    }
+
+    /// Metrics, a shutdown token and a run counter for one supervised component.
+    fn fixture() -> (Metrics, CancellationToken, Arc<AtomicU32>) {
+        (
+            Metrics::new(1).unwrap(),
+            CancellationToken::new(),
+            Arc::new(AtomicU32::new(0)),
+        )
+    }
+
+    #[test]
+    fn failures_and_panics_are_restarted_and_counted() {
+        on_actix_system(async {
+            let (metrics, shutdown, runs) = fixture();
             let counter = runs.clone();
             let stop = shutdown.clone();
             let factory: ComponentFactory = Arc::new(move || {
@@ -276,16 +287,8 @@ mod tests {
 
     #[test]
     fn a_component_that_stops_for_good_is_not_restarted_and_stops_the_rest() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let system = actix_rt::System::with_tokio_rt(move || runtime);
-        system.block_on(async {
-            let metrics = Metrics::new(1).unwrap();
-            let shutdown = CancellationToken::new();
-            let runs = Arc::new(AtomicU32::new(0));
+        on_actix_system(async {
+            let (metrics, shutdown, runs) = fixture();
             let counter = runs.clone();
             let factory: ComponentFactory = Arc::new(move || {
                 counter.fetch_add(1, Ordering::SeqCst);

@@ -333,6 +333,7 @@ impl KafkaPublisher {
                 }
                 Err((source, _)) => {
                     self.metrics.errors.inc();
+                    let source = self.why_refused(source);
                     return Err(Refused::Failed(KafkaBusError::Client {
                         brokers: self.config.brokers.clone(),
                         op: "queue an event",
@@ -345,6 +346,15 @@ impl KafkaPublisher {
 
     /// Sends an invalid event with its reason to `kafka.quarantine_topic`.
     pub async fn quarantine(
+        &mut self,
+        record: &QuarantineRecord<'_>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), KafkaBusError> {
+        let sent = self.send_quarantine(record, shutdown).await;
+        sent.map_err(|e| self.named(e))
+    }
+
+    async fn send_quarantine(
         &mut self,
         record: &QuarantineRecord<'_>,
         shutdown: &CancellationToken,
@@ -381,6 +391,7 @@ impl KafkaPublisher {
                 }
                 Err((source, _)) => {
                     self.metrics.errors.inc();
+                    let source = self.why_refused(source);
                     return Err(KafkaBusError::Client {
                         brokers: self.config.brokers.clone(),
                         op: "queue a quarantine record",
@@ -523,9 +534,34 @@ impl KafkaPublisher {
         }
     }
 
-    /// `error`, named as fencing when a newer ingester took the transactional id over.
+    /// The cause behind a message the producer refused. Once a transaction has failed, every
+    /// message is refused with a plain state error; the transaction's own error says why (most
+    /// often: a newer ingester with the same id fenced this one).
+    fn why_refused(&mut self, refused: KafkaError) -> KafkaError {
+        if !matches!(
+            refused,
+            KafkaError::MessageProduction(RDKafkaErrorCode::State)
+        ) {
+            return refused;
+        }
+        let producer = self.producer.clone();
+        match tokio::task::block_in_place(|| producer.commit_transaction(Duration::ZERO)) {
+            Err(cause) => cause,
+            Ok(()) => {
+                self.txn = Txn::Idle;
+                refused
+            }
+        }
+    }
+
+    /// `error`, named as fencing when a newer ingester took the transactional id over. A fenced
+    /// producer refuses everything with a plain state error; its fatal error says why.
     fn named(&self, error: KafkaBusError) -> KafkaBusError {
-        if error.is_fenced() && !matches!(error, KafkaBusError::Fenced { .. }) {
+        use rdkafka::error::RDKafkaErrorCode::{InvalidProducerEpoch, ProducerFenced};
+        let fatal = self.producer.client().fatal_error().map(|(code, _)| code);
+        let fenced =
+            error.is_fenced() || matches!(fatal, Some(ProducerFenced | InvalidProducerEpoch));
+        if fenced && !matches!(error, KafkaBusError::Fenced { .. }) {
             tracing::debug!(%error, "fenced");
             return KafkaBusError::Fenced {
                 brokers: self.config.brokers.clone(),
