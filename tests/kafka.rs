@@ -480,7 +480,8 @@ async fn two_ingesters_started_together_the_newest_wins_and_the_topic_holds_each
     };
     let mut names = Vec::new();
     for (n, port) in ports[..2].iter().enumerate() {
-        let config = host_config(upstream.addr, &brokers, &url, *port, ingest);
+        let mut config = host_config(upstream.addr, &brokers, &url, *port, ingest);
+        config.kafka.transactional_id = "pleiades-ingest".into();
         names.push(
             scope
                 .write_config_as(&format!("ingest-{n}.toml"), &config)

@@ -189,10 +189,11 @@ pub struct KafkaConfig {
     /// full, reading from upstream pauses until the brokers catch up (backpressure), so a broker
     /// outage costs time, never memory or events.
     pub buffer_bytes: u64,
-    /// The ingester's transactional producer id. An ingester that starts with it fences the
-    /// one that held it (that one stops, exit 2): the newest wins and the topic never gets an
-    /// event twice. Every ingester of a deployment uses the same id; to move the ingest role,
-    /// start it on the new host, and the old one stops by itself.
+    /// The ingester's transactional producer id; empty (the default) publishes without
+    /// transactions. With an id, an ingester that starts fences the one that held it (that one
+    /// stops, exit 2): the newest wins and the topic never gets an event twice, and readers see
+    /// committed events only. Every ingester of a deployment then uses the same id; to move the
+    /// ingest role, start it on the new host, and the old one stops by itself.
     pub transactional_id: String,
     /// Passed to librdkafka unchanged (SASL, TLS, timeouts, …), for producers and consumers.
     /// Pleiades sets `acks`, `enable.idempotence`, `bootstrap.servers` and `group.id` itself.
@@ -225,7 +226,7 @@ impl Default for KafkaConfig {
             quarantine_topic: "pleiades-quarantine".to_owned(),
             group: "pleiades-aggregators".to_owned(),
             buffer_bytes: 64 * 1024 * 1024,
-            transactional_id: "pleiades-ingest".to_owned(),
+            transactional_id: String::new(),
             properties: BTreeMap::new(),
         }
     }

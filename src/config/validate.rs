@@ -167,11 +167,16 @@ impl KafkaConfig {
             ("kafka.topic", &self.topic),
             ("kafka.quarantine_topic", &self.quarantine_topic),
             ("kafka.group", &self.group),
-            ("kafka.transactional_id", &self.transactional_id),
         ] {
             if value.is_empty() {
                 p.bad(key, "must not be empty");
             }
+        }
+        if self.transactional_id != self.transactional_id.trim() {
+            p.bad(
+                "kafka.transactional_id",
+                "must not start or end with spaces",
+            );
         }
         if self.quarantine_topic == self.topic {
             p.bad(

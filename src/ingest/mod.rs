@@ -21,7 +21,8 @@ use sse::{SseEvent, SseParser, SseStats};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// What stops the ingester. Upstream trouble is not here: it is retried, never fatal.
+/// What stops the ingester. Upstream trouble is not here: it is retried, never fatal; nor is a
+/// full disk under the event files: the ingester waits for it.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error(transparent)]
@@ -133,8 +134,10 @@ impl Ingester {
         })
     }
 
-    /// Streams until shutdown, reconnecting as Wikimedia asks. Returns only on shutdown or when
-    /// the bus cannot be written (then the supervisor restarts it).
+    /// Streams until shutdown, reconnecting as Wikimedia asks. A disk that refuses the bus's
+    /// writes pauses it (see [`Ingester::write`]); it returns only on shutdown or on another bus
+    /// failure (then the supervisor restarts it, or stops the process when another ingester
+    /// owns the bus).
     pub async fn run(mut self, ctx: ComponentContext<IngestSettings>) -> Result<(), IngestError> {
         let c = self.config.clone();
         let mut backoff = Backoff::new(c.backoff_initial, c.backoff_max);

@@ -169,6 +169,8 @@ const INIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Where the producer's transaction stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Txn {
+    /// `kafka.transactional_id` is empty: messages are not grouped in transactions.
+    Off,
     /// None open: the next message begins one.
     Idle,
     /// Open, with messages since `since`.
@@ -177,9 +179,10 @@ enum Txn {
     Committing,
 }
 
-/// The ingester's side of the Kafka bus: a transactional producer. Messages are committed in a
-/// transaction every [`COMMIT_INTERVAL`]; readers (`read_committed`) see only committed ones, so
-/// an ingester that another one fenced leaves nothing behind.
+/// The ingester's side of the Kafka bus: an idempotent producer, transactional when
+/// `kafka.transactional_id` is set. Then messages are committed in a transaction every
+/// [`COMMIT_INTERVAL`]; readers (`read_committed`) see only committed ones, so an ingester that
+/// another one fenced leaves nothing behind.
 pub struct KafkaPublisher {
     producer: FutureProducer<ClientLog>,
     config: KafkaConfig,
@@ -200,17 +203,20 @@ impl KafkaPublisher {
         let producer: FutureProducer<ClientLog> = producer_config(config)
             .create_with_context(ClientLog::new(&config.brokers))
             .map_err(client_err(&config.brokers, "create a producer"))?;
-        // This fences any older producer with the same transactional.id and aborts what it
-        // left open, so the tail read next is final.
-        let starting = producer.clone();
-        tokio::task::spawn_blocking(move || starting.init_transactions(INIT_TIMEOUT))
-            .await
-            .map_err(|e| KafkaBusError::Broker {
-                brokers: config.brokers.clone(),
-                message: format!("starting transactions failed: {e}"),
-            })?
-            .map_err(client_err(&config.brokers, "start transactions"))?;
-        tracing::info!(brokers = %config.brokers, transactional_id = %config.transactional_id, "transactional producer ready; any older ingester with this id is fenced");
+        let transactional = !config.transactional_id.is_empty();
+        if transactional {
+            // This fences any older producer with the same transactional.id and aborts what
+            // it left open, so the tail read next is final.
+            let starting = producer.clone();
+            tokio::task::spawn_blocking(move || starting.init_transactions(INIT_TIMEOUT))
+                .await
+                .map_err(|e| KafkaBusError::Broker {
+                    brokers: config.brokers.clone(),
+                    message: format!("starting transactions failed: {e}"),
+                })?
+                .map_err(client_err(&config.brokers, "start transactions"))?;
+            tracing::info!(brokers = %config.brokers, transactional_id = %config.transactional_id, "transactional producer ready; any older ingester with this id is fenced");
+        }
         let owned = config.clone();
         let tail = tokio::task::spawn_blocking(move || read_tail(&owned, window))
             .await
@@ -226,7 +232,7 @@ impl KafkaPublisher {
                 config: config.clone(),
                 queue: AckQueue::new(tail.last_id.clone()),
                 metrics,
-                txn: Txn::Idle,
+                txn: if transactional { Txn::Idle } else { Txn::Off },
             },
             tail,
         ))
@@ -439,7 +445,7 @@ impl KafkaPublisher {
                 }
             }
             Txn::Committing => Some(COMMIT_WAIT),
-            Txn::Open { .. } | Txn::Idle => None,
+            Txn::Open { .. } | Txn::Idle | Txn::Off => None,
         };
         if let Some(wait) = wait {
             self.commit(wait).map_err(|e| self.named(e))?;
@@ -538,10 +544,12 @@ impl KafkaPublisher {
     /// message is refused with a plain state error; the transaction's own error says why (most
     /// often: a newer ingester with the same id fenced this one).
     fn why_refused(&mut self, refused: KafkaError) -> KafkaError {
-        if !matches!(
-            refused,
-            KafkaError::MessageProduction(RDKafkaErrorCode::State)
-        ) {
+        if self.txn == Txn::Off
+            || !matches!(
+                refused,
+                KafkaError::MessageProduction(RDKafkaErrorCode::State)
+            )
+        {
             return refused;
         }
         let producer = self.producer.clone();
