@@ -552,8 +552,10 @@ impl KafkaPublisher {
         {
             return refused;
         }
+        // The commit flushes first: given time, the failed deliveries settle and the
+        // transaction's error comes back instead of a flush timeout.
         let producer = self.producer.clone();
-        match tokio::task::block_in_place(|| producer.commit_transaction(Duration::ZERO)) {
+        match tokio::task::block_in_place(|| producer.commit_transaction(COMMIT_WAIT * 20)) {
             Err(cause) => cause,
             Ok(()) => {
                 self.txn = Txn::Idle;
