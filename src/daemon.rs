@@ -2,12 +2,14 @@
 //! supervised component, the metrics endpoint, and orderly shutdown on SIGTERM/SIGINT.
 
 use crate::aggregate::AggregateSettings;
+use crate::bus::Trouble;
+use crate::config::BusKind;
 use crate::config::{Config, Problem};
 use crate::health::Readiness;
 use crate::ingest::IngestSettings;
 use crate::metrics::{Component, Metrics, MetricsError};
 use crate::store::Store;
-use crate::supervisor::{self, ComponentFactory, RestartPolicy, Running};
+use crate::supervisor::{self, ComponentFactory, Ended, RestartPolicy, Running, StopForGood};
 use crate::systemd::Notifier;
 use crate::web::WebParts;
 use crate::ComponentContext;
@@ -30,6 +32,13 @@ pub enum DaemonError {
     Runtime(#[source] std::io::Error),
     #[error("cannot open the counter store: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// A component found that it cannot run here (another ingester owns the bus); the process
+    /// stopped rather than restart it. `main` exits 2.
+    #[error("{component} stopped for good: {message}")]
+    Refused {
+        component: &'static str,
+        message: String,
+    },
     #[error("cannot listen for {signal}: {source}")]
     Signal {
         signal: &'static str,
@@ -164,6 +173,11 @@ pub async fn run_roles(
     } else {
         None
     };
+    // Retention runs where the event files are aggregated: that host has the store whose
+    // positions prove a segment counted.
+    let retention_here = config.aggregate.enabled && config.aggregate_source() == BusKind::File;
+    let write_blocked = Trouble::default();
+    let retention_blocked = Trouble::default();
     let readiness = Readiness {
         store: store.clone(),
         event_files: config.uses_files().then(|| config.file.dir.clone()),
@@ -172,6 +186,8 @@ pub async fn run_roles(
             .then(|| crate::bus::kafka::Probe::new(&config.kafka)),
         failures: Some(metrics.http.ready_failures.clone()),
         failing: Arc::default(),
+        bus_writes: config.ingest.enabled.then(|| write_blocked.clone()),
+        retention: retention_here.then(|| retention_blocked.clone()),
     };
     let (metrics_listener, metrics_addr) = crate::http::bind(config.metrics.listen).await?;
     let metrics_server = tokio::spawn(crate::health::serve(
@@ -200,11 +216,34 @@ pub async fn run_roles(
             ingest: config.ingest.clone(),
             bus: config.bus(config.ingest.publisher),
         });
+        let blocked = write_blocked.clone();
         running.push(supervise(
             Component::Ingest,
             &metrics,
             &shutdown,
-            move || crate::ingest::run(ctx.clone()),
+            move || {
+                let run = crate::ingest::run(ctx.clone(), blocked.clone());
+                async move {
+                    // A second ingester must stop, not retry until it wins.
+                    run.await.map_err(|e| -> supervisor::ComponentError {
+                        if e.is_refusal() {
+                            Box::new(StopForGood(e.into()))
+                        } else {
+                            e.into()
+                        }
+                    })
+                }
+            },
+        ));
+    }
+    if let Some(store) = store.clone().filter(|_| retention_here) {
+        let ctx = base.with(config.file.clone());
+        let blocked = retention_blocked.clone();
+        running.push(supervise(
+            Component::Retention,
+            &metrics,
+            &shutdown,
+            move || crate::aggregate::retention::run(ctx.clone(), store.clone(), blocked.clone()),
         ));
     }
     if let Some(store) = store.clone().filter(|_| config.aggregate.enabled) {
@@ -257,8 +296,12 @@ pub async fn run_roles(
     tracing::info!("shutting down");
     notify(&notifier, "STOPPING=1");
     let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    let mut refused = None;
     for component in running {
         match tokio::time::timeout_at(deadline, component.done).await {
+            Ok(Ok(Ended::Refused(message))) => {
+                refused.get_or_insert((component.name, message));
+            }
             Ok(_) => {}
             Err(_) => tracing::error!(
                 component = component.name,
@@ -271,7 +314,10 @@ pub async fn run_roles(
         tracing::warn!(%error, "the metrics listener failed");
     }
     tracing::info!("stopped");
-    Ok(())
+    match refused {
+        Some((component, message)) => Err(DaemonError::Refused { component, message }),
+        None => Ok(()),
+    }
 }
 
 fn notify(notifier: &Notifier, state: &str) {

@@ -164,9 +164,16 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     init_logging(&config.log.level, config.log.format);
-    pleiades::daemon::run(config, notifier, CancellationToken::new())
-        .context("pleiades stopped")?;
-    Ok(ExitCode::SUCCESS)
+    match pleiades::daemon::run(config, notifier, CancellationToken::new()) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        // Another ingester owns the bus: a deployment error, like a bad configuration, that
+        // running again cannot fix (the systemd unit does not restart on exit 2).
+        Err(refused @ pleiades::daemon::DaemonError::Refused { .. }) => {
+            eprintln!("pleiades: {refused}");
+            Ok(ExitCode::from(2))
+        }
+        Err(error) => Err(error).context("pleiades stopped"),
+    }
 }
 
 fn run_replay(

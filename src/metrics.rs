@@ -142,6 +142,17 @@ label_values! {
         Aggregate => "aggregate",
         Web => "web",
         Live => "live",
+        Retention => "retention",
+    }
+}
+
+label_values! {
+    /// Why an event segment was deleted.
+    DeleteReason {
+        /// Its newest event was older than `file.retention`.
+        Retention => "retention",
+        /// The segments took more than `file.max_bytes`.
+        Budget => "budget",
     }
 }
 
@@ -184,6 +195,8 @@ label_values! {
         Store => "store",
         EventFiles => "event_files",
         Kafka => "kafka",
+        BusWrites => "bus_writes",
+        Retention => "retention",
     }
 }
 
@@ -268,6 +281,7 @@ pub struct Metrics {
     pub store: StoreMetrics,
     pub supervisor: SupervisorMetrics,
     pub http: HttpMetrics,
+    pub retention: RetentionMetrics,
 }
 
 /// Metrics of the HTTP listeners (`web.listen`, `metrics.listen`) and the readiness checks.
@@ -336,11 +350,28 @@ impl HttpMetrics {
     }
 }
 
+/// Metrics of retention on the event-file bus: what is on disk and what was deleted.
+#[derive(Clone)]
+pub struct RetentionMetrics {
+    /// `pleiades_file_bus_bytes`: bytes the segment files take on disk.
+    pub bus_bytes: IntGauge,
+    pub segments: IntGauge,
+    /// `pleiades_file_oldest_event_timestamp_seconds`: meta.dt of the oldest event kept.
+    pub oldest_event: Gauge,
+    pub deleted: LabelledCounter<DeleteReason>,
+    pub deleted_bytes: IntCounter,
+    /// `pleiades_file_retention_blocked_bytes`: bytes that should be deleted but are not counted.
+    pub blocked_bytes: IntGauge,
+    pub blocked_segments: IntGauge,
+}
+
 /// Metrics of the counter store, whoever uses it.
 #[derive(Clone)]
 pub struct StoreMetrics {
     /// `pleiades_store_reads_total{query}`: reads of the store, by what they read.
     pub reads: LabelledCounter<StoreRead>,
+    /// `pleiades_store_reopens_total`: the embedded store reopened after an I/O error.
+    pub reopens: IntCounter,
 }
 
 /// Metrics of the web role.
@@ -401,6 +432,9 @@ pub struct IngestMetrics {
     pub last_event_time: Arc<AtomicI64>,
     pub last_event_timestamp: Gauge,
     pub dedupe_window: IntGauge,
+    /// `pleiades_ingest_write_blocked`: 1 while the bus refuses writes and reading is paused.
+    pub write_blocked: IntGauge,
+    pub write_pauses: IntCounter,
 }
 
 /// Metrics of the event-file bus.
@@ -414,6 +448,9 @@ pub struct FileBusMetrics {
     pub fsync_seconds: Histogram,
     pub segments: IntCounter,
     pub quarantine_bytes: IntCounter,
+    pub compressed_segments: IntCounter,
+    pub compressed_content_bytes: IntCounter,
+    pub compressed_bytes: IntCounter,
 }
 
 /// Metrics of the Kafka bus: the publisher in the ingester, the consumers in the aggregators.
@@ -479,6 +516,7 @@ impl Metrics {
             store: StoreMetrics::register(r)?,
             supervisor: SupervisorMetrics::register(r)?,
             http: HttpMetrics::register(r)?,
+            retention: RetentionMetrics::register(r)?,
             registry,
         };
         register_build_info(&metrics.registry)?;
@@ -518,6 +556,8 @@ impl IngestMetrics {
             last_event_timestamp: float_gauge(r, "pleiades_ingest_last_event_timestamp_seconds", "meta.dt of the newest event delivered to the bus, in seconds since the epoch")?,
             last_event_time: last_event_time.clone(),
             dedupe_window: gauge(r, "pleiades_ingest_dedupe_window_ids", "meta.ids currently remembered to drop repeats")?,
+            write_blocked: gauge(r, "pleiades_ingest_write_blocked", "1 while the bus refuses writes (a full or failing disk) and reading from upstream is paused")?,
+            write_pauses: counter(r, "pleiades_ingest_write_pauses_total", "Times reading from upstream paused because the bus refused writes")?,
         };
         r.register(Box::new(EventAge::new(last_event_time)?))?;
         Ok(m)
@@ -565,6 +605,35 @@ impl FileBusMetrics {
                 "pleiades_file_quarantine_bytes_total",
                 "Bytes appended to the quarantine file",
             )?,
+            compressed_segments: counter(
+                r,
+                "pleiades_file_compressed_segments_total",
+                "Closed event segments compressed",
+            )?,
+            compressed_content_bytes: counter(
+                r,
+                "pleiades_file_compressed_content_bytes_total",
+                "Bytes of content in the segments compressed",
+            )?,
+            compressed_bytes: counter(
+                r,
+                "pleiades_file_compressed_bytes_total",
+                "Bytes the compressed segments take on disk",
+            )?,
+        })
+    }
+}
+
+impl RetentionMetrics {
+    fn register(r: &Registry) -> Result<Self, prometheus::Error> {
+        Ok(RetentionMetrics {
+            bus_bytes: gauge(r, "pleiades_file_bus_bytes", "Bytes the event segment files take on disk")?,
+            segments: gauge(r, "pleiades_file_bus_segments", "Event segment files on disk")?,
+            oldest_event: float_gauge(r, "pleiades_file_oldest_event_timestamp_seconds", "meta.dt of the oldest event the segments keep, in seconds since the epoch")?,
+            deleted: LabelledCounter::register(r, "pleiades_file_segments_deleted_total", "Counted event segments deleted, by reason (retention, budget)", "reason")?,
+            deleted_bytes: counter(r, "pleiades_file_deleted_bytes_total", "Bytes of event segments deleted")?,
+            blocked_bytes: gauge(r, "pleiades_file_retention_blocked_bytes", "Bytes of segments past file.retention or over file.max_bytes that are kept because they are not counted yet")?,
+            blocked_segments: gauge(r, "pleiades_file_retention_blocked_segments", "Segments past file.retention or over file.max_bytes that are kept because they are not counted yet")?,
         })
     }
 }
@@ -697,6 +766,11 @@ impl StoreMetrics {
                 "pleiades_store_reads_total",
                 "Reads of the counter store, by what they read",
                 "query",
+            )?,
+            reopens: counter(
+                r,
+                "pleiades_store_reopens_total",
+                "Times the embedded store was reopened after an I/O error latched it",
             )?,
         })
     }

@@ -123,16 +123,7 @@ async fn kill_9_at_random_moments_neither_loses_nor_doubles() {
     );
     let bus = bus_lines(&bus_dir);
     assert_exactly_once(&bus, &expected);
-    let segments = std::fs::read_dir(&bus_dir)
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .path()
-                .extension()
-                .is_some_and(|x| x == "jsonl")
-        })
-        .count();
+    let segments = segment_files(&bus_dir).len();
     println!(
         "{kills} kills, {} events exactly once across {segments} segments",
         bus.len()

@@ -192,7 +192,7 @@ fn promtool_accepts_the_alerting_rules_and_the_scrape_config() {
         &["check", "rules", "deploy/prometheus/alerts.yml"],
     );
     assert_eq!(code, 0, "{output}");
-    assert!(output.contains("SUCCESS: 13 rules found"), "{output}");
+    assert!(output.contains("SUCCESS: 16 rules found"), "{output}");
     let (code, output) = run(
         "promtool",
         &["check", "config", "deploy/prometheus/prometheus.yml"],

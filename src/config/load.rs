@@ -381,6 +381,33 @@ mod tests {
     }
 
     #[test]
+    fn the_bounds_of_the_event_files_are_checked_by_key() {
+        let config = load_toml(
+            "[file]\nretention = \"7days\"\nmax_bytes = 1073741824\nsegment_bytes = 1048576\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.file.retention, Duration::from_secs(7 * 86_400));
+        let p = problems(load_toml(
+            "[file]\nmax_bytes = 1000000\nquarantine_max_bytes = 10\nretention = \"0s\"\n",
+            &[],
+        ));
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "file.max_bytes",
+            "file.quarantine_max_bytes",
+            "file.retention",
+        ] {
+            assert!(keys.contains(&key), "{key} not named in {p:?}");
+        }
+        let p = problems(load_toml(
+            "[kafka]\ntransactional_id = \" ingest\"\n[ingest]\npublisher = \"kafka\"\n",
+            &[],
+        ));
+        assert!(p.iter().any(|p| p.key == "kafka.transactional_id"), "{p:?}");
+    }
+
+    #[test]
     fn durations_parse_and_zero_is_refused() {
         let config = load_toml(
             "[ingest]\nresume_rewind = \"2s\"\nstall_timeout = \"1m\"\n",

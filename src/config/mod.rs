@@ -150,6 +150,19 @@ pub struct FileConfig {
     /// With `fsync = "interval"`: the longest time written data may wait for a sync.
     #[serde(with = "humantime_serde")]
     pub fsync_interval: Duration,
+    /// Closed segments whose newest event is older than this (in event time: behind the newest
+    /// event on the bus) are deleted, once every aggregator has counted them.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// The disk budget of the segments: while they take more bytes than this, the oldest
+    /// counted ones are deleted. Uncounted events are never deleted: a bus over budget because
+    /// counting is stuck is reported (metric, log, alert, `/readyz`), not emptied.
+    pub max_bytes: u64,
+    /// The most bytes all quarantine files together may hold; the oldest rotated pieces go.
+    pub quarantine_max_bytes: u64,
+    /// How often retention looks at the segments (on hosts that aggregate the event files).
+    #[serde(with = "humantime_serde")]
+    pub retention_interval: Duration,
 }
 
 impl Default for FileConfig {
@@ -159,6 +172,10 @@ impl Default for FileConfig {
             segment_bytes: 64 * 1024 * 1024,
             fsync: FsyncPolicy::Batch,
             fsync_interval: Duration::from_secs(1),
+            retention: Duration::from_secs(30 * 86_400),
+            max_bytes: 20 * 1024 * 1024 * 1024,
+            quarantine_max_bytes: 256 * 1024 * 1024,
+            retention_interval: Duration::from_secs(10),
         }
     }
 }
@@ -185,6 +202,12 @@ pub struct KafkaConfig {
     /// full, reading from upstream pauses until the brokers catch up (backpressure), so a broker
     /// outage costs time, never memory or events.
     pub buffer_bytes: u64,
+    /// The ingester's transactional producer id; empty (the default) publishes without
+    /// transactions. With an id, an ingester that starts fences the one that held it (that one
+    /// stops, exit 2): the newest wins and the topic never gets an event twice, and readers see
+    /// committed events only. Every ingester of a deployment then uses the same id; to move the
+    /// ingest role, start it on the new host, and the old one stops by itself.
+    pub transactional_id: String,
     /// Passed to librdkafka unchanged (SASL, TLS, timeouts, …), for producers and consumers.
     /// Pleiades sets `acks`, `enable.idempotence`, `bootstrap.servers` and `group.id` itself.
     pub properties: BTreeMap<String, String>,
@@ -201,6 +224,8 @@ impl KafkaConfig {
         "acks",
         "request.required.acks",
         "enable.auto.offset.store",
+        "transactional.id",
+        "isolation.level",
     ];
 }
 
@@ -214,6 +239,7 @@ impl Default for KafkaConfig {
             quarantine_topic: "pleiades-quarantine".to_owned(),
             group: "pleiades-aggregators".to_owned(),
             buffer_bytes: 64 * 1024 * 1024,
+            transactional_id: String::new(),
             properties: BTreeMap::new(),
         }
     }

@@ -142,8 +142,26 @@ impl IngestConfig {
 
 impl FileConfig {
     fn validate(&self, p: &mut Problems) {
-        p.positive(&[("file.fsync_interval", self.fsync_interval)]);
+        p.positive(&[
+            ("file.fsync_interval", self.fsync_interval),
+            ("file.retention", self.retention),
+            ("file.retention_interval", self.retention_interval),
+        ]);
         p.at_least("file.segment_bytes", self.segment_bytes, 4096);
+        p.at_least(
+            "file.quarantine_max_bytes",
+            self.quarantine_max_bytes,
+            1024 * 1024,
+        );
+        if self.max_bytes < self.segment_bytes.saturating_mul(2) {
+            p.bad(
+                "file.max_bytes",
+                format!(
+                    "{} cannot hold the segment being written and a closed one: make it at least twice file.segment_bytes ({})",
+                    self.max_bytes, self.segment_bytes
+                ),
+            );
+        }
         if self.dir.as_os_str().is_empty() {
             p.bad("file.dir", "must not be empty");
         }
@@ -163,6 +181,12 @@ impl KafkaConfig {
             if value.is_empty() {
                 p.bad(key, "must not be empty");
             }
+        }
+        if self.transactional_id != self.transactional_id.trim() {
+            p.bad(
+                "kafka.transactional_id",
+                "must not start or end with spaces",
+            );
         }
         if self.quarantine_topic == self.topic {
             p.bad(

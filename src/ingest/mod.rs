@@ -9,7 +9,7 @@ pub mod client;
 pub mod cursor;
 pub mod sse;
 
-use crate::bus::{BusError, Outgoing, Publisher, QuarantineRecord};
+use crate::bus::{BusError, Outgoing, Published, Publisher, QuarantineRecord, Trouble};
 use crate::config::{self, BusSettings, IngestConfig};
 use crate::event::RejectReason;
 use crate::metrics::{Anomaly, Disconnect, IngestMetrics};
@@ -21,7 +21,8 @@ use sse::{SseEvent, SseParser, SseStats};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// What stops the ingester. Upstream trouble is not here: it is retried, never fatal.
+/// What stops the ingester. Upstream trouble is not here: it is retried, never fatal; nor is a
+/// full disk under the event files: the ingester waits for it.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error(transparent)]
@@ -30,6 +31,29 @@ pub enum IngestError {
     Config(String),
     #[error(transparent)]
     Client(ConnectError),
+}
+
+/// How long a paused ingester waits before it tries the bus again.
+const WRITE_RETRY: Duration = Duration::from_secs(1);
+
+/// A write to the bus that may have to wait for the disk.
+enum Write<'a, 'b> {
+    Publish(&'a [Outgoing<'b>]),
+    Quarantine(&'a QuarantineRecord<'b>),
+    Tick,
+}
+
+impl IngestError {
+    /// True when another ingester owns the bus: running again cannot help.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            IngestError::Bus(BusError::File(e)) => {
+                matches!(e, crate::bus::file::FileBusError::Locked { .. })
+            }
+            IngestError::Bus(BusError::Kafka(e)) => e.is_fenced(),
+            _ => false,
+        }
+    }
 }
 
 /// What the ingester is configured with: its section and the bus it publishes to.
@@ -62,11 +86,16 @@ pub struct Ingester {
     since_ms: Option<i64>,
     /// The reconnection time the server last asked for with `retry:`.
     server_retry: Option<Duration>,
+    /// Set while the bus refuses writes (read by `/readyz`).
+    write_blocked: Trouble,
 }
 
 impl Ingester {
     /// Opens the bus and rebuilds the cursor from its tail.
-    pub async fn start(ctx: &ComponentContext<IngestSettings>) -> Result<Self, IngestError> {
+    pub async fn start(
+        ctx: &ComponentContext<IngestSettings>,
+        write_blocked: Trouble,
+    ) -> Result<Self, IngestError> {
         let config = Arc::new(ctx.config.ingest.clone());
         let window = config.dedupe_window;
         let (bus, tail) =
@@ -101,11 +130,14 @@ impl Ingester {
             upstream,
             since_ms,
             server_retry: None,
+            write_blocked,
         })
     }
 
-    /// Streams until shutdown, reconnecting as Wikimedia asks. Returns only on shutdown or when
-    /// the bus cannot be written (then the supervisor restarts it).
+    /// Streams until shutdown, reconnecting as Wikimedia asks. A disk that refuses the bus's
+    /// writes pauses it (see [`Ingester::write`]); it returns only on shutdown or on another bus
+    /// failure (then the supervisor restarts it, or stops the process when another ingester
+    /// owns the bus).
     pub async fn run(mut self, ctx: ComponentContext<IngestSettings>) -> Result<(), IngestError> {
         let c = self.config.clone();
         let mut backoff = Backoff::new(c.backoff_initial, c.backoff_max);
@@ -251,7 +283,9 @@ impl Ingester {
                 _ = ctx.shutdown.cancelled() => return Ok(Ended::Shutdown),
                 _ = tokio::time::sleep_until(last_progress + stall) => return Ok(Ended::Stalled { delivered, trickled }),
                 _ = bus_timer.tick(), if tick.is_some() => {
-                    self.bus.tick().await.map_err(|e| StreamError::Bus(e.into()))?;
+                    if self.write(Write::Tick, &ctx.shutdown).await.map_err(StreamError::Bus)?.is_none() {
+                        return Ok(Ended::Shutdown);
+                    }
                     continue;
                 }
                 next = body.next() => next,
@@ -343,8 +377,12 @@ impl Ingester {
             let (time_ms, key, canary) = match checked {
                 Ok(head) => (head.time_ms, head.id.map(|id| id.into_owned()), head.canary),
                 Err(invalid) => {
-                    self.quarantine(invalid.reason(), invalid.to_string(), &event, shutdown)
-                        .await?;
+                    if !self
+                        .quarantine(invalid.reason(), invalid.to_string(), &event, shutdown)
+                        .await?
+                    {
+                        return Ok(None);
+                    }
                     continue;
                 }
             };
@@ -368,12 +406,18 @@ impl Ingester {
                 time_ms: *time_ms,
             })
             .collect();
-        let published = self.bus.publish(&outgoing, shutdown).await?;
+        let Some(published) = self.write(Write::Publish(&outgoing), shutdown).await? else {
+            return Ok(None);
+        };
         drop(outgoing);
         for (index, error) in &published.too_large {
             if let Some((event, _, _)) = accepted.get(*index) {
-                self.quarantine(RejectReason::TooLarge, error.clone(), event, shutdown)
-                    .await?;
+                if !self
+                    .quarantine(RejectReason::TooLarge, error.clone(), event, shutdown)
+                    .await?
+                {
+                    return Ok(None);
+                }
             }
         }
         let refused: std::collections::HashSet<usize> =
@@ -397,19 +441,65 @@ impl Ingester {
         Ok(Some(published.events))
     }
 
-    /// Keeps an event that cannot be published, with the reason, and counts it.
+    /// Keeps an event that cannot be published, with the reason, and counts it; false when
+    /// shutdown came while the bus refused writes.
     async fn quarantine(
         &mut self,
         reason: RejectReason,
         error: String,
         event: &SseEvent,
         shutdown: &tokio_util::sync::CancellationToken,
-    ) -> Result<(), IngestError> {
+    ) -> Result<bool, IngestError> {
         self.metrics.quarantined(reason);
         let record = QuarantineRecord::new(reason, error, &event.id, &event.data);
         tracing::warn!(%reason, error = ?shown(&record.error), id = ?shown(record.id), "quarantined an event");
-        self.bus.quarantine(&record, shutdown).await?;
-        Ok(())
+        Ok(self
+            .write(Write::Quarantine(&record), shutdown)
+            .await?
+            .is_some())
+    }
+
+    /// Performs one bus write. While the disk refuses it (full, failing), reading from upstream
+    /// pauses: the same write is tried again every [`WRITE_RETRY`], nothing moves the cursor,
+    /// and the state is reported (gauge, `/readyz`, one log line per change). `None` when
+    /// shutdown came during a pause.
+    async fn write(
+        &mut self,
+        write: Write<'_, '_>,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<Option<Published>, IngestError> {
+        loop {
+            let result = match &write {
+                Write::Publish(events) => self.bus.publish(events, shutdown).await,
+                Write::Quarantine(record) => self
+                    .bus
+                    .quarantine(record, shutdown)
+                    .await
+                    .map(|()| Published::default()),
+                Write::Tick => self.bus.tick().await.map(|()| Published::default()),
+            };
+            match result {
+                Ok(published) => {
+                    if self.write_blocked.clear() {
+                        self.metrics.write_blocked.set(0);
+                        tracing::info!("the bus takes writes again; reading from upstream resumes");
+                    }
+                    return Ok(Some(published));
+                }
+                Err(e) if e.is_write_failure() => {
+                    if self.write_blocked.set(e.to_string()) {
+                        self.metrics.write_blocked.set(1);
+                        self.metrics.write_pauses.inc();
+                        tracing::error!(error = %e, "the bus refuses writes; reading from upstream is paused until it takes them");
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(None),
+                        _ = tokio::time::sleep(WRITE_RETRY) => {}
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 
@@ -429,8 +519,12 @@ enum StreamError {
     Bus(IngestError),
 }
 
-/// Builds and runs the ingester: the supervised unit of the ingest role.
-pub async fn run(ctx: ComponentContext<IngestSettings>) -> Result<(), IngestError> {
-    let ingester = Ingester::start(&ctx).await?;
+/// Builds and runs the ingester: the supervised unit of the ingest role. `write_blocked` is set
+/// while the bus refuses writes.
+pub async fn run(
+    ctx: ComponentContext<IngestSettings>,
+    write_blocked: Trouble,
+) -> Result<(), IngestError> {
+    let ingester = Ingester::start(&ctx, write_blocked).await?;
     ingester.run(ctx).await
 }

@@ -72,6 +72,7 @@ impl TopicReader {
 fn reader_config(config: &KafkaConfig) -> rdkafka::ClientConfig {
     let mut c = client_config(config);
     c.set("group.id", format!("{}-reader", config.group));
+    c.set("isolation.level", "read_committed");
     c.set("enable.auto.commit", "false");
     c.set("enable.auto.offset.store", "false");
     c
