@@ -165,6 +165,8 @@ const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
 const COMMIT_WAIT: Duration = Duration::from_millis(100);
 /// How long a start may wait for the coordinator to fence an older producer.
 const INIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a refused producer may take to say why (see `why_refused`).
+const WHY_REFUSED_WAIT: Duration = Duration::from_secs(15);
 
 /// Where the producer's transaction stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -553,9 +555,11 @@ impl KafkaPublisher {
             return refused;
         }
         // The commit flushes first: given time, the failed deliveries settle and the
-        // transaction's error comes back instead of a flush timeout.
+        // transaction's error comes back instead of a flush timeout. Taking a timeout for the
+        // answer would restart this ingester, and the restart would fence the one in charge,
+        // so it gets the time a loaded broker needs.
         let producer = self.producer.clone();
-        match tokio::task::block_in_place(|| producer.commit_transaction(COMMIT_WAIT * 20)) {
+        match tokio::task::block_in_place(|| producer.commit_transaction(WHY_REFUSED_WAIT)) {
             Err(cause) => cause,
             Ok(()) => {
                 self.txn = Txn::Idle;
