@@ -16,6 +16,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+/// Intake requests that may wait for the ingester at once.
+const INTAKE_QUEUE: usize = 64;
+
 /// How long components get to flush and persist after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(9);
 
@@ -42,7 +45,7 @@ pub enum DaemonError {
 /// `check-config`): what librdkafka says of `[kafka.properties]` on a host that uses Kafka.
 pub fn preflight(config: &Config) -> Vec<Problem> {
     let mut problems = Vec::new();
-    if config.uses_kafka() {
+    if config.needs_kafka() {
         problems.extend(crate::bus::kafka::check_properties(&config.kafka));
     }
     problems
@@ -131,16 +134,33 @@ pub async fn run_roles(
         shutdown: shutdown.clone(),
     };
     let mut running = Vec::new();
+    // The intake hands what it accepts to this host's ingester, the one writer of the bus
+    // (configuration checks refuse an intake without the ingest role).
+    let intake = config
+        .intake
+        .listen
+        .filter(|_| config.ingest.enabled)
+        .map(|_| crate::bus::handoff::handoff(INTAKE_QUEUE));
     if config.ingest.enabled {
         let ctx = base.with(IngestSettings {
             ingest: config.ingest.clone(),
             bus: config.bus(config.ingest.publisher),
         });
+        let handoff = intake.as_ref().map(|(_, rx)| rx.clone());
         running.push(supervise(
             Component::Ingest,
             &metrics,
             &shutdown,
-            move || crate::ingest::run(ctx.clone()),
+            move || crate::ingest::run_with_intake(ctx.clone(), handoff.clone()),
+        ));
+    }
+    if let Some((tx, _)) = intake {
+        let ctx = base.with(config.intake.clone());
+        running.push(supervise(
+            Component::Intake,
+            &metrics,
+            &shutdown,
+            move || crate::intake::run(ctx.clone(), tx.clone()),
         ));
     }
     if let Some(store) = store.clone().filter(|_| config.aggregate.enabled) {
@@ -166,10 +186,25 @@ pub async fn run_roles(
         running.push(supervise(Component::Live, &metrics, &shutdown, move || {
             crate::web::live::run(live_ctx.clone(), live_store.clone(), tx.clone())
         }));
+        let relay = config.relay_bus().map(|kind| {
+            crate::web::relay::Hub::new(
+                config.bus(kind),
+                config.web.relay_buffer_events,
+                config.web.relay_max_clients,
+                metrics.relay.clone(),
+            )
+        });
+        if let Some(hub) = relay.clone() {
+            let (poll, stop) = (config.web.relay_poll_interval, shutdown.clone());
+            running.push(supervise(Component::Relay, &metrics, &shutdown, move || {
+                crate::web::relay::run(hub.clone(), poll, stop.clone())
+            }));
+        }
         let parts = WebParts {
             store,
             readiness: readiness.clone(),
             live: rx,
+            relay,
         };
         running.push(supervise(Component::Web, &metrics, &shutdown, move || {
             crate::web::run(ctx.clone(), parts.clone())

@@ -57,11 +57,13 @@ pub enum RejectReason {
     TooLarge,
     /// A bus record that is not a record at all (unreadable line, message without a value).
     BadRecord,
+    /// Does not match the JSON Schema its `$schema` names (with `ingest.validate = "quarantine"`).
+    Schema,
 }
 
 impl RejectReason {
     /// Every reason, so that each labelled series can exist from the first scrape.
-    pub const ALL: [RejectReason; 7] = [
+    pub const ALL: [RejectReason; 8] = [
         RejectReason::NotJson,
         RejectReason::NotObject,
         RejectReason::BadMeta,
@@ -69,6 +71,7 @@ impl RejectReason {
         RejectReason::BadTime,
         RejectReason::TooLarge,
         RejectReason::BadRecord,
+        RejectReason::Schema,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -80,6 +83,7 @@ impl RejectReason {
             RejectReason::BadTime => "bad_dt",
             RejectReason::TooLarge => "too_large",
             RejectReason::BadRecord => "bad_record",
+            RejectReason::Schema => "schema",
         }
     }
 }

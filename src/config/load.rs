@@ -93,6 +93,7 @@ pub fn load(sources: &Sources<'_>) -> Result<Config, ConfigError> {
         store: section(&merged, "store", &mut problems),
         redis: section(&merged, "redis", &mut problems),
         web: section(&merged, "web", &mut problems),
+        intake: section(&merged, "intake", &mut problems),
         metrics: section(&merged, "metrics", &mut problems),
         log: section(&merged, "log", &mut problems),
     };

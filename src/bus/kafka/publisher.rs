@@ -453,6 +453,15 @@ impl KafkaPublisher {
 
     /// Waits until every event handed over is acknowledged, or `limit` passes.
     pub async fn flush(&mut self, limit: Duration) -> Result<(), KafkaBusError> {
+        if !self.settle_all(limit).await? {
+            tracing::warn!(unacknowledged = self.queue.in_flight(), "shutting down before the brokers acknowledged every event; they will be fetched again from upstream");
+        }
+        Ok(())
+    }
+
+    /// Waits until every message handed over is acknowledged: true when they all are, false
+    /// when `limit` passed first.
+    pub async fn settle_all(&mut self, limit: Duration) -> Result<bool, KafkaBusError> {
         let never = CancellationToken::new();
         let drained = tokio::time::timeout(limit, async {
             while !self.queue.is_empty() {
@@ -462,11 +471,8 @@ impl KafkaPublisher {
         })
         .await;
         match drained {
-            Ok(result) => result,
-            Err(_) => {
-                tracing::warn!(unacknowledged = self.queue.in_flight(), "shutting down before the brokers acknowledged every event; they will be fetched again from upstream");
-                Ok(())
-            }
+            Ok(result) => result.map(|()| true),
+            Err(_) => Ok(false),
         }
     }
 
