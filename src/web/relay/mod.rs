@@ -83,7 +83,7 @@ fn respond(
         Ok(start) => start,
         Err(e) => return bad_request(&e.to_string()),
     };
-    let Some((client, slot)) = hub.admit() else {
+    let Some(client) = Client::connect(hub, start, filter, heartbeat, shutdown) else {
         let mut response = json(
             StatusCode::SERVICE_UNAVAILABLE,
             Bytes::from(
@@ -96,23 +96,6 @@ fn respond(
             warp::http::HeaderValue::from_static("10"),
         );
         return response;
-    };
-    let mut ticker = tokio::time::interval(heartbeat);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let client = Client {
-        hub: hub.clone(),
-        id: client,
-        slot,
-        phase: Phase::Starting(start),
-        position: Position::File {
-            segment: 0,
-            offset: 0,
-        },
-        filter,
-        lockstep: false,
-        head: hub.subscribe(),
-        heartbeat: ticker,
-        shutdown: shutdown.clone(),
     };
     let events = futures_util::stream::unfold(client, |mut client| async move {
         let event = client.next().await?;
@@ -163,6 +146,35 @@ fn comment(text: String) -> Event {
 }
 
 impl Client {
+    /// A client of `hub` starting at `start`; `None` when every place is taken.
+    fn connect(
+        hub: &Arc<Hub>,
+        start: Start,
+        filter: Filter,
+        heartbeat: Duration,
+        shutdown: &CancellationToken,
+    ) -> Option<Client> {
+        let (id, slot) = hub.admit()?;
+        let mut ticker =
+            tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Some(Client {
+            hub: hub.clone(),
+            id,
+            slot,
+            phase: Phase::Starting(start),
+            position: Position::File {
+                segment: 0,
+                offset: 0,
+            },
+            filter,
+            lockstep: false,
+            head: hub.subscribe(),
+            heartbeat: ticker,
+            shutdown: shutdown.clone(),
+        })
+    }
+
     /// The next thing to write: a batch of events, a heartbeat, or a last word.
     async fn next(&mut self) -> Option<Event> {
         loop {
@@ -385,5 +397,87 @@ impl<S: futures_util::Stream> futures_util::Stream for SyncStream<S> {
             Ok(stream) => stream.as_mut().poll_next(cx),
             Err(_) => std::task::Poll::Ready(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::file::SegmentWriter;
+    use crate::bus::Outgoing;
+    use crate::config::{BusSettings, FileConfig};
+    use crate::metrics::Metrics;
+
+    fn publish(writer: &mut SegmentWriter, from: usize, to: usize) {
+        let events: Vec<(String, String)> = (from..to)
+            .map(|n| {
+                let data = format!(r#"{{"meta":{{"id":"e{n}","dt":"2024-01-01T00:00:00Z"}},"wiki":"w{}"}}"#, n % 2);
+                (format!("[{n}]"), data)
+            })
+            .collect();
+        let outgoing: Vec<Outgoing<'_>> = events
+            .iter()
+            .map(|(id, data)| Outgoing { sse_id: id, data, key: None, time_ms: 0 })
+            .collect();
+        writer.publish(&outgoing).unwrap();
+    }
+
+    fn text(event: Event) -> String {
+        event.to_string()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_left_behind_hears_why_and_its_stream_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = FileConfig { dir: dir.path().to_owned(), ..FileConfig::default() };
+        let metrics = Metrics::new(1).unwrap();
+        let mut writer = SegmentWriter::open(&config, metrics.file_bus.clone()).unwrap();
+        publish(&mut writer, 0, 4);
+        let hub = Hub::new(BusSettings::File(config), 16, 3, metrics.relay.clone());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(run(hub.clone(), Duration::from_millis(5), shutdown.clone()));
+        assert!(hub.wait_ready(&shutdown).await);
+
+        // A filtered client from the start of the history, and a live one.
+        let query = HashMap::from([("wiki".to_owned(), "w1".to_owned())]);
+        let filter = Filter::from_query(&query).unwrap();
+        let start = Start::At(Position::File { segment: 1, offset: 0 });
+        let mut history = Client::connect(&hub, start, filter, Duration::from_secs(60), &shutdown).unwrap();
+        let first = text(history.next().await.unwrap());
+        assert!(first.starts_with(":\nevent: message\nid: [{\"segment\":1,"), "{first}");
+        assert_eq!(first.matches("event: message").count(), 2, "{first}");
+        assert!(first.contains(r#""id":"e1""#) && first.contains(r#""id":"e3""#), "{first}");
+        assert!(first.ends_with("}\n\n"), "{first}");
+
+        let mut live = Client::connect(&hub, Start::Live, Filter::default(), Duration::from_secs(60), &shutdown).unwrap();
+        assert!(tokio::time::timeout(Duration::from_millis(50), live.next()).await.is_err(), "nothing new yet");
+        // The third place is the last; a fourth client is refused.
+        let _third = Client::connect(&hub, Start::Live, Filter::default(), Duration::from_secs(60), &shutdown).unwrap();
+        assert!(Client::connect(&hub, Start::Live, Filter::default(), Duration::from_secs(60), &shutdown).is_none());
+
+        // Forty events while `live` reads nothing: it falls out of the 16 kept.
+        publish(&mut writer, 4, 44);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while metrics.relay.dropped.get(RelayDrop::Slow) < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "nobody was dropped");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let last = text(live.next().await.unwrap());
+        assert!(last.starts_with(": disconnected: this client fell 16 events behind"), "{last}");
+        assert!(live.next().await.is_none(), "the stream ends");
+        assert_eq!(metrics.relay.clients.get(), 1, "the places of the dropped are free");
+        // Its last id resumes exactly, through a reader of its own: e1, e3 were sent; the
+        // history client, dropped too, resumes after e3.
+        let last_id = first.lines().filter_map(|l| l.strip_prefix("id: ")).last().unwrap().to_owned();
+        let start = position::parse_id(&last_id, false, "").unwrap();
+        let mut resumed = Client::connect(&hub, start, Filter::from_query(&query).unwrap(), Duration::from_secs(60), &shutdown).unwrap();
+        let mut ids = Vec::new();
+        while ids.len() < 20 {
+            let batch = text(resumed.next().await.unwrap());
+            ids.extend(batch.lines().filter_map(|l| l.split(r#""id":""#).nth(1)).map(|r| r.split('"').next().unwrap().to_owned()));
+        }
+        let want: Vec<String> = (5..44).step_by(2).map(|n| format!("e{n}")).collect();
+        assert_eq!(ids, want);
+        shutdown.cancel();
     }
 }
