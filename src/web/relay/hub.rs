@@ -21,6 +21,10 @@ const READ_BATCH: usize = 512;
 const KAFKA_WAIT: Duration = Duration::from_millis(200);
 /// A cursor that is not in the ring (a client still starting or catching up).
 const OUTSIDE: u64 = u64::MAX;
+/// How long the reader waits for a client still reading entries it would drop, before
+/// dropping the client instead. A burst (a backlog after a broker outage) thus slows the
+/// relay down rather than dropping every client; a client that has stopped costs this once.
+const SLOW_GRACE: Duration = Duration::from_secs(1);
 
 struct Ring {
     entries: VecDeque<Arc<Entry>>,
@@ -50,6 +54,11 @@ impl Slot {
     pub fn set_cursor(&self, seq: u64) {
         self.cursor.store(seq, Ordering::Release);
     }
+
+    fn needs_before(&self, seq: u64) -> bool {
+        let cursor = self.cursor.load(Ordering::Acquire);
+        cursor != OUTSIDE && cursor < seq && !self.is_dropped()
+    }
 }
 
 /// Where a client joins the ring.
@@ -74,6 +83,8 @@ pub struct Hub {
     clients: Mutex<HashMap<u64, Arc<Slot>>>,
     next_client: AtomicU64,
     connected: AtomicUsize,
+    /// Clients moving their cursor wake a reader waiting for room.
+    progress: Notify,
     pub metrics: RelayMetrics,
 }
 
@@ -100,6 +111,7 @@ impl Hub {
             clients: Mutex::new(HashMap::new()),
             next_client: AtomicU64::new(0),
             connected: AtomicUsize::new(0),
+            progress: Notify::new(),
             metrics,
         })
     }
@@ -227,49 +239,95 @@ impl Hub {
         }
     }
 
-    /// Adds what the reader read; drops the clients that now need an entry no longer kept.
-    fn push(&self, entries: Vec<Entry>, head: Position) {
-        let (first_seq, next_seq) = {
-            let Ok(mut guard) = self.ring.write() else {
-                return;
-            };
-            let Some(ring) = guard.as_mut() else {
-                return;
-            };
-            for entry in entries {
-                if ring.entries.len() == self.capacity {
-                    if let Some(oldest) = ring.entries.pop_front() {
-                        ring.front = oldest.after.clone();
-                        ring.first_seq += 1;
-                    }
-                }
-                ring.entries.push_back(Arc::new(entry));
-            }
-            ring.head = head;
-            (ring.first_seq, ring.first_seq + ring.entries.len() as u64)
-        };
-        self.head.send_if_modified(|seq| std::mem::replace(seq, next_seq) != next_seq);
-        let slow: Vec<(u64, Arc<Slot>)> = match self.clients.lock() {
+    /// A client moved its cursor: a reader waiting for room looks again.
+    pub fn moved(&self) {
+        self.progress.notify_waiters();
+    }
+
+    /// The clients that still need an entry before `seq`.
+    fn behind(&self, seq: u64) -> Vec<(u64, Arc<Slot>)> {
+        match self.clients.lock() {
             Ok(clients) => clients
                 .iter()
-                .filter(|(_, slot)| {
-                    let cursor = slot.cursor.load(Ordering::Acquire);
-                    cursor != OUTSIDE && cursor < first_seq && !slot.is_dropped()
-                })
+                .filter(|(_, slot)| slot.needs_before(seq))
                 .map(|(id, slot)| (*id, slot.clone()))
                 .collect(),
             Err(_) => Vec::new(),
-        };
-        for (id, slot) in slow {
-            slot.dropped.store(true, Ordering::Release);
-            self.metrics.dropped.inc(RelayDrop::Slow);
-            tracing::info!(
-                client = id,
-                behind = self.capacity,
-                "relay client dropped: it fell behind the events kept in memory"
-            );
-            self.release(id, &slot);
-            slot.wake.notify_one();
+        }
+    }
+
+    /// Adds what the reader read, at most half the ring at a time. Before the oldest entries
+    /// make room, the clients still reading them get [`SLOW_GRACE`] to move on; those that
+    /// do not are dropped as too slow.
+    async fn push(&self, mut entries: Vec<Entry>, head: Position) {
+        let step = (self.capacity / 2).max(1);
+        while !entries.is_empty() || self.head_position().as_ref() != Some(&head) {
+            let rest = entries.split_off(entries.len().min(step));
+            let batch = std::mem::replace(&mut entries, rest);
+            let last = entries.is_empty();
+            let evicted_through = {
+                let Ok(guard) = self.ring.read() else { return };
+                let Some(ring) = guard.as_ref() else { return };
+                let overflow = (ring.entries.len() + batch.len()).saturating_sub(self.capacity);
+                ring.first_seq + overflow as u64
+            };
+            self.make_room(evicted_through).await;
+            let next_seq = {
+                let Ok(mut guard) = self.ring.write() else { return };
+                let Some(ring) = guard.as_mut() else { return };
+                for entry in batch {
+                    if ring.entries.len() == self.capacity {
+                        if let Some(oldest) = ring.entries.pop_front() {
+                            ring.front = oldest.after.clone();
+                            ring.first_seq += 1;
+                        }
+                    }
+                    ring.entries.push_back(Arc::new(entry));
+                }
+                if last {
+                    ring.head = head.clone();
+                } else if let Some(newest) = ring.entries.back() {
+                    ring.head = newest.after.clone();
+                }
+                ring.first_seq + ring.entries.len() as u64
+            };
+            self.head.send_if_modified(|seq| std::mem::replace(seq, next_seq) != next_seq);
+            if last {
+                break;
+            }
+        }
+    }
+
+    /// Waits until no client needs an entry before `seq`, for [`SLOW_GRACE`] at most; then
+    /// drops those that still do.
+    async fn make_room(&self, seq: u64) {
+        let deadline = tokio::time::Instant::now() + SLOW_GRACE;
+        loop {
+            let moved = self.progress.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            let behind = self.behind(seq);
+            if behind.is_empty() {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                for (id, slot) in behind {
+                    slot.dropped.store(true, Ordering::Release);
+                    self.metrics.dropped.inc(RelayDrop::Slow);
+                    tracing::info!(
+                        client = id,
+                        kept = self.capacity,
+                        "relay client dropped: it fell behind the events kept in memory"
+                    );
+                    self.release(id, &slot);
+                    slot.wake.notify_one();
+                }
+                return;
+            }
+            tokio::select! {
+                _ = moved => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
         }
     }
 }
@@ -302,6 +360,6 @@ pub async fn run(
         } else {
             hub.metrics.bus_events.inc_by(entries.len() as u64);
         }
-        hub.push(entries, feed.position().clone());
+        hub.push(entries, feed.position().clone()).await;
     }
 }

@@ -230,6 +230,7 @@ impl Client {
                         *seq += batch.len() as u64;
                         let next = *seq;
                         self.slot.set_cursor(next);
+                        self.hub.moved();
                         if let Some(event) = self.render(batch.iter().map(|e| &**e)) {
                             return Some(event);
                         }
