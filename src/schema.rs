@@ -435,6 +435,8 @@ mod tests {
             ("no meta.stream", Box::new(|e| { e["meta"].as_object_mut().unwrap().remove("stream"); }), Rule::Required, "/meta"),
             ("meta.dt not a date-time", Box::new(|e| e["meta"]["dt"] = "2024-13-45 25:00".into()), Rule::Format, "/meta/dt"),
             ("meta.dt without a zone", Box::new(|e| e["meta"]["dt"] = "2024-01-01T00:00:00".into()), Rule::Format, "/meta/dt"),
+            // A time Pleiades itself could read, but not in the format the schema requires.
+            ("meta.dt with a space", Box::new(|e| e["meta"]["dt"] = "2024-01-01 00:00:00Z".into()), Rule::Format, "/meta/dt"),
             ("an empty stream", Box::new(|e| e["meta"]["stream"] = "".into()), Rule::MinLength, "/meta/stream"),
             ("a namespace beyond 2^53", Box::new(|e| e["namespace"] = 9007199254740992_i64.into()), Rule::Maximum, "/namespace"),
             ("an unknown version", Box::new(|e| e["$schema"] = "/mediawiki/recentchange/9.9.9".into()), Rule::Schema, "/$schema"),
