@@ -564,3 +564,77 @@ async fn a_web_only_host_relays_the_kafka_topic_and_resumes_by_partition_offsets
     let scraped = scrape(metrics).await.expect("metrics");
     assert!(scraped["pleiades_relay_bus_events_total"] >= 1200.0, "{scraped:?}");
 }
+
+/// Wikimedia's own Python example for EventStreams, pointed at the relay: `sseclient`'s
+/// EventSource with a filter, `count` events, then stop; prints id, meta.id and wiki per event.
+const PYTHON_CLIENT: &str = r#"
+import json, sys
+from sseclient import SSEClient as EventSource
+
+url, last_id, count = sys.argv[1], sys.argv[2] or None, int(sys.argv[3])
+seen = 0
+for event in EventSource(url, last_id=last_id):
+    if event.event == 'message':
+        try:
+            change = json.loads(event.data)
+        except ValueError:
+            continue
+        print(json.dumps([event.id, change['meta']['id'], change['wiki']]), flush=True)
+        seen += 1
+        if seen >= count:
+            break
+"#;
+
+/// Runs the Python client and returns its lines: (id, meta.id, wiki).
+async fn python_client(scope: &TestScope, url: &str, last_id: &str, count: usize) -> Vec<(String, String, String)> {
+    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/target/ops-tools/bin/python");
+    let script = scope.write_file("eventstreams_client.py", PYTHON_CLIENT);
+    let mut child = std::process::Command::new(python)
+        .arg(&script)
+        .args([url, last_id, &count.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the Python client starts (scripts/install-test-deps installs sseclient)");
+    let status = try_wait_until(Duration::from_secs(30), async || child.try_wait().ok().flatten()).await;
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    assert!(status.is_some_and(|s| s.success()), "the Python client did not finish");
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    out.lines()
+        .map(|l| serde_json::from_str(l).expect("a line of the client"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "service-tests"), ignore = "needs sseclient from PyPI (scripts/test)")]
+async fn wikimedias_python_eventstreams_example_reads_the_relay_and_resumes() {
+    let mut scope = TestScope::new();
+    let lines = relay_lines(600);
+    write_bus(&scope.path("events"), &lines);
+    let (metrics, web) = (TestScope::free_port(), TestScope::free_port());
+    let mut config = relay_config(loopback(1), metrics, web);
+    config.ingest.enabled = false;
+    scope.write_config(&config);
+    scope.spawn(&["--config", "pleiades.toml"]);
+    let http = reqwest::Client::new();
+    wait_until(Duration::from_secs(30), "the relay to answer", async || {
+        let r = http.get(format!("http://127.0.0.1:{web}/healthz")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    let bus = bus_events(&scope.path("events"));
+    let want: Vec<String> = bus
+        .iter()
+        .filter(|e| selects("wiki=commonswiki,enwiki", e))
+        .map(|e| e["meta"]["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(want.len() > 40, "{}", want.len());
+    let url = format!("http://127.0.0.1:{web}/v2/stream/recentchange?since=0&wiki=commonswiki,enwiki");
+    let first = python_client(&scope, &url, "", 15).await;
+    let rest = python_client(&scope, &url, &first.last().unwrap().0, want.len() - 15).await;
+    let got: Vec<String> = first.iter().chain(&rest).map(|(_, id, _)| id.clone()).collect();
+    assert_eq!(got, want, "the Python client read exactly the filtered bus, resuming by its id");
+    assert!(first.iter().chain(&rest).all(|(_, _, wiki)| wiki == "commonswiki" || wiki == "enwiki"));
+}
