@@ -58,6 +58,7 @@ pub fn run(
     notifier: Notifier,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
+    raise_open_files_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("pleiades")
@@ -65,6 +66,29 @@ pub fn run(
         .map_err(DaemonError::Runtime)?;
     let system = actix_rt::System::with_tokio_rt(move || runtime);
     system.block_on(run_roles(Arc::new(config), notifier, shutdown))
+}
+
+/// Raises the soft limit of open files to the hard one: every relay client, dashboard and API
+/// connection is a file, and a service's soft limit (1,024 under systemd) is below what
+/// `web.relay_max_clients` allows by default.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) and setrlimit(2) with a pointer to a live rlimit of this frame.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0
+            && limit.rlim_cur < limit.rlim_max
+            && {
+                let soft = limit.rlim_cur;
+                limit.rlim_cur = limit.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 && soft < limit.rlim_max
+            }
+    };
+    if raised {
+        tracing::debug!(open_files = limit.rlim_cur, "raised the open-files limit");
+    }
 }
 
 /// Starts `run` under supervision with the default restart policy; `run` is called again for
@@ -196,9 +220,12 @@ pub async fn run_roles(
         });
         if let Some(hub) = relay.clone() {
             let (poll, stop) = (config.web.relay_poll_interval, shutdown.clone());
-            running.push(supervise(Component::Relay, &metrics, &shutdown, move || {
-                crate::web::relay::run(hub.clone(), poll, stop.clone())
-            }));
+            running.push(supervise(
+                Component::Relay,
+                &metrics,
+                &shutdown,
+                move || crate::web::relay::run(hub.clone(), poll, stop.clone()),
+            ));
         }
         let parts = WebParts {
             store,

@@ -86,6 +86,11 @@ where
             }
             Err(source) => break Err(ServeError::Accept { addr, source }),
         };
+        // Streams (the relay, live updates) write small pieces that must leave at once rather
+        // than wait for the peer's acknowledgement of the previous ones.
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot disable Nagle's algorithm on a connection");
+        }
         let service = hyper_util::service::TowerToHyperService::new(warp::service(filter.clone()));
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())

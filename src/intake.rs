@@ -243,21 +243,34 @@ impl Intake {
                         IntakeStatus::Unavailable,
                         error_reply(
                             StatusCode::SERVICE_UNAVAILABLE,
-                            &format!("{error}; send the events again (repeats are dropped by meta.id)"),
+                            &format!(
+                                "{error}; send the events again (repeats are dropped by meta.id)"
+                            ),
                         ),
                     );
                 }
             }
         }
-        tracing::debug!(events = raw.len(), accepted, invalid = invalid.len(), "intake request");
+        tracing::debug!(
+            events = raw.len(),
+            accepted,
+            invalid = invalid.len(),
+            "intake request"
+        );
         let detail = json!({ "invalid": invalid, "error": errors });
         if accepted == raw.len() {
             let response = warp::reply::with_status(warp::reply(), StatusCode::CREATED);
             (IntakeStatus::Created, response.into_response())
         } else if accepted == 0 {
-            (IntakeStatus::BadRequest, json_reply(StatusCode::BAD_REQUEST, &detail))
+            (
+                IntakeStatus::BadRequest,
+                json_reply(StatusCode::BAD_REQUEST, &detail),
+            )
         } else {
-            (IntakeStatus::MultiStatus, json_reply(StatusCode::MULTI_STATUS, &detail))
+            (
+                IntakeStatus::MultiStatus,
+                json_reply(StatusCode::MULTI_STATUS, &detail),
+            )
         }
     }
 
@@ -271,10 +284,7 @@ impl Intake {
             message: message.to_owned(),
         };
         let Ok(event) = serde_json::from_str::<Value>(raw.get()) else {
-            return Checked::Invalid(
-                None,
-                vec![violation(Rule::Type, "/", "not JSON")],
-            );
+            return Checked::Invalid(None, vec![violation(Rule::Type, "/", "not JSON")]);
         };
         let id = event
             .pointer("/meta/id")
@@ -361,7 +371,10 @@ mod tests {
         assert_eq!(one.len(), 1);
         assert_eq!(one[0].get(), r#"{"a": 1}"#);
         let many = split_events(br#"[{"a":1}, {"b" : 2}]"#).unwrap();
-        assert_eq!(many.iter().map(|r| r.get()).collect::<Vec<_>>(), vec![r#"{"a":1}"#, r#"{"b" : 2}"#]);
+        assert_eq!(
+            many.iter().map(|r| r.get()).collect::<Vec<_>>(),
+            vec![r#"{"a":1}"#, r#"{"b" : 2}"#]
+        );
         assert!(split_events(b"[]").unwrap().is_empty());
         assert!(split_events(b"{").is_err());
         assert!(split_events(b"\xff").is_err());

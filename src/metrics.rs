@@ -639,13 +639,42 @@ impl WebMetrics {
 impl RelayMetrics {
     fn register(r: &Registry) -> Result<Self, prometheus::Error> {
         Ok(RelayMetrics {
-            clients: gauge(r, "pleiades_relay_clients", "Clients connected to the relay")?,
-            connections: counter(r, "pleiades_relay_connections_total", "Relay connections accepted")?,
-            dropped: LabelledCounter::register(r, "pleiades_relay_clients_dropped_total", "Relay clients disconnected or refused by the server, by reason", "reason")?,
-            events_sent: counter(r, "pleiades_relay_events_sent_total", "Events sent to relay clients (one per client that received it)")?,
-            bytes_sent: counter(r, "pleiades_relay_sent_bytes_total", "Bytes of server-sent events written to relay clients")?,
-            bus_events: counter(r, "pleiades_relay_bus_events_total", "Events the relay's reader took from the bus")?,
-            catching_up: gauge(r, "pleiades_relay_catching_up_clients", "Relay clients reading the bus on their own to catch up from an old resume point")?,
+            clients: gauge(
+                r,
+                "pleiades_relay_clients",
+                "Clients connected to the relay",
+            )?,
+            connections: counter(
+                r,
+                "pleiades_relay_connections_total",
+                "Relay connections accepted",
+            )?,
+            dropped: LabelledCounter::register(
+                r,
+                "pleiades_relay_clients_dropped_total",
+                "Relay clients disconnected or refused by the server, by reason",
+                "reason",
+            )?,
+            events_sent: counter(
+                r,
+                "pleiades_relay_events_sent_total",
+                "Events sent to relay clients (one per client that received it)",
+            )?,
+            bytes_sent: counter(
+                r,
+                "pleiades_relay_sent_bytes_total",
+                "Bytes of server-sent events written to relay clients",
+            )?,
+            bus_events: counter(
+                r,
+                "pleiades_relay_bus_events_total",
+                "Events the relay's reader took from the bus",
+            )?,
+            catching_up: gauge(
+                r,
+                "pleiades_relay_catching_up_clients",
+                "Relay clients reading the bus on their own to catch up from an old resume point",
+            )?,
         })
     }
 }
@@ -653,9 +682,24 @@ impl RelayMetrics {
 impl IntakeMetrics {
     fn register(r: &Registry) -> Result<Self, prometheus::Error> {
         Ok(IntakeMetrics {
-            requests: LabelledCounter::register(r, "pleiades_intake_requests_total", "Requests to POST /v1/events, by the status answered", "status")?,
-            events: LabelledCounter::register(r, "pleiades_intake_events_total", "Events posted to the intake, by outcome", "outcome")?,
-            schema_failures: LabelledCounter::register(r, "pleiades_intake_schema_failures_total", "Posted events that did not match their JSON Schema, by the first rule broken", "rule")?,
+            requests: LabelledCounter::register(
+                r,
+                "pleiades_intake_requests_total",
+                "Requests to POST /v1/events, by the status answered",
+                "status",
+            )?,
+            events: LabelledCounter::register(
+                r,
+                "pleiades_intake_events_total",
+                "Events posted to the intake, by outcome",
+                "outcome",
+            )?,
+            schema_failures: LabelledCounter::register(
+                r,
+                "pleiades_intake_schema_failures_total",
+                "Posted events that did not match their JSON Schema, by the first rule broken",
+                "rule",
+            )?,
         })
     }
 }

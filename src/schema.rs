@@ -152,7 +152,11 @@ impl SchemaError {
 impl std::fmt::Display for SchemaError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.version {
-            Some(version) => write!(f, "does not match mediawiki/recentchange {}", version.as_str())?,
+            Some(version) => write!(
+                f,
+                "does not match mediawiki/recentchange {}",
+                version.as_str()
+            )?,
             None => f.write_str("cannot be checked")?,
         }
         for (n, violation) in self.violations.iter().enumerate() {
@@ -268,7 +272,10 @@ impl Schemas {
             )
         };
         match event.get("$schema") {
-            None if event.pointer("/meta/schema_uri").is_some_and(Value::is_string) => {
+            None if event
+                .pointer("/meta/schema_uri")
+                .is_some_and(Value::is_string) =>
+            {
                 Ok(SchemaVersion::Legacy)
             }
             None => Err(violation(
@@ -321,7 +328,11 @@ impl Schemas {
             let path = error.instance_path().to_string();
             violations.push(Violation {
                 rule: Rule::of(error.kind()),
-                path: if path.is_empty() { "/".to_owned() } else { path },
+                path: if path.is_empty() {
+                    "/".to_owned()
+                } else {
+                    path
+                },
                 message: error.to_string(),
             });
         }
@@ -424,23 +435,94 @@ mod tests {
     #[test]
     fn mutated_events_fail_with_the_rule_named() {
         let schemas = schemas();
-        let base: Value = serde_json::from_str(&recorded("recentchange-2022-2026.jsonl")[0])
-            .unwrap();
+        let base: Value =
+            serde_json::from_str(&recorded("recentchange-2022-2026.jsonl")[0]).unwrap();
         let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, Rule, &str)> = vec![
-            ("bot as a string", Box::new(|e| e["bot"] = "yes".into()), Rule::Type, "/bot"),
-            ("namespace as a float", Box::new(|e| e["namespace"] = 0.5.into()), Rule::Type, "/namespace"),
-            ("length.new as a string", Box::new(|e| e["length"] = serde_json::json!({"new": "9"})), Rule::Type, "/length/new"),
-            ("no meta", Box::new(|e| { e.as_object_mut().unwrap().remove("meta"); }), Rule::Required, "/"),
-            ("no meta.dt", Box::new(|e| { e["meta"].as_object_mut().unwrap().remove("dt"); }), Rule::Required, "/meta"),
-            ("no meta.stream", Box::new(|e| { e["meta"].as_object_mut().unwrap().remove("stream"); }), Rule::Required, "/meta"),
-            ("meta.dt not a date-time", Box::new(|e| e["meta"]["dt"] = "2024-13-45 25:00".into()), Rule::Format, "/meta/dt"),
-            ("meta.dt without a zone", Box::new(|e| e["meta"]["dt"] = "2024-01-01T00:00:00".into()), Rule::Format, "/meta/dt"),
+            (
+                "bot as a string",
+                Box::new(|e| e["bot"] = "yes".into()),
+                Rule::Type,
+                "/bot",
+            ),
+            (
+                "namespace as a float",
+                Box::new(|e| e["namespace"] = 0.5.into()),
+                Rule::Type,
+                "/namespace",
+            ),
+            (
+                "length.new as a string",
+                Box::new(|e| e["length"] = serde_json::json!({"new": "9"})),
+                Rule::Type,
+                "/length/new",
+            ),
+            (
+                "no meta",
+                Box::new(|e| {
+                    e.as_object_mut().unwrap().remove("meta");
+                }),
+                Rule::Required,
+                "/",
+            ),
+            (
+                "no meta.dt",
+                Box::new(|e| {
+                    e["meta"].as_object_mut().unwrap().remove("dt");
+                }),
+                Rule::Required,
+                "/meta",
+            ),
+            (
+                "no meta.stream",
+                Box::new(|e| {
+                    e["meta"].as_object_mut().unwrap().remove("stream");
+                }),
+                Rule::Required,
+                "/meta",
+            ),
+            (
+                "meta.dt not a date-time",
+                Box::new(|e| e["meta"]["dt"] = "2024-13-45 25:00".into()),
+                Rule::Format,
+                "/meta/dt",
+            ),
+            (
+                "meta.dt without a zone",
+                Box::new(|e| e["meta"]["dt"] = "2024-01-01T00:00:00".into()),
+                Rule::Format,
+                "/meta/dt",
+            ),
             // A time Pleiades itself could read, but not in the format the schema requires.
-            ("meta.dt with a space", Box::new(|e| e["meta"]["dt"] = "2024-01-01 00:00:00Z".into()), Rule::Format, "/meta/dt"),
-            ("an empty stream", Box::new(|e| e["meta"]["stream"] = "".into()), Rule::MinLength, "/meta/stream"),
-            ("a namespace beyond 2^53", Box::new(|e| e["namespace"] = 9007199254740992_i64.into()), Rule::Maximum, "/namespace"),
-            ("an unknown version", Box::new(|e| e["$schema"] = "/mediawiki/recentchange/9.9.9".into()), Rule::Schema, "/$schema"),
-            ("$schema as a number", Box::new(|e| e["$schema"] = 1.into()), Rule::Type, "/$schema"),
+            (
+                "meta.dt with a space",
+                Box::new(|e| e["meta"]["dt"] = "2024-01-01 00:00:00Z".into()),
+                Rule::Format,
+                "/meta/dt",
+            ),
+            (
+                "an empty stream",
+                Box::new(|e| e["meta"]["stream"] = "".into()),
+                Rule::MinLength,
+                "/meta/stream",
+            ),
+            (
+                "a namespace beyond 2^53",
+                Box::new(|e| e["namespace"] = 9007199254740992_i64.into()),
+                Rule::Maximum,
+                "/namespace",
+            ),
+            (
+                "an unknown version",
+                Box::new(|e| e["$schema"] = "/mediawiki/recentchange/9.9.9".into()),
+                Rule::Schema,
+                "/$schema",
+            ),
+            (
+                "$schema as a number",
+                Box::new(|e| e["$schema"] = 1.into()),
+                Rule::Type,
+                "/$schema",
+            ),
         ];
         assert!(schemas.check(&base).is_ok());
         for (what, mutate, rule, path) in cases {
@@ -459,6 +541,9 @@ mod tests {
             "https://schema.wikimedia.org/repositories/primary/jsonschema/mediawiki/recentchange/1.0.1"
                 .into();
         assert_eq!(schemas.check(&event), Ok(SchemaVersion::V1_0_1));
-        assert_eq!(schemas.check_text("not json").unwrap_err().rule(), Rule::Type);
+        assert_eq!(
+            schemas.check_text("not json").unwrap_err().rule(),
+            Rule::Type
+        );
     }
 }

@@ -258,14 +258,24 @@ async fn the_dashboard_shows_the_stored_numbers_and_updates_live() {
         if let Some(title) = event["title"].as_str() {
             assert_eq!(row["title"], title, "{row}");
         }
-        assert!(row["user"].as_str().unwrap().starts_with(event["user"].as_str().unwrap_or("")));
+        assert!(row["user"]
+            .as_str()
+            .unwrap()
+            .starts_with(event["user"].as_str().unwrap_or("")));
     }
     // Filtered by wiki on the server: only that wiki's changes are shown.
     let mut wikis: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for event in by_id.values() {
-        *wikis.entry(event["wiki"].as_str().unwrap_or("")).or_default() += 1;
+        *wikis
+            .entry(event["wiki"].as_str().unwrap_or(""))
+            .or_default() += 1;
     }
-    let wiki = wikis.into_iter().max_by_key(|(_, n)| *n).unwrap().0.to_owned();
+    let wiki = wikis
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .unwrap()
+        .0
+        .to_owned();
     browser
         .eval(&format!("document.getElementById('feed-wiki').value = '{wiki}'; document.getElementById('feed-form').requestSubmit(); return true"))
         .await;

@@ -338,12 +338,28 @@ fn schema_breakers() -> Vec<(&'static str, String)> {
     };
     vec![
         ("type", mutate(1, "bad-bot", &|v| v["bot"] = "yes".into())),
-        ("type", mutate(2, "bad-namespace", &|v| v["namespace"] = "0".into())),
-        ("required", mutate(3, "no-stream", &|v| {
-            v["meta"].as_object_mut().unwrap().remove("stream");
-        })),
-        ("format", mutate(4, "spaced-dt", &|v| v["meta"]["dt"] = "2024-05-01 10:00:00Z".into())),
-        ("schema", mutate(5, "unknown-schema", &|v| v["$schema"] = "/mediawiki/recentchange/7.0.0".into())),
+        (
+            "type",
+            mutate(2, "bad-namespace", &|v| v["namespace"] = "0".into()),
+        ),
+        (
+            "required",
+            mutate(3, "no-stream", &|v| {
+                v["meta"].as_object_mut().unwrap().remove("stream");
+            }),
+        ),
+        (
+            "format",
+            mutate(4, "spaced-dt", &|v| {
+                v["meta"]["dt"] = "2024-05-01 10:00:00Z".into()
+            }),
+        ),
+        (
+            "schema",
+            mutate(5, "unknown-schema", &|v| {
+                v["$schema"] = "/mediawiki/recentchange/7.0.0".into()
+            }),
+        ),
     ]
 }
 
@@ -355,7 +371,10 @@ async fn in_quarantine_mode_events_breaking_their_schema_are_kept_out_and_not_co
     let mut lines = valid.clone();
     let breakers = schema_breakers();
     lines.extend(breakers.iter().map(|(_, line)| line.clone()));
-    let upstream = scope.replay(replay_options(vec![write_events(&scope, &lines)])).await.addr;
+    let upstream = scope
+        .replay(replay_options(vec![write_events(&scope, &lines)]))
+        .await
+        .addr;
     let (metrics, web) = (TestScope::free_port(), TestScope::free_port());
     let mut config = all_roles_config(upstream, metrics, web);
     config.ingest.validate = pleiades::config::ValidateMode::Quarantine;
@@ -386,7 +405,10 @@ async fn in_quarantine_mode_events_breaking_their_schema_are_kept_out_and_not_co
             "{rule}"
         );
     }
-    assert_eq!(scraped["pleiades_recv_validated_events_total{schema=\"legacy\"}"], 300.0);
+    assert_eq!(
+        scraped["pleiades_recv_validated_events_total{schema=\"legacy\"}"],
+        300.0
+    );
     // Every recorded event passed: only the five breakers are in quarantine, each naming its rule.
     let quarantine =
         std::fs::read_to_string(scope.path("events/quarantine/quarantine.jsonl")).unwrap();
@@ -399,13 +421,18 @@ async fn in_quarantine_mode_events_breaking_their_schema_are_kept_out_and_not_co
         assert_eq!(record["reason"], "schema");
         assert_eq!(record["data"].as_str(), Some(line.as_str()));
         assert!(
-            record["error"].as_str().unwrap().contains(&format!("{rule} at /")),
+            record["error"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("{rule} at /")),
             "{record}"
         );
     }
     // Not on the bus, not counted: the store holds exactly the recorded events.
-    let on_bus: std::collections::HashSet<String> =
-        bus_lines(&scope.path("events")).into_iter().map(|(_, id)| id).collect();
+    let on_bus: std::collections::HashSet<String> = bus_lines(&scope.path("events"))
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect();
     assert!(breakers.iter().all(|(_, line)| {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         !on_bus.contains(v["meta"]["id"].as_str().unwrap())

@@ -85,9 +85,11 @@ async fn mediawiki_bodies_get_eventgate_statuses_and_count_once() {
         http: reqwest::Client::new(),
         url: format!("http://127.0.0.1:{port}/v1/events"),
     };
-    wait_until(Duration::from_secs(30), "the intake to listen", async || {
-        intake.http.get(&intake.url).send().await.ok().map(|_| ())
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the intake to listen",
+        async || intake.http.get(&intake.url).send().await.ok().map(|_| ()),
+    )
     .await;
 
     // One event, then an array of them: 201.
@@ -121,7 +123,10 @@ async fn mediawiki_bodies_get_eventgate_statuses_and_count_once() {
     let (status, body) = intake.events(&Value::from(bad)).await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["invalid"][0]["context"]["errors"][0]["rule"], "format");
-    assert_eq!(body["invalid"][1]["context"]["errors"][0]["rule"], "required");
+    assert_eq!(
+        body["invalid"][1]["context"]["errors"][0]["rule"],
+        "required"
+    );
     // Not an event at all, and no event.
     assert_eq!(intake.post("{\"meta\": ", Some(TOKEN)).await.0, 400);
     assert_eq!(intake.post("[]", Some(TOKEN)).await.0, 400);
@@ -163,14 +168,29 @@ async fn mediawiki_bodies_get_eventgate_statuses_and_count_once() {
     assert_eq!(counters["pleiades_wiki_privatewiki"], accepted as i64);
     assert_eq!(counters["pleiades_total"], expected_events as i64);
     let scraped = scrape(metrics).await.expect("metrics");
-    for (status, count) in [("201", 4.0), ("207", 1.0), ("400", 3.0), ("401", 2.0), ("413", 1.0)] {
+    for (status, count) in [
+        ("201", 4.0),
+        ("207", 1.0),
+        ("400", 3.0),
+        ("401", 2.0),
+        ("413", 1.0),
+    ] {
         assert_eq!(
             scraped[&format!("pleiades_intake_requests_total{{status=\"{status}\"}}")],
             count,
             "{status}"
         );
     }
-    assert_eq!(scraped["pleiades_intake_events_total{outcome=\"accepted\"}"], 23.0);
-    assert_eq!(scraped["pleiades_intake_events_total{outcome=\"repeat\"}"], 21.0);
-    assert_eq!(scraped["pleiades_intake_events_total{outcome=\"invalid\"}"], 4.0);
+    assert_eq!(
+        scraped["pleiades_intake_events_total{outcome=\"accepted\"}"],
+        23.0
+    );
+    assert_eq!(
+        scraped["pleiades_intake_events_total{outcome=\"repeat\"}"],
+        21.0
+    );
+    assert_eq!(
+        scraped["pleiades_intake_events_total{outcome=\"invalid\"}"],
+        4.0
+    );
 }

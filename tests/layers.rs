@@ -24,7 +24,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("ingest", &["bus", "config", "event", "metrics", "schema"]),
     (
         "intake",
-        &["bus", "config", "event", "health", "http", "metrics", "schema"],
+        &[
+            "bus", "config", "event", "health", "http", "metrics", "schema",
+        ],
     ),
     (
         "aggregate",

@@ -103,7 +103,10 @@ async fn read_relay(
     }
     let response = request.send().await.expect("the relay answers");
     assert_eq!(response.status(), 200, "{url}");
-    let kind = response.headers()["content-type"].to_str().unwrap().to_owned();
+    let kind = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert!(kind.starts_with("text/event-stream"), "{kind}");
     let mut body = response;
     let mut parser = SseParser::new(8 << 20);
@@ -138,7 +141,13 @@ fn expected_from(bus: &[Value], query: &str, first: &str) -> Vec<String> {
     let at = selected
         .iter()
         .position(|id| id == first)
-        .unwrap_or_else(|| panic!("{first} is not a {query:?} event of the bus ({} events, {} selected)", bus.len(), selected.len()));
+        .unwrap_or_else(|| {
+            panic!(
+                "{first} is not a {query:?} event of the bus ({} events, {} selected)",
+                bus.len(),
+                selected.len()
+            )
+        });
     selected[at..].to_vec()
 }
 
@@ -185,11 +194,7 @@ async fn two_hundred_clients_get_exactly_their_events_and_resume_without_loss() 
     scope.spawn(&["--config", "pleiades.toml"]);
     let base = format!("http://127.0.0.1:{web}/v2/stream/recentchange");
     let http = reqwest::Client::new();
-    wait_until(Duration::from_secs(30), "the relay to answer", async || {
-        let r = http.get(format!("http://127.0.0.1:{web}/healthz")).send().await.ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await;
+    wait_for_web(&http, web).await;
 
     let seed: u64 = rand::thread_rng().gen();
     println!("client schedule seed: {seed}");
@@ -212,11 +217,23 @@ async fn two_hundred_clients_get_exactly_their_events_and_resume_without_loss() 
     let mut clients = Vec::new();
     for n in 0..200usize {
         // Half the clients read everything, the others one of the filters.
-        let query = if n % 2 == 0 { "" } else { FILTERS[1 + n % (FILTERS.len() - 1)] };
-        let first_part = if query.is_empty() { rng.gen_range(3..40usize) } else { rng.gen_range(2..6) };
+        let query = if n % 2 == 0 {
+            ""
+        } else {
+            FILTERS[1 + n % (FILTERS.len() - 1)]
+        };
+        let first_part = if query.is_empty() {
+            rng.gen_range(3..40usize)
+        } else {
+            rng.gen_range(2..6)
+        };
         // Some resume at once (from memory), some after a pause that leaves their id behind
         // the 256 events the relay keeps (they read the bus on their own first).
-        let pause = if n % 3 == 0 { ms(1500) } else { ms(rng.gen_range(0..200)) };
+        let pause = if n % 3 == 0 {
+            ms(1500)
+        } else {
+            ms(rng.gen_range(0..200))
+        };
         let (http, base, bus_rx) = (http.clone(), base.clone(), bus_rx.clone());
         clients.push(tokio::spawn(async move {
             let url = format!("{base}?{query}");
@@ -225,20 +242,29 @@ async fn two_hundred_clients_get_exactly_their_events_and_resume_without_loss() 
                 got.len() >= first_part
             })
             .await;
-            assert!(!first.is_empty(), "client {n} ({query:?}) received nothing live");
+            assert!(
+                !first.is_empty(),
+                "client {n} ({query:?}) received nothing live"
+            );
             tokio::time::sleep(pause).await;
             let last_id = first.last().unwrap().id.clone();
             // Read until the whole stream is on the bus and this client has all its events.
             let mut complete: Option<usize> = None;
-            let rest = read_relay(&http, &url, Some(&last_id), Duration::from_secs(60), |got| {
-                if complete.is_none() {
-                    if let Some(bus) = bus_rx.borrow().as_ref() {
-                        let want = expected_from(bus, query, &first[0].meta_id).len();
-                        complete = Some(want - first.len());
+            let rest = read_relay(
+                &http,
+                &url,
+                Some(&last_id),
+                Duration::from_secs(60),
+                |got| {
+                    if complete.is_none() {
+                        if let Some(bus) = bus_rx.borrow().as_ref() {
+                            let want = expected_from(bus, query, &first[0].meta_id).len();
+                            complete = Some(want - first.len());
+                        }
                     }
-                }
-                complete.is_some_and(|want| got.len() >= want)
-            })
+                    complete.is_some_and(|want| got.len() >= want)
+                },
+            )
             .await;
             (n, query, first, rest)
         }));
@@ -252,20 +278,37 @@ async fn two_hundred_clients_get_exactly_their_events_and_resume_without_loss() 
     let bus = bus_events(&bus_dir);
     for (n, query, first, rest) in results {
         let want = expected_from(&bus, query, &first[0].meta_id);
-        let got: Vec<String> = first.iter().chain(&rest).map(|g| g.meta_id.clone()).collect();
+        let got: Vec<String> = first
+            .iter()
+            .chain(&rest)
+            .map(|g| g.meta_id.clone())
+            .collect();
         let unique: HashSet<&String> = got.iter().collect();
-        assert_eq!(unique.len(), got.len(), "client {n} ({query:?}) got an event twice");
-        assert_eq!(got, want, "client {n} ({query:?}): not exactly its events in bus order");
+        assert_eq!(
+            unique.len(),
+            got.len(),
+            "client {n} ({query:?}) got an event twice"
+        );
+        assert_eq!(
+            got, want,
+            "client {n} ({query:?}): not exactly its events in bus order"
+        );
         // Ids are positions on the bus: each one is past the one before.
         let positions: Vec<(u64, u64)> = first
             .iter()
             .chain(&rest)
             .map(|g| {
                 let v: Value = serde_json::from_str(&g.id).expect("a JSON id");
-                (v[0]["segment"].as_u64().unwrap(), v[0]["offset"].as_u64().unwrap())
+                (
+                    v[0]["segment"].as_u64().unwrap(),
+                    v[0]["offset"].as_u64().unwrap(),
+                )
             })
             .collect();
-        assert!(positions.windows(2).all(|w| w[0] < w[1]), "client {n}: ids do not advance");
+        assert!(
+            positions.windows(2).all(|w| w[0] < w[1]),
+            "client {n}: ids do not advance"
+        );
         if n % 3 == 0 {
             resumed_behind += 1;
         }
@@ -278,12 +321,20 @@ async fn two_hundred_clients_get_exactly_their_events_and_resume_without_loss() 
         scraped["pleiades_relay_sent_bytes_total"]
     );
     assert_eq!(scraped["pleiades_relay_connections_total"], 400.0);
-    assert_eq!(scraped["pleiades_relay_clients_dropped_total{reason=\"slow\"}"], 0.0);
-    assert_eq!(scraped["pleiades_goroutine_restarts{component=\"relay\"}"], 0.0);
+    assert_eq!(
+        scraped["pleiades_relay_clients_dropped_total{reason=\"slow\"}"],
+        0.0
+    );
+    assert_eq!(
+        scraped["pleiades_goroutine_restarts{component=\"relay\"}"],
+        0.0
+    );
 
     // ?since= starts at the first event in bus order whose meta.dt is at or after the time.
     let since = bus[300]["meta"]["dt"].as_str().unwrap().to_owned();
-    let since_ms = chrono::DateTime::parse_from_rfc3339(&since).unwrap().timestamp_millis();
+    let since_ms = chrono::DateTime::parse_from_rfc3339(&since)
+        .unwrap()
+        .timestamp_millis();
     let first_at = bus
         .iter()
         .position(|e| {
@@ -299,9 +350,29 @@ async fn two_hundred_clients_get_exactly_their_events_and_resume_without_loss() 
         .map(|e| e["meta"]["id"].as_str().unwrap().to_owned())
         .collect();
     let url = format!("{base}?wiki=enwiki,dewiki&since={}", urlencode(&since));
-    let got = read_relay(&http, &url, None, Duration::from_secs(20), |got| got.len() >= want.len()).await;
+    let got = read_relay(&http, &url, None, Duration::from_secs(20), |got| {
+        got.len() >= want.len()
+    })
+    .await;
     let got: Vec<String> = got.into_iter().map(|g| g.meta_id).collect();
     assert_eq!(got, want, "?since={since}");
+}
+
+/// Waits until the web role of the daemon answers on `web`.
+async fn wait_for_web(http: &reqwest::Client, web: u16) {
+    wait_until(
+        Duration::from_secs(30),
+        "the web role to answer",
+        async || {
+            let r = http
+                .get(format!("http://127.0.0.1:{web}/healthz"))
+                .send()
+                .await
+                .ok()?;
+            (r.status() == 200).then_some(())
+        },
+    )
+    .await;
 }
 
 fn urlencode(text: &str) -> String {
@@ -327,7 +398,11 @@ fn stuck_client(port: u16, path: &str) -> std::net::TcpStream {
     let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     set_receive_buffer(&stream, 4096);
     let mut writer = &stream;
-    write!(writer, "GET {path} HTTP/1.1\r\nHost: relay\r\nAccept: text/event-stream\r\n\r\n").unwrap();
+    write!(
+        writer,
+        "GET {path} HTTP/1.1\r\nHost: relay\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    .unwrap();
     let mut head = [0u8; 12];
     (&stream).read_exact(&mut head).expect("a response");
     assert_eq!(&head, b"HTTP/1.1 200");
@@ -360,22 +435,27 @@ async fn a_client_that_stops_reading_is_dropped_while_another_keeps_up() {
     scope.write_config(&config);
     scope.spawn(&["--config", "pleiades.toml"]);
     let http = reqwest::Client::new();
-    wait_until(Duration::from_secs(30), "the relay to answer", async || {
-        let r = http.get(format!("http://127.0.0.1:{web}/healthz")).send().await.ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await;
+    wait_for_web(&http, web).await;
     let path = "/v2/stream/recentchange";
     let stuck = stuck_client(web, path);
     let url = format!("http://127.0.0.1:{web}{path}");
     let reader = {
         let (http, url) = (http.clone(), url.clone());
         tokio::spawn(async move {
-            read_relay(&http, &url, None, Duration::from_secs(60), |got| got.len() >= 1500).await
+            read_relay(&http, &url, None, Duration::from_secs(60), |got| {
+                got.len() >= 1500
+            })
+            .await
         })
     };
     // Both are connected before the stream starts.
-    wait_for_metric(metrics, "pleiades_relay_clients", Duration::from_secs(10), |v| v >= 2.0).await;
+    wait_for_metric(
+        metrics,
+        "pleiades_relay_clients",
+        Duration::from_secs(10),
+        |v| v >= 2.0,
+    )
+    .await;
     let started = Instant::now();
     scope.replay(options).await;
     wait_for_metric(
@@ -391,13 +471,22 @@ async fn a_client_that_stops_reading_is_dropped_while_another_keeps_up() {
         "the stuck client was dropped after {dropped_after:?}; the reading one had all 1,500 events after {:?}",
         started.elapsed()
     );
-    let bus: Vec<String> = bus_lines(&scope.path("events")).into_iter().map(|(_, id)| id).collect();
+    let bus: Vec<String> = bus_lines(&scope.path("events"))
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect();
     let got: Vec<String> = got.into_iter().map(|g| g.meta_id).collect();
     assert_eq!(got.len(), 1500, "the reading client kept up");
     assert_eq!(got, bus, "the reading client got the whole bus in order");
     let scraped = scrape(metrics).await.expect("metrics");
-    assert_eq!(scraped["pleiades_relay_clients_dropped_total{reason=\"slow\"}"], 1.0);
-    assert_eq!(scraped["pleiades_relay_clients"], 0.0, "the stuck client holds no place");
+    assert_eq!(
+        scraped["pleiades_relay_clients_dropped_total{reason=\"slow\"}"],
+        1.0
+    );
+    assert_eq!(
+        scraped["pleiades_relay_clients"], 0.0,
+        "the stuck client holds no place"
+    );
     drop(stuck);
 }
 
@@ -414,17 +503,17 @@ async fn the_client_cap_and_bad_requests_are_answered() {
     scope.spawn(&["--config", "pleiades.toml"]);
     let http = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{web}/v2/stream/recentchange");
-    wait_until(Duration::from_secs(30), "the relay to answer", async || {
-        let r = http.get(format!("http://127.0.0.1:{web}/healthz")).send().await.ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await;
+    wait_for_web(&http, web).await;
     for (query, id, fragment) in [
         ("?bot=maybe", None, "?bot="),
         ("?namespace=main", None, "?namespace="),
         ("?since=yesterday", None, "since"),
         ("", Some("not an id"), "Last-Event-ID"),
-        ("", Some(r#"[{"topic":"t","partition":0,"offset":1}]"#), "Last-Event-ID"),
+        (
+            "",
+            Some(r#"[{"topic":"t","partition":0,"offset":1}]"#),
+            "Last-Event-ID",
+        ),
     ] {
         let mut request = http.get(format!("{url}{query}"));
         if let Some(id) = id {
@@ -436,9 +525,23 @@ async fn the_client_cap_and_bad_requests_are_answered() {
         assert!(body["error"].as_str().unwrap().contains(fragment), "{body}");
     }
     // From the start of the bus: the ids of what the history holds resume exactly.
-    let all = read_relay(&http, &format!("{url}?since=0"), None, Duration::from_secs(10), |g| g.len() >= 50).await;
+    let all = read_relay(
+        &http,
+        &format!("{url}?since=0"),
+        None,
+        Duration::from_secs(10),
+        |g| g.len() >= 50,
+    )
+    .await;
     assert_eq!(all.len(), 50);
-    let after = read_relay(&http, &url, Some(&all[19].id), Duration::from_secs(10), |g| g.len() >= 30).await;
+    let after = read_relay(
+        &http,
+        &url,
+        Some(&all[19].id),
+        Duration::from_secs(10),
+        |g| g.len() >= 30,
+    )
+    .await;
     assert_eq!(after, all[20..].to_vec());
     // Two clients hold the two places; the third is refused until one leaves.
     let one = http.get(&url).send().await.unwrap();
@@ -455,7 +558,11 @@ async fn the_client_cap_and_bad_requests_are_answered() {
     .await;
     let scraped = scrape(metrics).await.expect("metrics");
     assert!(scraped["pleiades_relay_clients_dropped_total{reason=\"full\"}"] >= 1.0);
-    assert!(scraped["pleiades_web_http_response_total{path=\"/v2/stream/recentchange\",status=\"400\"}"] >= 5.0);
+    assert!(
+        scraped
+            ["pleiades_web_http_response_total{path=\"/v2/stream/recentchange\",status=\"400\"}"]
+            >= 5.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,26 +607,37 @@ async fn a_web_only_host_relays_the_kafka_topic_and_resumes_by_partition_offsets
     .await;
     scope.replay(options).await;
     let mut clients = Vec::new();
-    for (n, query) in ["", "wiki=wikidatawiki", "", "bot=false"].into_iter().enumerate() {
+    for (n, query) in ["", "wiki=wikidatawiki", "", "bot=false"]
+        .into_iter()
+        .enumerate()
+    {
         let (http, url) = (http.clone(), format!("{url}?{query}"));
         clients.push(tokio::spawn(async move {
-            let first = read_relay(&http, &url, None, Duration::from_secs(30), |g| g.len() >= 20 + n * 10).await;
+            let first = read_relay(&http, &url, None, Duration::from_secs(30), |g| {
+                g.len() >= 20 + n * 10
+            })
+            .await;
             let last = first.last().expect("events").id.clone();
             tokio::time::sleep(ms(300 * n as u64)).await;
             (query, first, last)
         }));
     }
     let brokers = broker.brokers();
-    wait_until(Duration::from_secs(90), "every event on the topic", async || {
-        (topic_len(&brokers, topic) >= 1200).then_some(())
-    })
+    wait_until(
+        Duration::from_secs(90),
+        "every event on the topic",
+        async || (topic_len(&brokers, topic) >= 1200).then_some(()),
+    )
     .await;
     let messages = read_topic(&brokers, topic);
     let place: HashMap<String, (i32, i64, Value)> = messages
         .iter()
         .map(|m| {
             let v: Value = serde_json::from_str(&m.value).unwrap();
-            (v["meta"]["id"].as_str().unwrap().to_owned(), (m.partition, m.offset, v))
+            (
+                v["meta"]["id"].as_str().unwrap().to_owned(),
+                (m.partition, m.offset, v),
+            )
         })
         .collect();
     for client in clients {
@@ -531,7 +649,12 @@ async fn a_web_only_host_relays_the_kafka_topic_and_resumes_by_partition_offsets
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|e| (e["partition"].as_i64().unwrap(), e["offset"].as_i64().unwrap()))
+                .map(|e| {
+                    (
+                        e["partition"].as_i64().unwrap(),
+                        e["offset"].as_i64().unwrap(),
+                    )
+                })
                 .collect();
             messages
                 .iter()
@@ -539,7 +662,14 @@ async fn a_web_only_host_relays_the_kafka_topic_and_resumes_by_partition_offsets
                 .filter(|m| selects(query, &serde_json::from_str(&m.value).unwrap()))
                 .count()
         };
-        let rest = read_relay(&http, &format!("{url}?{query}"), Some(&last), Duration::from_secs(30), |g| g.len() >= rest_want).await;
+        let rest = read_relay(
+            &http,
+            &format!("{url}?{query}"),
+            Some(&last),
+            Duration::from_secs(30),
+            |g| g.len() >= rest_want,
+        )
+        .await;
         let all: Vec<&Got> = first.iter().chain(&rest).collect();
         let unique: HashSet<&str> = all.iter().map(|g| g.meta_id.as_str()).collect();
         assert_eq!(unique.len(), all.len(), "{query:?}: an event twice");
@@ -548,21 +678,32 @@ async fn a_web_only_host_relays_the_kafka_topic_and_resumes_by_partition_offsets
         let mut by_partition: HashMap<i32, Vec<i64>> = HashMap::new();
         for g in &all {
             let (p, o, v) = &place[&g.meta_id];
-            assert!(selects(query, v), "{query:?} got an event it does not select");
+            assert!(
+                selects(query, v),
+                "{query:?} got an event it does not select"
+            );
             by_partition.entry(*p).or_default().push(*o);
         }
         for (p, offsets) in by_partition {
             let selected: Vec<i64> = messages
                 .iter()
-                .filter(|m| m.partition == p && selects(query, &serde_json::from_str(&m.value).unwrap()))
+                .filter(|m| {
+                    m.partition == p && selects(query, &serde_json::from_str(&m.value).unwrap())
+                })
                 .map(|m| m.offset)
                 .filter(|o| *o >= offsets[0])
                 .collect();
-            assert_eq!(offsets, selected, "{query:?}: partition {p} out of order or with a gap");
+            assert_eq!(
+                offsets, selected,
+                "{query:?}: partition {p} out of order or with a gap"
+            );
         }
     }
     let scraped = scrape(metrics).await.expect("metrics");
-    assert!(scraped["pleiades_relay_bus_events_total"] >= 1200.0, "{scraped:?}");
+    assert!(
+        scraped["pleiades_relay_bus_events_total"] >= 1200.0,
+        "{scraped:?}"
+    );
 }
 
 /// Wikimedia's own Python example for EventStreams, pointed at the relay: `sseclient`'s
@@ -586,7 +727,12 @@ for event in EventSource(url, last_id=last_id):
 "#;
 
 /// Runs the Python client and returns its lines: (id, meta.id, wiki).
-async fn python_client(scope: &TestScope, url: &str, last_id: &str, count: usize) -> Vec<(String, String, String)> {
+async fn python_client(
+    scope: &TestScope,
+    url: &str,
+    last_id: &str,
+    count: usize,
+) -> Vec<(String, String, String)> {
     let python = concat!(env!("CARGO_MANIFEST_DIR"), "/target/ops-tools/bin/python");
     let script = scope.write_file("eventstreams_client.py", PYTHON_CLIENT);
     let mut child = std::process::Command::new(python)
@@ -595,20 +741,34 @@ async fn python_client(scope: &TestScope, url: &str, last_id: &str, count: usize
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("the Python client starts (scripts/install-test-deps installs sseclient)");
-    let status = try_wait_until(Duration::from_secs(30), async || child.try_wait().ok().flatten()).await;
+    let status = try_wait_until(Duration::from_secs(30), async || {
+        child.try_wait().ok().flatten()
+    })
+    .await;
     if status.is_none() {
         let _ = child.kill();
     }
-    assert!(status.is_some_and(|s| s.success()), "the Python client did not finish");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the Python client did not finish"
+    );
     let mut out = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
     out.lines()
         .map(|l| serde_json::from_str(l).expect("a line of the client"))
         .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(not(feature = "service-tests"), ignore = "needs sseclient from PyPI (scripts/test)")]
+#[cfg_attr(
+    not(feature = "service-tests"),
+    ignore = "needs sseclient from PyPI (scripts/test)"
+)]
 async fn wikimedias_python_eventstreams_example_reads_the_relay_and_resumes() {
     let mut scope = TestScope::new();
     let lines = relay_lines(600);
@@ -619,11 +779,7 @@ async fn wikimedias_python_eventstreams_example_reads_the_relay_and_resumes() {
     scope.write_config(&config);
     scope.spawn(&["--config", "pleiades.toml"]);
     let http = reqwest::Client::new();
-    wait_until(Duration::from_secs(30), "the relay to answer", async || {
-        let r = http.get(format!("http://127.0.0.1:{web}/healthz")).send().await.ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await;
+    wait_for_web(&http, web).await;
     let bus = bus_events(&scope.path("events"));
     let want: Vec<String> = bus
         .iter()
@@ -631,10 +787,21 @@ async fn wikimedias_python_eventstreams_example_reads_the_relay_and_resumes() {
         .map(|e| e["meta"]["id"].as_str().unwrap().to_owned())
         .collect();
     assert!(want.len() > 40, "{}", want.len());
-    let url = format!("http://127.0.0.1:{web}/v2/stream/recentchange?since=0&wiki=commonswiki,enwiki");
+    let url =
+        format!("http://127.0.0.1:{web}/v2/stream/recentchange?since=0&wiki=commonswiki,enwiki");
     let first = python_client(&scope, &url, "", 15).await;
     let rest = python_client(&scope, &url, &first.last().unwrap().0, want.len() - 15).await;
-    let got: Vec<String> = first.iter().chain(&rest).map(|(_, id, _)| id.clone()).collect();
-    assert_eq!(got, want, "the Python client read exactly the filtered bus, resuming by its id");
-    assert!(first.iter().chain(&rest).all(|(_, _, wiki)| wiki == "commonswiki" || wiki == "enwiki"));
+    let got: Vec<String> = first
+        .iter()
+        .chain(&rest)
+        .map(|(_, id, _)| id.clone())
+        .collect();
+    assert_eq!(
+        got, want,
+        "the Python client read exactly the filtered bus, resuming by its id"
+    );
+    assert!(first
+        .iter()
+        .chain(&rest)
+        .all(|(_, _, wiki)| wiki == "commonswiki" || wiki == "enwiki"));
 }

@@ -450,7 +450,12 @@ mod tests {
         ));
         assert_named(
             &p,
-            &["intake.listen", "intake.token", "intake.max_body_bytes", "web.relay_buffer_events"],
+            &[
+                "intake.listen",
+                "intake.token",
+                "intake.max_body_bytes",
+                "web.relay_buffer_events",
+            ],
         );
         let p = problems(load_toml(
             "[intake]\nlisten = \"127.0.0.1:9000\"\n",

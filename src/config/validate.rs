@@ -221,7 +221,11 @@ impl WebConfig {
             );
         }
         if self.relay_max_clients > 0 {
-            p.at_least("web.relay_buffer_events", self.relay_buffer_events as u64, 16);
+            p.at_least(
+                "web.relay_buffer_events",
+                self.relay_buffer_events as u64,
+                16,
+            );
             p.positive(&[
                 ("web.relay_heartbeat", self.relay_heartbeat),
                 ("web.relay_poll_interval", self.relay_poll_interval),
@@ -242,11 +246,17 @@ impl IntakeConfig {
             );
         }
         for (key, other) in [
-            ("web.listen", config.web.enabled.then_some(config.web.listen)),
+            (
+                "web.listen",
+                config.web.enabled.then_some(config.web.listen),
+            ),
             ("metrics.listen", Some(config.metrics.listen)),
         ] {
             if other == Some(listen) {
-                p.bad("intake.listen", format!("{listen} is also {key}; give each its own port"));
+                p.bad(
+                    "intake.listen",
+                    format!("{listen} is also {key}; give each its own port"),
+                );
             }
         }
         if self.token.is_empty() && !listen.ip().is_loopback() {
@@ -258,7 +268,10 @@ impl IntakeConfig {
         if !self.token.is_empty()
             && reqwest::header::HeaderValue::from_str(&format!("Bearer {}", self.token)).is_err()
         {
-            p.bad("intake.token", "contains characters not allowed in an HTTP header");
+            p.bad(
+                "intake.token",
+                "contains characters not allowed in an HTTP header",
+            );
         }
         p.at_least("intake.max_body_bytes", self.max_body_bytes, 1024);
         p.positive(&[("intake.timeout", self.timeout)]);

@@ -267,8 +267,14 @@ impl Ingester {
             for &index in fresh.iter().take(handed) {
                 self.cursor.window.insert(&events[index].id);
             }
-            let why = if settled { "shutting down" } else { "the bus did not acknowledge the events in time" };
-            submission.answer(Err(format!("{why}; send them again (repeats are dropped by meta.id)")));
+            let why = if settled {
+                "shutting down"
+            } else {
+                "the bus did not acknowledge the events in time"
+            };
+            submission.answer(Err(format!(
+                "{why}; send them again (repeats are dropped by meta.id)"
+            )));
             return Ok(());
         }
         for &index in fresh.iter().take(handed) {

@@ -102,7 +102,11 @@ mod tests {
                 .get(crate::schema::SchemaVersion::V1_0_0),
             3
         );
-        assert_eq!(warn.logged[&Rule::Type].1, 1, "the second failure is not logged");
+        assert_eq!(
+            warn.logged[&Rule::Type].1,
+            1,
+            "the second failure is not logged"
+        );
 
         let mut strict = Validation::new(ValidateMode::Quarantine, metrics.ingest.clone()).unwrap();
         assert_eq!(strict.check("4", GOOD), Verdict::Publish);

@@ -238,6 +238,14 @@ pub async fn history_start(bus: &BusSettings, history: usize) -> Result<Position
             let partitions = tokio::task::spawn_blocking(move || TopicReader::partitions(&owned))
                 .await
                 .map_err(|e| kafka_task_failed(&config.brokers, e))??;
+            if partitions.is_empty() {
+                // Not created yet (the ingester creates it): the reader's supervisor tries
+                // again, rather than reading an assignment of nothing forever.
+                return Err(BusError::Kafka(KafkaBusError::Broker {
+                    brokers: config.brokers.clone(),
+                    message: format!("topic {} has no partitions yet", config.topic),
+                }));
+            }
             let each = (history / partitions.len().max(1)) as i64;
             Ok(Position::Kafka(
                 partitions

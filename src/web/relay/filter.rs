@@ -151,9 +151,8 @@ mod tests {
 
     #[test]
     fn filters_combine_and_lists_match_any() {
-        let edit = Fields::of(
-            r#"{"wiki":"enwiki","type":"edit","bot":false,"namespace":0,"meta":{}}"#,
-        );
+        let edit =
+            Fields::of(r#"{"wiki":"enwiki","type":"edit","bot":false,"namespace":0,"meta":{}}"#);
         let bot_new = Fields::of(r#"{"wiki":"dewiki","type":"new","bot":true,"namespace":1}"#);
         let numeric = Fields::of(r#"{"wiki":"enwiki","type":3}"#);
         let f = |pairs: &[(&str, &str)]| Filter::from_query(&query(pairs)).unwrap();
@@ -163,7 +162,10 @@ mod tests {
         assert!(f(&[("type", "edit,new"), ("bot", "false")]).matches(&edit));
         assert!(!f(&[("type", "edit,new"), ("bot", "false")]).matches(&bot_new));
         assert!(f(&[("namespace", "1, 2")]).matches(&bot_new));
-        assert!(!f(&[("namespace", "0")]).matches(&numeric), "no namespace, no match");
+        assert!(
+            !f(&[("namespace", "0")]).matches(&numeric),
+            "no namespace, no match"
+        );
         assert!(f(&[("type", "3")]).matches(&numeric));
         assert!(!f(&[("bot", "true")]).matches(&numeric));
         for bad in [("bot", "maybe"), ("namespace", "main"), ("wiki", ",")] {

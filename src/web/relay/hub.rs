@@ -273,7 +273,9 @@ impl Hub {
             };
             self.make_room(evicted_through).await;
             let next_seq = {
-                let Ok(mut guard) = self.ring.write() else { return };
+                let Ok(mut guard) = self.ring.write() else {
+                    return;
+                };
                 let Some(ring) = guard.as_mut() else { return };
                 for entry in batch {
                     if ring.entries.len() == self.capacity {
@@ -291,7 +293,8 @@ impl Hub {
                 }
                 ring.first_seq + ring.entries.len() as u64
             };
-            self.head.send_if_modified(|seq| std::mem::replace(seq, next_seq) != next_seq);
+            self.head
+                .send_if_modified(|seq| std::mem::replace(seq, next_seq) != next_seq);
             if last {
                 break;
             }
@@ -356,7 +359,8 @@ pub async fn run(
             read = feed.next(READ_BATCH, wait) => read?,
         };
         if entries.is_empty() {
-            hub.ready.send_if_modified(|ready| !std::mem::replace(ready, true));
+            hub.ready
+                .send_if_modified(|ready| !std::mem::replace(ready, true));
         } else {
             hub.metrics.bus_events.inc_by(entries.len() as u64);
         }

@@ -74,7 +74,10 @@ fn respond(
         Err(e) => return bad_request(&e.to_string()),
     };
     let kafka = matches!(hub.bus, crate::config::BusSettings::Kafka(_));
-    let start = match (id.as_deref().filter(|id| !id.trim().is_empty()), query.get("since")) {
+    let start = match (
+        id.as_deref().filter(|id| !id.trim().is_empty()),
+        query.get("since"),
+    ) {
         (Some(id), _) => parse_id(id.trim(), kafka, &hub.topic),
         (None, Some(since)) => parse_since(since),
         (None, None) => Ok(Start::Live),
@@ -290,12 +293,14 @@ impl Client {
                 return Ok(());
             }
             Start::At(position) => position,
-            Start::Since(time_ms) => feed::position_at(&self.hub.bus, time_ms)
-                .await
-                .map_err(|e| {
-                    self.hub.metrics.dropped.inc(RelayDrop::Bus);
-                    format!("the bus cannot be read: {e}")
-                })?,
+            Start::Since(time_ms) => {
+                feed::position_at(&self.hub.bus, time_ms)
+                    .await
+                    .map_err(|e| {
+                        self.hub.metrics.dropped.inc(RelayDrop::Bus);
+                        format!("the bus cannot be read: {e}")
+                    })?
+            }
         };
         self.position = position;
         match self.hub.join(&self.position) {
@@ -412,13 +417,21 @@ mod tests {
     fn publish(writer: &mut SegmentWriter, from: usize, to: usize) {
         let events: Vec<(String, String)> = (from..to)
             .map(|n| {
-                let data = format!(r#"{{"meta":{{"id":"e{n}","dt":"2024-01-01T00:00:00Z"}},"wiki":"w{}"}}"#, n % 2);
+                let data = format!(
+                    r#"{{"meta":{{"id":"e{n}","dt":"2024-01-01T00:00:00Z"}},"wiki":"w{}"}}"#,
+                    n % 2
+                );
                 (format!("[{n}]"), data)
             })
             .collect();
         let outgoing: Vec<Outgoing<'_>> = events
             .iter()
-            .map(|(id, data)| Outgoing { sse_id: id, data, key: None, time_ms: 0 })
+            .map(|(id, data)| Outgoing {
+                sse_id: id,
+                data,
+                key: None,
+                time_ms: 0,
+            })
             .collect();
         writer.publish(&outgoing).unwrap();
     }
@@ -430,7 +443,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_client_left_behind_hears_why_and_its_stream_ends() {
         let dir = tempfile::tempdir().unwrap();
-        let config = FileConfig { dir: dir.path().to_owned(), ..FileConfig::default() };
+        let config = FileConfig {
+            dir: dir.path().to_owned(),
+            ..FileConfig::default()
+        };
         let metrics = Metrics::new(1).unwrap();
         let mut writer = SegmentWriter::open(&config, metrics.file_bus.clone()).unwrap();
         publish(&mut writer, 0, 4);
@@ -442,19 +458,55 @@ mod tests {
         // A filtered client from the start of the history, and a live one.
         let query = HashMap::from([("wiki".to_owned(), "w1".to_owned())]);
         let filter = Filter::from_query(&query).unwrap();
-        let start = Start::At(Position::File { segment: 1, offset: 0 });
-        let mut history = Client::connect(&hub, start, filter, Duration::from_secs(60), &shutdown).unwrap();
+        let start = Start::At(Position::File {
+            segment: 1,
+            offset: 0,
+        });
+        let mut history =
+            Client::connect(&hub, start, filter, Duration::from_secs(60), &shutdown).unwrap();
         let first = text(history.next().await.unwrap());
-        assert!(first.starts_with(":\nevent: message\nid: [{\"segment\":1,"), "{first}");
+        assert!(
+            first.starts_with(":\nevent: message\nid: [{\"segment\":1,"),
+            "{first}"
+        );
         assert_eq!(first.matches("event: message").count(), 2, "{first}");
-        assert!(first.contains(r#""id":"e1""#) && first.contains(r#""id":"e3""#), "{first}");
+        assert!(
+            first.contains(r#""id":"e1""#) && first.contains(r#""id":"e3""#),
+            "{first}"
+        );
         assert!(first.ends_with("}\n\n"), "{first}");
 
-        let mut live = Client::connect(&hub, Start::Live, Filter::default(), Duration::from_secs(60), &shutdown).unwrap();
-        assert!(tokio::time::timeout(Duration::from_millis(50), live.next()).await.is_err(), "nothing new yet");
+        let mut live = Client::connect(
+            &hub,
+            Start::Live,
+            Filter::default(),
+            Duration::from_secs(60),
+            &shutdown,
+        )
+        .unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), live.next())
+                .await
+                .is_err(),
+            "nothing new yet"
+        );
         // The third place is the last; a fourth client is refused.
-        let _third = Client::connect(&hub, Start::Live, Filter::default(), Duration::from_secs(60), &shutdown).unwrap();
-        assert!(Client::connect(&hub, Start::Live, Filter::default(), Duration::from_secs(60), &shutdown).is_none());
+        let _third = Client::connect(
+            &hub,
+            Start::Live,
+            Filter::default(),
+            Duration::from_secs(60),
+            &shutdown,
+        )
+        .unwrap();
+        assert!(Client::connect(
+            &hub,
+            Start::Live,
+            Filter::default(),
+            Duration::from_secs(60),
+            &shutdown
+        )
+        .is_none());
 
         // Forty events while `live` reads nothing: it falls out of the 16 kept.
         publish(&mut writer, 4, 44);
@@ -464,18 +516,42 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let last = text(live.next().await.unwrap());
-        assert!(last.starts_with(": disconnected: this client fell 16 events behind"), "{last}");
+        assert!(
+            last.starts_with(": disconnected: this client fell 16 events behind"),
+            "{last}"
+        );
         assert!(live.next().await.is_none(), "the stream ends");
-        assert_eq!(metrics.relay.clients.get(), 1, "the places of the dropped are free");
+        assert_eq!(
+            metrics.relay.clients.get(),
+            1,
+            "the places of the dropped are free"
+        );
         // Its last id resumes exactly, through a reader of its own: e1, e3 were sent; the
         // history client, dropped too, resumes after e3.
-        let last_id = first.lines().filter_map(|l| l.strip_prefix("id: ")).last().unwrap().to_owned();
+        let last_id = first
+            .lines()
+            .filter_map(|l| l.strip_prefix("id: "))
+            .last()
+            .unwrap()
+            .to_owned();
         let start = position::parse_id(&last_id, false, "").unwrap();
-        let mut resumed = Client::connect(&hub, start, Filter::from_query(&query).unwrap(), Duration::from_secs(60), &shutdown).unwrap();
+        let mut resumed = Client::connect(
+            &hub,
+            start,
+            Filter::from_query(&query).unwrap(),
+            Duration::from_secs(60),
+            &shutdown,
+        )
+        .unwrap();
         let mut ids = Vec::new();
         while ids.len() < 20 {
             let batch = text(resumed.next().await.unwrap());
-            ids.extend(batch.lines().filter_map(|l| l.split(r#""id":""#).nth(1)).map(|r| r.split('"').next().unwrap().to_owned()));
+            ids.extend(
+                batch
+                    .lines()
+                    .filter_map(|l| l.split(r#""id":""#).nth(1))
+                    .map(|r| r.split('"').next().unwrap().to_owned()),
+            );
         }
         let want: Vec<String> = (5..44).step_by(2).map(|n| format!("e{n}")).collect();
         assert_eq!(ids, want);

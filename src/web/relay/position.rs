@@ -135,8 +135,11 @@ pub fn parse_id(id: &str, kafka: bool, topic: &str) -> Result<Start, BadStart> {
         value: id.chars().take(200).collect(),
         reason,
     };
-    let entries: Vec<IdEntry> = serde_json::from_str(id)
-        .map_err(|e| bad(format!("is not a relay id (a JSON array of positions): {e}")))?;
+    let entries: Vec<IdEntry> = serde_json::from_str(id).map_err(|e| {
+        bad(format!(
+            "is not a relay id (a JSON array of positions): {e}"
+        ))
+    })?;
     if entries.is_empty() {
         return Err(bad("names no position".into()));
     }
@@ -160,7 +163,11 @@ pub fn parse_id(id: &str, kafka: bool, topic: &str) -> Result<Start, BadStart> {
                 (Some(t), _, _) if t != topic => {
                     return Err(bad(format!("names topic {t:?}, not this bus's {topic:?}")))
                 }
-                _ => return Err(bad("needs topic, partition and offset in every entry".into())),
+                _ => {
+                    return Err(bad(
+                        "needs topic, partition and offset in every entry".into()
+                    ))
+                }
             }
         }
         Ok(Start::At(Position::Kafka(next)))
@@ -219,10 +226,7 @@ mod tests {
             id,
             r#"[{"topic":"pleiades-events","partition":0,"offset":5},{"topic":"pleiades-events","partition":1,"offset":9}]"#
         );
-        assert_eq!(
-            parse_id(&id, true, "pleiades-events"),
-            Ok(Start::At(kafka))
-        );
+        assert_eq!(parse_id(&id, true, "pleiades-events"), Ok(Start::At(kafka)));
         assert!(parse_id(&id, true, "other").is_err());
         assert!(parse_id(&render(&file), true, "pleiades-events").is_err());
         assert!(parse_id("nope", false, "t").is_err());
@@ -233,7 +237,8 @@ mod tests {
     fn wikimedia_ids_resume_by_time() {
         let id = r#"[{"topic":"eqiad.mediawiki.recentchange","partition":0,"timestamp":1781970588989},{"topic":"codfw.mediawiki.recentchange","partition":0,"offset":-1}]"#;
         // An offset of -1 is "latest" in KafkaSSE; with a timestamp beside it, time decides.
-        let only_time = r#"[{"topic":"eqiad.mediawiki.recentchange","partition":0,"timestamp":1781970588989}]"#;
+        let only_time =
+            r#"[{"topic":"eqiad.mediawiki.recentchange","partition":0,"timestamp":1781970588989}]"#;
         assert_eq!(
             parse_id(only_time, false, "t"),
             Ok(Start::Since(1_781_970_588_989))
@@ -260,7 +265,10 @@ mod tests {
         let mut kafka = Position::Kafka(BTreeMap::from([(0, 10)]));
         assert!(kafka.covers(Source::Partition(0), 9, 10));
         assert!(!kafka.covers(Source::Partition(0), 10, 11));
-        assert!(!kafka.covers(Source::Partition(1), 0, 1), "an unknown partition is unread");
+        assert!(
+            !kafka.covers(Source::Partition(1), 0, 1),
+            "an unknown partition is unread"
+        );
         kafka.advance(Source::Partition(1), 4, 5);
         assert_eq!(kafka, Position::Kafka(BTreeMap::from([(0, 10), (1, 5)])));
         let front = Position::Kafka(BTreeMap::from([(0, 8), (1, 5)]));
