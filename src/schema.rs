@@ -437,7 +437,8 @@ mod tests {
         let schemas = schemas();
         let base: Value =
             serde_json::from_str(&recorded("recentchange-2022-2026.jsonl")[0]).unwrap();
-        let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, Rule, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(&str, Mutation, Rule, &str)> = vec![
             (
                 "bot as a string",
                 Box::new(|e| e["bot"] = "yes".into()),

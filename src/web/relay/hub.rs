@@ -61,6 +61,10 @@ impl Slot {
     }
 }
 
+/// A client's next entry is no longer kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeftBehind;
+
 /// Where a client joins the ring.
 pub enum Join {
     /// At this sequence number: every entry before it is covered by the client's position.
@@ -207,14 +211,14 @@ impl Hub {
         Join::At(ring.first_seq + skip as u64)
     }
 
-    /// Up to `max` entries from `seq` on; `Err(())` when `seq` has left the ring.
-    pub fn take(&self, seq: u64, max: usize) -> Result<Vec<Arc<Entry>>, ()> {
-        let ring = self.ring.read().map_err(|_| ())?;
+    /// Up to `max` entries from `seq` on; `Err(LeftBehind)` when `seq` has left the ring.
+    pub fn take(&self, seq: u64, max: usize) -> Result<Vec<Arc<Entry>>, LeftBehind> {
+        let ring = self.ring.read().map_err(|_| LeftBehind)?;
         let Some(ring) = ring.as_ref() else {
             return Ok(Vec::new());
         };
         if seq < ring.first_seq {
-            return Err(());
+            return Err(LeftBehind);
         }
         let from = (seq - ring.first_seq) as usize;
         Ok(ring.entries.iter().skip(from).take(max).cloned().collect())

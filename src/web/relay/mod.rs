@@ -531,7 +531,7 @@ mod tests {
         let last_id = first
             .lines()
             .filter_map(|l| l.strip_prefix("id: "))
-            .last()
+            .next_back()
             .unwrap()
             .to_owned();
         let start = position::parse_id(&last_id, false, "").unwrap();
