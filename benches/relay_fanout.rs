@@ -18,6 +18,8 @@ const RATE: usize = 420;
 /// Appends per second: the ingester writes a chunk as it arrives, a few dozen a second.
 const WRITES_PER_SECOND: usize = 20;
 const RUN: Duration = Duration::from_secs(20);
+/// What starts every event the relay sends.
+const MARKER: &[u8] = b"event: message\n";
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -90,7 +92,7 @@ async fn client(
         .write_all(b"GET /v2/stream/recentchange HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n")
         .await
         .unwrap();
-    let finder = memchr::memmem::Finder::new(b"event: message\n");
+    let finder = memchr::memmem::Finder::new(MARKER);
     let mut delays = Vec::with_capacity(total);
     let mut buf = vec![0u8; 256 * 1024];
     let mut carry: Vec<u8> = Vec::new();
@@ -105,11 +107,13 @@ async fn client(
             connected.fetch_add(1, Ordering::SeqCst);
         }
         let now = epoch.elapsed().as_nanos() as u64;
-        // A marker split across reads is found with the tail of the previous one.
-        carry.extend_from_slice(&buf[..n]);
-        let found = finder.find_iter(&carry).count();
-        let keep = carry.len().saturating_sub(15);
-        carry.drain(..keep);
+        // A marker split across two reads is found where the tail of the first (shorter than
+        // the marker) meets the head of the second.
+        let head = &buf[..n.min(MARKER.len() - 1)];
+        carry.extend_from_slice(head);
+        let found = finder.find_iter(&buf[..n]).count() + finder.find_iter(&carry).count();
+        carry.clear();
+        carry.extend_from_slice(&buf[n.saturating_sub(MARKER.len() - 1)..n]);
         for _ in 0..found {
             let k = delays.len();
             if k >= total {
