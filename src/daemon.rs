@@ -18,6 +18,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+/// Intake requests that may wait for the ingester at once.
+const INTAKE_QUEUE: usize = 64;
+
 /// How long components get to flush and persist after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(9);
 
@@ -51,7 +54,7 @@ pub enum DaemonError {
 /// `check-config`): what librdkafka says of `[kafka.properties]` on a host that uses Kafka.
 pub fn preflight(config: &Config) -> Vec<Problem> {
     let mut problems = Vec::new();
-    if config.uses_kafka() {
+    if config.needs_kafka() {
         problems.extend(crate::bus::kafka::check_properties(&config.kafka));
     }
     // The Redis URL as the client reads it (with its TLS authorities), never printed with its
@@ -108,6 +111,7 @@ pub fn run(
     notifier: Notifier,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
+    raise_open_files_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("pleiades")
@@ -115,6 +119,29 @@ pub fn run(
         .map_err(DaemonError::Runtime)?;
     let system = actix_rt::System::with_tokio_rt(move || runtime);
     system.block_on(run_roles(Arc::new(config), notifier, shutdown))
+}
+
+/// Raises the soft limit of open files to the hard one: every relay client, dashboard and API
+/// connection is a file, and a service's soft limit (1,024 under systemd) is below what
+/// `web.relay_max_clients` allows by default.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) and setrlimit(2) with a pointer to a live rlimit of this frame.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0
+            && limit.rlim_cur < limit.rlim_max
+            && {
+                let soft = limit.rlim_cur;
+                limit.rlim_cur = limit.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 && soft < limit.rlim_max
+            }
+    };
+    if raised {
+        tracing::debug!(open_files = limit.rlim_cur, "raised the open-files limit");
+    }
 }
 
 /// Starts `run` under supervision with the default restart policy; `run` is called again for
@@ -211,18 +238,26 @@ pub async fn run_roles(
         shutdown: shutdown.clone(),
     };
     let mut running = Vec::new();
+    // The intake hands what it accepts to this host's ingester, the one writer of the bus
+    // (configuration checks refuse an intake without the ingest role).
+    let intake = config
+        .intake
+        .listen
+        .filter(|_| config.ingest.enabled)
+        .map(|_| crate::bus::handoff::handoff(INTAKE_QUEUE));
     if config.ingest.enabled {
         let ctx = base.with(IngestSettings {
             ingest: config.ingest.clone(),
             bus: config.bus(config.ingest.publisher),
         });
         let blocked = write_blocked.clone();
+        let handoff = intake.as_ref().map(|(_, rx)| rx.clone());
         running.push(supervise(
             Component::Ingest,
             &metrics,
             &shutdown,
             move || {
-                let run = crate::ingest::run(ctx.clone(), blocked.clone());
+                let run = crate::ingest::run(ctx.clone(), blocked.clone(), handoff.clone());
                 async move {
                     // A second ingester must stop, not retry until it wins.
                     run.await.map_err(|e| -> supervisor::ComponentError {
@@ -234,6 +269,15 @@ pub async fn run_roles(
                     })
                 }
             },
+        ));
+    }
+    if let Some((tx, _)) = intake {
+        let ctx = base.with(config.intake.clone());
+        running.push(supervise(
+            Component::Intake,
+            &metrics,
+            &shutdown,
+            move || crate::intake::run(ctx.clone(), tx.clone()),
         ));
     }
     if let Some(store) = store.clone().filter(|_| retention_here) {
@@ -269,10 +313,28 @@ pub async fn run_roles(
         running.push(supervise(Component::Live, &metrics, &shutdown, move || {
             crate::web::live::run(live_ctx.clone(), live_store.clone(), tx.clone())
         }));
+        let relay = config.relay_bus().map(|kind| {
+            crate::web::relay::Hub::new(
+                config.bus(kind),
+                config.web.relay_buffer_events,
+                config.web.relay_max_clients,
+                metrics.relay.clone(),
+            )
+        });
+        if let Some(hub) = relay.clone() {
+            let (poll, stop) = (config.web.relay_poll_interval, shutdown.clone());
+            running.push(supervise(
+                Component::Relay,
+                &metrics,
+                &shutdown,
+                move || crate::web::relay::run(hub.clone(), poll, stop.clone()),
+            ));
+        }
         let parts = WebParts {
             store,
             readiness: readiness.clone(),
             live: rx,
+            relay,
         };
         running.push(supervise(Component::Web, &metrics, &shutdown, move || {
             crate::web::run(ctx.clone(), parts.clone())

@@ -8,6 +8,7 @@
 //! their bus; events that cannot be published or counted become one [`QuarantineRecord`] type.
 
 pub mod file;
+pub mod handoff;
 pub mod kafka;
 mod quarantine;
 
@@ -186,6 +187,16 @@ impl Publisher {
         match self {
             Publisher::File(writer) => Ok(tokio::task::block_in_place(|| writer.sync_if_due())?),
             Publisher::Kafka(publisher) => Ok(publisher.collect_acks()?),
+        }
+    }
+
+    /// Waits until everything published so far is safe: at once on files (written and synced
+    /// as `file.fsync` says before `publish` returned); on Kafka, until the brokers acknowledged
+    /// it. False when `limit` passed first.
+    pub async fn settle(&mut self, limit: Duration) -> Result<bool, BusError> {
+        match self {
+            Publisher::File(_) => Ok(true),
+            Publisher::Kafka(publisher) => Ok(publisher.settle_all(limit).await?),
         }
     }
 

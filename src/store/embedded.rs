@@ -43,9 +43,16 @@ fn latches(error: &redb::Error) -> bool {
     )
 }
 
+/// The database's page cache. redb's default (1 GiB) lets resident memory grow with the store,
+/// day after day, for years; the pages counting touches (today's counters, the positions) and
+/// the pages the API reads fit in a small fraction of this.
+const CACHE_BYTES: usize = 32 * 1024 * 1024;
+
 /// Opens (or creates) the database and every table, so that readers never meet a missing one.
 fn open_database(path: &Path) -> Result<Database, redb::Error> {
-    let db = Database::create(path)?;
+    let db = Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .create(path)?;
     let txn = db.begin_write()?;
     txn.open_table(COUNTERS)?;
     txn.open_table(ALL_TIME)?;

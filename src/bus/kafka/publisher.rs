@@ -665,8 +665,20 @@ impl KafkaPublisher {
         }
     }
 
-    /// Waits until every event handed over is acknowledged, or `limit` passes.
+    /// Waits until every event handed over is acknowledged (and, with a transactional
+    /// producer, committed), or `limit` passes.
     pub async fn flush(&mut self, limit: Duration) -> Result<(), KafkaBusError> {
+        if !self.settle_all(limit).await? {
+            tracing::warn!(unacknowledged = self.queue.in_flight(), "shutting down before the brokers acknowledged and committed every event; they will be fetched again from upstream");
+        }
+        Ok(())
+    }
+
+    /// Waits until every message handed over is acknowledged and, with a transactional
+    /// producer, committed, so that readers see it: true when they all are, false when `limit`
+    /// passed first.
+    pub async fn settle_all(&mut self, limit: Duration) -> Result<bool, KafkaBusError> {
+        let deadline = Instant::now() + limit;
         let never = CancellationToken::new();
         let drained = tokio::time::timeout(limit, async {
             while !self.queue.is_empty() {
@@ -677,28 +689,23 @@ impl KafkaPublisher {
         .await;
         match drained {
             Ok(result) => result.map_err(|e| self.named(e))?,
-            Err(_) => {
-                tracing::warn!(unacknowledged = self.queue.in_flight(), "shutting down before the brokers acknowledged every event; they will be fetched again from upstream");
-                return Ok(());
-            }
+            Err(_) => return Ok(false),
         }
         // Everything is acknowledged: committing makes it visible to readers.
         if matches!(self.txn, Txn::Open { messages, .. } if messages > 0)
             || self.txn == Txn::Committing
         {
-            let deadline = Instant::now() + limit;
             loop {
                 self.commit(COMMIT_WAIT).map_err(|e| self.named(e))?;
                 if self.txn != Txn::Committing {
                     break;
                 }
                 if Instant::now() >= deadline {
-                    tracing::warn!("shutting down before the last transaction committed; its events will be fetched again from upstream");
-                    break;
+                    return Ok(false);
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Starts afresh (`ingest.resume = false`): until the first acknowledgement, messages carry
