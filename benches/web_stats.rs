@@ -109,6 +109,7 @@ async fn main() {
         store: store.clone(),
         readiness: Default::default(),
         live,
+        relay: None,
     };
     let (addr, _server) = pleiades::web::serve(ctx, parts).await.expect("web");
 

@@ -2,12 +2,14 @@
 //! supervised component, the metrics endpoint, and orderly shutdown on SIGTERM/SIGINT.
 
 use crate::aggregate::AggregateSettings;
+use crate::bus::Trouble;
+use crate::config::BusKind;
 use crate::config::{Config, Problem};
 use crate::health::Readiness;
 use crate::ingest::IngestSettings;
 use crate::metrics::{Component, Metrics, MetricsError};
 use crate::store::Store;
-use crate::supervisor::{self, ComponentFactory, RestartPolicy, Running};
+use crate::supervisor::{self, ComponentFactory, Ended, RestartPolicy, Running, StopForGood};
 use crate::systemd::Notifier;
 use crate::web::WebParts;
 use crate::ComponentContext;
@@ -15,6 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+/// Intake requests that may wait for the ingester at once.
+const INTAKE_QUEUE: usize = 64;
 
 /// How long components get to flush and persist after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(9);
@@ -30,6 +35,13 @@ pub enum DaemonError {
     Runtime(#[source] std::io::Error),
     #[error("cannot open the counter store: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// A component found that it cannot run here (another ingester owns the bus); the process
+    /// stopped rather than restart it. `main` exits 2.
+    #[error("{component} stopped for good: {message}")]
+    Refused {
+        component: &'static str,
+        message: String,
+    },
     #[error("cannot listen for {signal}: {source}")]
     Signal {
         signal: &'static str,
@@ -42,7 +54,7 @@ pub enum DaemonError {
 /// `check-config`): what librdkafka says of `[kafka.properties]` on a host that uses Kafka.
 pub fn preflight(config: &Config) -> Vec<Problem> {
     let mut problems = Vec::new();
-    if config.uses_kafka() {
+    if config.needs_kafka() {
         problems.extend(crate::bus::kafka::check_properties(&config.kafka));
     }
     // The Redis URL as the client reads it (with its TLS authorities), never printed with its
@@ -99,6 +111,7 @@ pub fn run(
     notifier: Notifier,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
+    raise_open_files_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("pleiades")
@@ -106,6 +119,29 @@ pub fn run(
         .map_err(DaemonError::Runtime)?;
     let system = actix_rt::System::with_tokio_rt(move || runtime);
     system.block_on(run_roles(Arc::new(config), notifier, shutdown))
+}
+
+/// Raises the soft limit of open files to the hard one: every relay client, dashboard and API
+/// connection is a file, and a service's soft limit (1,024 under systemd) is below what
+/// `web.relay_max_clients` allows by default.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) and setrlimit(2) with a pointer to a live rlimit of this frame.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0
+            && limit.rlim_cur < limit.rlim_max
+            && {
+                let soft = limit.rlim_cur;
+                limit.rlim_cur = limit.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 && soft < limit.rlim_max
+            }
+    };
+    if raised {
+        tracing::debug!(open_files = limit.rlim_cur, "raised the open-files limit");
+    }
 }
 
 /// Starts `run` under supervision with the default restart policy; `run` is called again for
@@ -164,6 +200,11 @@ pub async fn run_roles(
     } else {
         None
     };
+    // Retention runs where the event files are aggregated: that host has the store whose
+    // positions prove a segment counted.
+    let retention_here = config.aggregate.enabled && config.aggregate_source() == BusKind::File;
+    let write_blocked = Trouble::default();
+    let retention_blocked = Trouble::default();
     let readiness = Readiness {
         store: store.clone(),
         event_files: config.uses_files().then(|| config.file.dir.clone()),
@@ -172,6 +213,8 @@ pub async fn run_roles(
             .then(|| crate::bus::kafka::Probe::new(&config.kafka)),
         failures: Some(metrics.http.ready_failures.clone()),
         failing: Arc::default(),
+        bus_writes: config.ingest.enabled.then(|| write_blocked.clone()),
+        retention: retention_here.then(|| retention_blocked.clone()),
     };
     let (metrics_listener, metrics_addr) = crate::http::bind(config.metrics.listen).await?;
     let metrics_server = tokio::spawn(crate::health::serve(
@@ -195,16 +238,56 @@ pub async fn run_roles(
         shutdown: shutdown.clone(),
     };
     let mut running = Vec::new();
+    // The intake hands what it accepts to this host's ingester, the one writer of the bus
+    // (configuration checks refuse an intake without the ingest role).
+    let intake = config
+        .intake
+        .listen
+        .filter(|_| config.ingest.enabled)
+        .map(|_| crate::bus::handoff::handoff(INTAKE_QUEUE));
     if config.ingest.enabled {
         let ctx = base.with(IngestSettings {
             ingest: config.ingest.clone(),
             bus: config.bus(config.ingest.publisher),
         });
+        let blocked = write_blocked.clone();
+        let handoff = intake.as_ref().map(|(_, rx)| rx.clone());
         running.push(supervise(
             Component::Ingest,
             &metrics,
             &shutdown,
-            move || crate::ingest::run(ctx.clone()),
+            move || {
+                let run = crate::ingest::run(ctx.clone(), blocked.clone(), handoff.clone());
+                async move {
+                    // A second ingester must stop, not retry until it wins.
+                    run.await.map_err(|e| -> supervisor::ComponentError {
+                        if e.is_refusal() {
+                            Box::new(StopForGood(e.into()))
+                        } else {
+                            e.into()
+                        }
+                    })
+                }
+            },
+        ));
+    }
+    if let Some((tx, _)) = intake {
+        let ctx = base.with(config.intake.clone());
+        running.push(supervise(
+            Component::Intake,
+            &metrics,
+            &shutdown,
+            move || crate::intake::run(ctx.clone(), tx.clone()),
+        ));
+    }
+    if let Some(store) = store.clone().filter(|_| retention_here) {
+        let ctx = base.with(config.file.clone());
+        let blocked = retention_blocked.clone();
+        running.push(supervise(
+            Component::Retention,
+            &metrics,
+            &shutdown,
+            move || crate::aggregate::retention::run(ctx.clone(), store.clone(), blocked.clone()),
         ));
     }
     if let Some(store) = store.clone().filter(|_| config.aggregate.enabled) {
@@ -230,10 +313,28 @@ pub async fn run_roles(
         running.push(supervise(Component::Live, &metrics, &shutdown, move || {
             crate::web::live::run(live_ctx.clone(), live_store.clone(), tx.clone())
         }));
+        let relay = config.relay_bus().map(|kind| {
+            crate::web::relay::Hub::new(
+                config.bus(kind),
+                config.web.relay_buffer_events,
+                config.web.relay_max_clients,
+                metrics.relay.clone(),
+            )
+        });
+        if let Some(hub) = relay.clone() {
+            let (poll, stop) = (config.web.relay_poll_interval, shutdown.clone());
+            running.push(supervise(
+                Component::Relay,
+                &metrics,
+                &shutdown,
+                move || crate::web::relay::run(hub.clone(), poll, stop.clone()),
+            ));
+        }
         let parts = WebParts {
             store,
             readiness: readiness.clone(),
             live: rx,
+            relay,
         };
         running.push(supervise(Component::Web, &metrics, &shutdown, move || {
             crate::web::run(ctx.clone(), parts.clone())
@@ -257,8 +358,12 @@ pub async fn run_roles(
     tracing::info!("shutting down");
     notify(&notifier, "STOPPING=1");
     let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    let mut refused = None;
     for component in running {
         match tokio::time::timeout_at(deadline, component.done).await {
+            Ok(Ok(Ended::Refused(message))) => {
+                refused.get_or_insert((component.name, message));
+            }
             Ok(_) => {}
             Err(_) => tracing::error!(
                 component = component.name,
@@ -271,7 +376,10 @@ pub async fn run_roles(
         tracing::warn!(%error, "the metrics listener failed");
     }
     tracing::info!("stopped");
-    Ok(())
+    match refused {
+        Some((component, message)) => Err(DaemonError::Refused { component, message }),
+        None => Ok(()),
+    }
 }
 
 fn notify(notifier: &Notifier, state: &str) {

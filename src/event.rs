@@ -76,11 +76,13 @@ pub enum RejectReason {
     OutOfRange,
     /// `meta.dt` further in the future than `ingest.max_future_skew`.
     FutureTime,
+    /// Does not match the JSON Schema its `$schema` names (with `ingest.validate = "quarantine"`).
+    Schema,
 }
 
 impl RejectReason {
     /// Every reason, so that each labelled series can exist from the first scrape.
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::NotJson,
         RejectReason::NotObject,
         RejectReason::BadMeta,
@@ -90,6 +92,7 @@ impl RejectReason {
         RejectReason::BadRecord,
         RejectReason::OutOfRange,
         RejectReason::FutureTime,
+        RejectReason::Schema,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -103,6 +106,7 @@ impl RejectReason {
             RejectReason::BadRecord => "bad_record",
             RejectReason::OutOfRange => "out_of_range",
             RejectReason::FutureTime => "future_dt",
+            RejectReason::Schema => "schema",
         }
     }
 }

@@ -7,6 +7,7 @@
 //! operator's.
 
 use crate::bus::kafka::Probe;
+use crate::bus::Trouble;
 use crate::http::ServeError;
 use crate::metrics::{Listener, Metrics, ReadyCheck};
 use crate::store::Store;
@@ -31,6 +32,10 @@ pub struct Readiness {
     pub failures: Option<crate::metrics::LabelledCounter<ReadyCheck>>,
     /// The checks failing at the last look, so that a change is logged once, not every probe.
     pub failing: Arc<std::sync::Mutex<std::collections::HashSet<&'static str>>>,
+    /// Set while the bus refuses the ingester's writes (ingest is paused).
+    pub bus_writes: Option<Trouble>,
+    /// Set while uncounted segments keep the event files past their limits.
+    pub retention: Option<Trouble>,
 }
 
 /// How much a `/readyz` answer tells.
@@ -61,6 +66,12 @@ impl Readiness {
         if let Some(probe) = &self.kafka {
             let result = probe.check().await;
             checks.push((ReadyCheck::Kafka, result.err().map(|e| e.to_string())));
+        }
+        if let Some(trouble) = &self.bus_writes {
+            checks.push((ReadyCheck::BusWrites, trouble.reason()));
+        }
+        if let Some(trouble) = &self.retention {
+            checks.push((ReadyCheck::Retention, trouble.reason()));
         }
         for (check, error) in &checks {
             self.record(*check, error.as_deref());

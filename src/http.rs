@@ -165,6 +165,11 @@ where
             }
             Err(source) => break Err(ServeError::Accept { addr, source }),
         };
+        // Streams (the relay, live updates) write small pieces that must leave at once rather
+        // than wait for the peer's acknowledgement of the previous ones.
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot disable Nagle's algorithm on a connection");
+        }
         let in_flight = Arc::new(AtomicUsize::new(0));
         let close = CancellationToken::new();
         let made_room = open

@@ -2,9 +2,10 @@
 //!
 //! The library does the work; `main.rs` only parses arguments. See ARCHITECTURE.md for the map.
 
-// The domain layer: pure, no I/O.
+// The domain layer: pure, no I/O (the event, its schemas, the counter rules).
 pub mod counters;
 pub mod event;
+pub mod schema;
 // The base layer: configuration and metrics.
 pub mod config;
 pub mod metrics;
@@ -16,6 +17,7 @@ pub mod store;
 pub mod aggregate;
 pub mod health;
 pub mod ingest;
+pub mod intake;
 pub mod web;
 // The process: supervision, systemd, the daemon; and the replay tool.
 pub mod daemon;

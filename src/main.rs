@@ -11,8 +11,9 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(name = "pleiades", version = pleiades::build::LONG_VERSION, about)]
 struct Cli {
-    /// Configuration file (default: ./pleiades.toml if present, else built-in defaults).
-    #[arg(long, short = 'c', global = true)]
+    /// Configuration file (default: $PLEIADES_CONFIG if set, else ./pleiades.toml if present,
+    /// else built-in defaults). The container image sets PLEIADES_CONFIG to its own file.
+    #[arg(long, short = 'c', global = true, env = "PLEIADES_CONFIG")]
     config: Option<PathBuf>,
     /// Log errors only.
     #[arg(long, short = 'q', global = true)]
@@ -220,9 +221,16 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     init_logging(&config.log.level, config.log.format);
-    pleiades::daemon::run(config, notifier, CancellationToken::new())
-        .context("pleiades stopped")?;
-    Ok(ExitCode::SUCCESS)
+    match pleiades::daemon::run(config, notifier, CancellationToken::new()) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        // Another ingester owns the bus: a deployment error, like a bad configuration, that
+        // running again cannot fix (the systemd unit does not restart on exit 2).
+        Err(refused @ pleiades::daemon::DaemonError::Refused { .. }) => {
+            eprintln!("pleiades: {refused}");
+            Ok(ExitCode::from(2))
+        }
+        Err(error) => Err(error).context("pleiades stopped"),
+    }
 }
 
 fn run_replay(

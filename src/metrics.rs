@@ -7,6 +7,7 @@
 //! conventions.
 
 use crate::event::RejectReason;
+use crate::schema::{Rule, SchemaVersion};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
@@ -39,6 +40,20 @@ impl LabelValue for RejectReason {
     const ALL: &'static [Self] = &RejectReason::ALL;
     fn as_str(self) -> &'static str {
         RejectReason::as_str(self)
+    }
+}
+
+impl LabelValue for SchemaVersion {
+    const ALL: &'static [Self] = &SchemaVersion::ALL;
+    fn as_str(self) -> &'static str {
+        SchemaVersion::as_str(self)
+    }
+}
+
+impl LabelValue for Rule {
+    const ALL: &'static [Self] = &Rule::ALL;
+    fn as_str(self) -> &'static str {
+        Rule::as_str(self)
     }
 }
 
@@ -142,6 +157,59 @@ label_values! {
         Aggregate => "aggregate",
         Web => "web",
         Live => "live",
+        Retention => "retention",
+        Relay => "relay",
+        Intake => "intake",
+    }
+}
+
+label_values! {
+    /// Why an event segment was deleted.
+    DeleteReason {
+        /// Its newest event was older than `file.retention`.
+        Retention => "retention",
+        /// The segments took more than `file.max_bytes`.
+        Budget => "budget",
+    }
+}
+
+label_values! {
+    /// Why the relay let a client go (or never took it).
+    RelayDrop {
+        /// It fell `web.relay_buffer_events` behind: it reads more slowly than events arrive.
+        Slow => "slow",
+        /// `web.relay_max_clients` were connected already (503).
+        Full => "full",
+        /// Its resume point could not be read from the bus.
+        Bus => "bus",
+        /// The server is shutting down.
+        Shutdown => "shutdown",
+    }
+}
+
+label_values! {
+    /// The statuses the intake answers.
+    IntakeStatus {
+        Created => "201",
+        MultiStatus => "207",
+        BadRequest => "400",
+        Unauthorized => "401",
+        TooLarge => "413",
+        Unavailable => "503",
+    }
+}
+
+label_values! {
+    /// What became of one event posted to the intake.
+    IntakeOutcome {
+        /// Published to the bus.
+        Accepted => "accepted",
+        /// Already on the bus (its meta.id was delivered before): accepted, not published again.
+        Repeat => "repeat",
+        /// Refused: it does not match its schema, or is not an event.
+        Invalid => "invalid",
+        /// Valid, but the bus did not take it.
+        Failed => "failed",
     }
 }
 
@@ -175,6 +243,7 @@ label_values! {
     Listener {
         Web => "web",
         Metrics => "metrics",
+        Intake => "intake",
     }
 }
 
@@ -184,6 +253,8 @@ label_values! {
         Store => "store",
         EventFiles => "event_files",
         Kafka => "kafka",
+        BusWrites => "bus_writes",
+        Retention => "retention",
     }
 }
 
@@ -235,6 +306,7 @@ label_values! {
         Totals => "/api/totals",
         Range => "/api/range",
         Live => "/api/live",
+        Relay => "/v2/stream/recentchange",
         Healthz => "/healthz",
         Readyz => "/readyz",
         Other => "other",
@@ -265,9 +337,12 @@ pub struct Metrics {
     pub aggregate: AggregateMetrics,
     pub kafka: KafkaMetrics,
     pub web: WebMetrics,
+    pub relay: RelayMetrics,
+    pub intake: IntakeMetrics,
     pub store: StoreMetrics,
     pub supervisor: SupervisorMetrics,
     pub http: HttpMetrics,
+    pub retention: RetentionMetrics,
 }
 
 /// Metrics of the HTTP listeners (`web.listen`, `metrics.listen`) and the readiness checks.
@@ -336,6 +411,44 @@ impl HttpMetrics {
     }
 }
 
+/// Metrics of retention on the event-file bus: what is on disk and what was deleted.
+#[derive(Clone)]
+pub struct RetentionMetrics {
+    /// `pleiades_file_bus_bytes`: bytes the segment files take on disk.
+    pub bus_bytes: IntGauge,
+    pub segments: IntGauge,
+    /// `pleiades_file_oldest_event_timestamp_seconds`: meta.dt of the oldest event kept.
+    pub oldest_event: Gauge,
+    pub deleted: LabelledCounter<DeleteReason>,
+    pub deleted_bytes: IntCounter,
+    /// `pleiades_file_retention_blocked_bytes`: bytes that should be deleted but are not counted.
+    pub blocked_bytes: IntGauge,
+    pub blocked_segments: IntGauge,
+}
+
+/// Metrics of the relay (`/v2/stream/recentchange` on the web role).
+#[derive(Clone)]
+pub struct RelayMetrics {
+    /// `pleiades_relay_clients`: connected clients.
+    pub clients: IntGauge,
+    pub connections: IntCounter,
+    pub dropped: LabelledCounter<RelayDrop>,
+    pub events_sent: IntCounter,
+    pub bytes_sent: IntCounter,
+    /// Events the relay's one reader took from the bus.
+    pub bus_events: IntCounter,
+    /// Clients reading the bus on their own to catch up from an old resume point.
+    pub catching_up: IntGauge,
+}
+
+/// Metrics of the intake (`POST /v1/events`).
+#[derive(Clone)]
+pub struct IntakeMetrics {
+    pub requests: LabelledCounter<IntakeStatus>,
+    pub events: LabelledCounter<IntakeOutcome>,
+    pub schema_failures: LabelledCounter<Rule>,
+}
+
 /// Metrics of the counter store, whoever uses it.
 #[derive(Clone)]
 pub struct StoreMetrics {
@@ -351,6 +464,8 @@ pub struct StoreMetrics {
     /// `pleiades_redis_reconnects_total`: connections to Redis made after the first; each
     /// begins a new epoch, after which aggregators read their positions again.
     pub reconnects: IntCounter,
+    /// `pleiades_store_reopens_total`: the embedded store reopened after an I/O error.
+    pub reopens: IntCounter,
 }
 
 /// Metrics of the web role.
@@ -416,6 +531,13 @@ pub struct IngestMetrics {
     pub last_event_time: Arc<AtomicI64>,
     pub last_event_timestamp: Gauge,
     pub dedupe_window: IntGauge,
+    /// `pleiades_ingest_write_blocked`: 1 while the bus refuses writes and reading is paused.
+    pub write_blocked: IntGauge,
+    pub write_pauses: IntCounter,
+    /// `pleiades_recv_validated_events_total{schema}`: events checked against their JSON Schema.
+    pub validated: LabelledCounter<SchemaVersion>,
+    /// `pleiades_recv_schema_failures_total{rule}`: events that broke a rule of their schema.
+    pub schema_failures: LabelledCounter<Rule>,
 }
 
 /// Metrics of the event-file bus.
@@ -429,6 +551,9 @@ pub struct FileBusMetrics {
     pub fsync_seconds: Histogram,
     pub segments: IntCounter,
     pub quarantine_bytes: IntCounter,
+    pub compressed_segments: IntCounter,
+    pub compressed_content_bytes: IntCounter,
+    pub compressed_bytes: IntCounter,
 }
 
 /// Metrics of the Kafka bus: the publisher in the ingester, the consumers in the aggregators.
@@ -491,9 +616,12 @@ impl Metrics {
             aggregate: AggregateMetrics::register(r, quarantined, workers)?,
             kafka: KafkaMetrics::register(r, workers)?,
             web: WebMetrics::register(r)?,
+            relay: RelayMetrics::register(r)?,
+            intake: IntakeMetrics::register(r)?,
             store: StoreMetrics::register(r)?,
             supervisor: SupervisorMetrics::register(r)?,
             http: HttpMetrics::register(r)?,
+            retention: RetentionMetrics::register(r)?,
             registry,
         };
         register_build_info(&metrics.registry)?;
@@ -533,6 +661,10 @@ impl IngestMetrics {
             last_event_timestamp: float_gauge(r, "pleiades_ingest_last_event_timestamp_seconds", "meta.dt of the newest event delivered to the bus, in seconds since the epoch")?,
             last_event_time: last_event_time.clone(),
             dedupe_window: gauge(r, "pleiades_ingest_dedupe_window_ids", "meta.ids currently remembered to drop repeats")?,
+            write_blocked: gauge(r, "pleiades_ingest_write_blocked", "1 while the bus refuses writes (a full or failing disk) and reading from upstream is paused")?,
+            write_pauses: counter(r, "pleiades_ingest_write_pauses_total", "Times reading from upstream paused because the bus refused writes")?,
+            validated: LabelledCounter::register(r, "pleiades_recv_validated_events_total", "Events checked against the JSON Schema their $schema names, by the version checked (legacy: the 2018 format)", "schema")?,
+            schema_failures: LabelledCounter::register(r, "pleiades_recv_schema_failures_total", "Events that did not match their JSON Schema, by the first rule broken", "rule")?,
         };
         r.register(Box::new(EventAge::new(last_event_time)?))?;
         Ok(m)
@@ -580,6 +712,35 @@ impl FileBusMetrics {
                 "pleiades_file_quarantine_bytes_total",
                 "Bytes appended to the quarantine file",
             )?,
+            compressed_segments: counter(
+                r,
+                "pleiades_file_compressed_segments_total",
+                "Closed event segments compressed",
+            )?,
+            compressed_content_bytes: counter(
+                r,
+                "pleiades_file_compressed_content_bytes_total",
+                "Bytes of content in the segments compressed",
+            )?,
+            compressed_bytes: counter(
+                r,
+                "pleiades_file_compressed_bytes_total",
+                "Bytes the compressed segments take on disk",
+            )?,
+        })
+    }
+}
+
+impl RetentionMetrics {
+    fn register(r: &Registry) -> Result<Self, prometheus::Error> {
+        Ok(RetentionMetrics {
+            bus_bytes: gauge(r, "pleiades_file_bus_bytes", "Bytes the event segment files take on disk")?,
+            segments: gauge(r, "pleiades_file_bus_segments", "Event segment files on disk")?,
+            oldest_event: float_gauge(r, "pleiades_file_oldest_event_timestamp_seconds", "meta.dt of the oldest event the segments keep, in seconds since the epoch")?,
+            deleted: LabelledCounter::register(r, "pleiades_file_segments_deleted_total", "Counted event segments deleted, by reason (retention, budget)", "reason")?,
+            deleted_bytes: counter(r, "pleiades_file_deleted_bytes_total", "Bytes of event segments deleted")?,
+            blocked_bytes: gauge(r, "pleiades_file_retention_blocked_bytes", "Bytes of segments past file.retention or over file.max_bytes that are kept because they are not counted yet")?,
+            blocked_segments: gauge(r, "pleiades_file_retention_blocked_segments", "Segments past file.retention or over file.max_bytes that are kept because they are not counted yet")?,
         })
     }
 }
@@ -705,6 +866,74 @@ impl WebMetrics {
     }
 }
 
+impl RelayMetrics {
+    fn register(r: &Registry) -> Result<Self, prometheus::Error> {
+        Ok(RelayMetrics {
+            clients: gauge(
+                r,
+                "pleiades_relay_clients",
+                "Clients connected to the relay",
+            )?,
+            connections: counter(
+                r,
+                "pleiades_relay_connections_total",
+                "Relay connections accepted",
+            )?,
+            dropped: LabelledCounter::register(
+                r,
+                "pleiades_relay_clients_dropped_total",
+                "Relay clients disconnected or refused by the server, by reason",
+                "reason",
+            )?,
+            events_sent: counter(
+                r,
+                "pleiades_relay_events_sent_total",
+                "Events sent to relay clients (one per client that received it)",
+            )?,
+            bytes_sent: counter(
+                r,
+                "pleiades_relay_sent_bytes_total",
+                "Bytes of server-sent events written to relay clients",
+            )?,
+            bus_events: counter(
+                r,
+                "pleiades_relay_bus_events_total",
+                "Events the relay's reader took from the bus",
+            )?,
+            catching_up: gauge(
+                r,
+                "pleiades_relay_catching_up_clients",
+                "Relay clients reading the bus on their own to catch up from an old resume point",
+            )?,
+        })
+    }
+}
+
+impl IntakeMetrics {
+    fn register(r: &Registry) -> Result<Self, prometheus::Error> {
+        Ok(IntakeMetrics {
+            requests: LabelledCounter::register(
+                r,
+                "pleiades_intake_requests_total",
+                "Requests to POST /v1/events, by the status answered",
+                "status",
+            )?,
+            events: LabelledCounter::register(
+                r,
+                "pleiades_intake_events_total",
+                "Events posted to the intake, by outcome",
+                "outcome",
+            )?,
+            schema_failures: LabelledCounter::register(
+                r,
+                "pleiades_intake_schema_failures_total",
+                "Posted events that did not match their JSON Schema, by the first rule broken",
+                "rule",
+            )?,
+        })
+    }
+}
+
 impl StoreMetrics {
     fn register(r: &Registry) -> Result<Self, prometheus::Error> {
         Ok(StoreMetrics {
@@ -733,6 +962,11 @@ impl StoreMetrics {
                 r,
                 "pleiades_redis_reconnects_total",
                 "Connections to Redis made after the first; aggregators read their positions again after each",
+            )?,
+            reopens: counter(
+                r,
+                "pleiades_store_reopens_total",
+                "Times the embedded store was reopened after an I/O error latched it",
             )?,
         })
     }

@@ -17,6 +17,23 @@ use tokio_util::sync::CancellationToken;
 
 /// The error a component returns to its supervisor.
 pub type ComponentError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A component's error after which running it again cannot help: another process owns what it
+/// needs (a second ingester refused the event files' lock, or fenced on Kafka). The supervisor
+/// does not restart it; it stops the whole process, which exits 2 with this message, so that a
+/// service manager does not start it again in a loop either.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StopForGood(pub ComponentError);
+
+/// How a supervised component ended for good.
+#[derive(Debug)]
+pub enum Ended {
+    /// It stopped on shutdown.
+    Stopped,
+    /// It returned [`StopForGood`]: the process must stop.
+    Refused(String),
+}
 /// A running component.
 pub type ComponentFuture = Pin<Box<dyn Future<Output = Result<(), ComponentError>> + Send>>;
 /// Builds a fresh run of a component; called once per (re)start. It carries its own context.
@@ -64,15 +81,15 @@ pub struct Supervised {
     policy: RestartPolicy,
     failures: u32,
     started_at: Instant,
-    done: Option<oneshot::Sender<()>>,
+    done: Option<oneshot::Sender<Ended>>,
 }
 
 /// A started component: keep `addr` alive as long as it should be restarted; `done` resolves
-/// once it has stopped for good (after shutdown).
+/// once it has stopped for good (after shutdown, or refused).
 pub struct Running {
     pub name: &'static str,
     pub addr: Addr<Supervised>,
-    pub done: oneshot::Receiver<()>,
+    pub done: oneshot::Receiver<Ended>,
 }
 
 /// Starts `factory` under supervision on the current actix arbiter; it runs until `shutdown`.
@@ -105,8 +122,12 @@ pub fn start(
 
 impl Supervised {
     fn finish(&mut self) {
+        self.end(Ended::Stopped);
+    }
+
+    fn end(&mut self, ended: Ended) {
         if let Some(done) = self.done.take() {
-            let _ = done.send(());
+            let _ = done.send(ended);
         }
     }
 
@@ -119,6 +140,14 @@ impl Supervised {
             Ok(Ok(())) => {
                 tracing::info!(component = self.name, "component stopped");
                 self.finish();
+                return;
+            }
+            Ok(Err(e)) if e.is::<StopForGood>() => {
+                let message = e.to_string();
+                tracing::error!(component = self.name, error = %message, "component cannot run here; stopping the process instead of restarting it");
+                self.end(Ended::Refused(message));
+                // Every other component stops too: the process exits with this error.
+                self.shutdown.cancel();
                 return;
             }
             Ok(Err(e)) => e.to_string(),
@@ -196,18 +225,29 @@ mod tests {
         assert_eq!(p.delay(u32::MAX), Duration::from_secs(1));
     }
 
-    #[test]
-    fn failures_and_panics_are_restarted_and_counted() {
+    /// Runs `test` inside an actix system on a multi-threaded runtime, as the daemon does.
+    fn on_actix_system(test: impl std::future::Future<Output = ()>) {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
-        let system = actix_rt::System::with_tokio_rt(move || runtime);
-        system.block_on(async {
-            let metrics = Metrics::new(1).unwrap();
-            let shutdown = CancellationToken::new();
-            let runs = Arc::new(AtomicU32::new(0));
+        actix_rt::System::with_tokio_rt(move || runtime).block_on(test);
+    }
+
+    /// Metrics, a shutdown token and a run counter for one supervised component.
+    fn fixture() -> (Metrics, CancellationToken, Arc<AtomicU32>) {
+        (
+            Metrics::new(1).unwrap(),
+            CancellationToken::new(),
+            Arc::new(AtomicU32::new(0)),
+        )
+    }
+
+    #[test]
+    fn failures_and_panics_are_restarted_and_counted() {
+        on_actix_system(async {
+            let (metrics, shutdown, runs) = fixture();
             let counter = runs.clone();
             let stop = shutdown.clone();
             let factory: ComponentFactory = Arc::new(move || {
@@ -242,6 +282,38 @@ mod tests {
                 .unwrap();
             assert_eq!(runs.load(Ordering::SeqCst), 3);
             assert_eq!(metrics.supervisor.restarts.get(Component::Live), 2);
+        });
+    }
+
+    #[test]
+    fn a_component_that_stops_for_good_is_not_restarted_and_stops_the_rest() {
+        on_actix_system(async {
+            let (metrics, shutdown, runs) = fixture();
+            let counter = runs.clone();
+            let factory: ComponentFactory = Arc::new(move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async {
+                    Err(Box::new(StopForGood("held by pid 7".into())) as ComponentError)
+                })
+            });
+            let running = start(
+                Component::Ingest,
+                factory,
+                shutdown.clone(),
+                metrics.supervisor.clone(),
+                RestartPolicy::default(),
+            );
+            let ended = tokio::time::timeout(Duration::from_secs(10), running.done)
+                .await
+                .expect("the component ended")
+                .unwrap();
+            assert!(
+                matches!(&ended, Ended::Refused(m) if m == "held by pid 7"),
+                "{ended:?}"
+            );
+            assert!(shutdown.is_cancelled(), "the process is told to stop");
+            assert_eq!(runs.load(Ordering::SeqCst), 1);
+            assert_eq!(metrics.supervisor.restarts.get(Component::Ingest), 0);
         });
     }
 }

@@ -7,7 +7,7 @@ const DAY_SECONDS = 86400;
 const TREND_DAYS = 366;
 const $ = (id) => document.getElementById(id);
 const fmt = new Intl.NumberFormat();
-const state = { today: null, selected: null, live: null, days: [] };
+const state = { today: null, selected: null, live: null, days: [], feed: null };
 
 const FAMILIES = [
   ["Wikidata", /^wikidatawiki$/], ["Commons", /^commonswiki$/], ["Wiktionary", /wiktionary$/],
@@ -212,6 +212,60 @@ function follow() {
   source.onerror = () => { status.textContent = "reconnecting…"; status.classList.remove("on"); };
 }
 
+// The live feed: recent changes from the relay (/v2/stream/recentchange), filtered on the
+// server by wiki. The browser's EventSource resumes by itself with Last-Event-ID.
+const FEED_ROWS = 25;
+
+function sizeChange(change) {
+  const length = change.length;
+  if (!length || typeof length !== "object") return null;
+  return (Number(length.new) || 0) - (Number(length.old) || 0);
+}
+
+function addChange(change) {
+  const list = $("feed");
+  const li = document.createElement("li");
+  li.dataset.wiki = String(change.wiki || "");
+  li.dataset.id = String((change.meta && change.meta.id) || "");
+  const title = document.createElement(change.meta && /^https?:\/\//.test(change.meta.uri || "") ? "a" : "span");
+  title.className = "title";
+  title.textContent = change.title || (change.log_type ? `log: ${change.log_type}` : "(untitled)");
+  if (title.tagName === "A") { title.href = change.meta.uri; title.rel = "noopener noreferrer"; }
+  const wiki = document.createElement("span");
+  wiki.className = "wiki";
+  wiki.textContent = change.wiki || "";
+  const user = document.createElement("span");
+  user.className = "user";
+  user.textContent = change.user || "";
+  if (change.bot === true) user.textContent += " (bot)";
+  const delta = document.createElement("span");
+  const bytes = sizeChange(change);
+  delta.className = `delta ${bytes > 0 ? "up" : bytes < 0 ? "down" : ""}`;
+  delta.textContent = bytes === null ? "" : `${bytes > 0 ? "+" : ""}${fmt.format(bytes)}`;
+  li.dataset.delta = bytes === null ? "" : String(bytes);
+  li.append(title, wiki, user, delta);
+  list.prepend(li);
+  while (list.children.length > FEED_ROWS) list.lastElementChild.remove();
+  document.body.dataset.feedEvents = String(Number(document.body.dataset.feedEvents || 0) + 1);
+}
+
+function followFeed(wikis) {
+  if (state.feed) state.feed.close();
+  $("feed").replaceChildren();
+  document.body.dataset.feedEvents = "0";
+  document.body.dataset.feedFilter = wikis;
+  const status = $("feed-status");
+  status.textContent = "connecting…";
+  const query = wikis ? `?wiki=${encodeURIComponent(wikis)}` : "";
+  const source = new EventSource(`/v2/stream/recentchange${query}`);
+  state.feed = source;
+  source.onopen = () => { status.textContent = wikis ? `live · ${wikis}` : "live · all wikis"; status.classList.add("on"); };
+  source.onmessage = (event) => {
+    try { addChange(JSON.parse(event.data)); } catch (err) { /* not an event: skip it */ }
+  };
+  source.onerror = () => { status.textContent = "reconnecting…"; status.classList.remove("on"); };
+}
+
 async function main() {
   state.today = String(Math.floor(Date.now() / 1000 / DAY_SECONDS));
   const requested = new URLSearchParams(location.search).get("day");
@@ -227,6 +281,11 @@ async function main() {
     showMessage(`The API could not be read: ${err.message}`);
   }
   follow();
+  $("feed-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    followFeed($("feed-wiki").value.split(",").map((w) => w.trim()).filter(Boolean).join(","));
+  });
+  followFeed("");
 }
 
 main();

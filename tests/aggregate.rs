@@ -113,13 +113,7 @@ async fn whole_pipeline(choice: StoreChoice) -> (TestScope, u16) {
 }
 
 fn bus_segment_count(dir: &std::path::Path) -> usize {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter(|e| e.path().extension().is_some_and(|x| x == "jsonl"))
-                .count()
-        })
-        .unwrap_or(0)
+    segment_files(dir).len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -86,6 +86,7 @@ impl Harness {
                 ..Readiness::default()
             },
             live,
+            relay: None,
         };
         Harness {
             metrics,

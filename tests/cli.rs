@@ -35,6 +35,29 @@ fn check_config_accepts_the_shipped_file_and_the_defaults() {
 }
 
 #[test]
+fn pleiades_config_names_the_file_when_no_flag_does() {
+    let scope = TestScope::new();
+    scope.write_file("elsewhere.toml", "[web]\nlisten = \"nowhere\"\n");
+    // The variable is read in place of ./pleiades.toml, for the original personalities too.
+    for args in [&["check-config"][..], &["ingest"][..]] {
+        let (code, _, err) = pleiades(&scope, args, &[("PLEIADES_CONFIG", "elsewhere.toml")]);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(
+            err.contains("elsewhere.toml") && err.contains("web.listen"),
+            "{err}"
+        );
+    }
+    // --config wins over it.
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/pleiades.toml");
+    let (code, out, err) = pleiades(
+        &scope,
+        &["check-config", "--config", shipped],
+        &[("PLEIADES_CONFIG", "elsewhere.toml")],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[test]
 fn every_problem_is_reported_with_its_key_and_exit_2() {
     let scope = TestScope::new();
     scope.write_file(

@@ -1,6 +1,7 @@
 //! The dashboard in a real browser: Debian's headless Chromium, driven through chromedriver over
 //! the WebDriver protocol, loads the page the daemon serves, shows the stored numbers, receives
-//! live updates without a reload, and leaves a screenshot in `target/test-artifacts/`.
+//! live updates without a reload, follows the relay's live feed (the browser's own EventSource)
+//! with a wiki filter, and leaves a screenshot in `target/test-artifacts/`.
 
 mod common;
 
@@ -235,6 +236,62 @@ async fn the_dashboard_shows_the_stored_numbers_and_updates_live() {
         .as_i64()
         .expect("a number");
     assert!(later > first);
+
+    // The live feed shows the changes arriving, read by the browser's EventSource from the
+    // relay; each row is the event it says it is.
+    browser
+        .wait_for(
+            "the live feed",
+            "return Number(document.body.dataset.feedEvents || 0) >= 5",
+            Duration::from_secs(30),
+        )
+        .await;
+    let by_id: std::collections::HashMap<String, Value> = lines
+        .iter()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["meta"]["id"].as_str().unwrap().to_owned(), v)
+        })
+        .collect();
+    let rows = browser
+        .eval("return [...document.querySelectorAll('#feed li')].map(li => ({id: li.dataset.id, wiki: li.dataset.wiki, title: li.querySelector('.title').textContent, user: li.querySelector('.user').textContent}))")
+        .await;
+    let rows = rows.as_array().expect("feed rows");
+    assert!(rows.len() >= 5, "{rows:?}");
+    for row in rows {
+        let event = &by_id[row["id"].as_str().expect("an id")];
+        assert_eq!(row["wiki"], event["wiki"], "{row}");
+        if let Some(title) = event["title"].as_str() {
+            assert_eq!(row["title"], title, "{row}");
+        }
+        assert!(row["user"]
+            .as_str()
+            .unwrap()
+            .starts_with(event["user"].as_str().unwrap_or("")));
+    }
+    // Filtered by wiki on the server: only that wiki's changes are shown.
+    let mut wikis: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for event in by_id.values() {
+        *wikis
+            .entry(event["wiki"].as_str().unwrap_or(""))
+            .or_default() += 1;
+    }
+    let wiki = wikis
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .unwrap()
+        .0
+        .to_owned();
+    browser
+        .eval(&format!("document.getElementById('feed-wiki').value = '{wiki}'; document.getElementById('feed-form').requestSubmit(); return true"))
+        .await;
+    browser
+        .wait_for(
+            "the feed filtered by wiki",
+            &format!("const rows = [...document.querySelectorAll('#feed li')]; return document.body.dataset.feedFilter === '{wiki}' && rows.length >= 2 && rows.every(li => li.dataset.wiki === '{wiki}')"),
+            Duration::from_secs(30),
+        )
+        .await;
 
     // Once everything is counted, the page shows exactly what the API (the store) holds.
     wait_for_metric(

@@ -123,16 +123,7 @@ async fn kill_9_at_random_moments_neither_loses_nor_doubles() {
     );
     let bus = bus_lines(&bus_dir);
     assert_exactly_once(&bus, &expected);
-    let segments = std::fs::read_dir(&bus_dir)
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .path()
-                .extension()
-                .is_some_and(|x| x == "jsonl")
-        })
-        .count();
+    let segments = segment_files(&bus_dir).len();
     println!(
         "{kills} kills, {} events exactly once across {segments} segments",
         bus.len()
@@ -324,4 +315,124 @@ async fn since_starts_at_a_point_in_time_when_there_is_nothing_to_resume() {
         None,
         "the first connection asks by time, not by id"
     );
+}
+
+/// Recorded events made to break their schema in ways the basic validity check (a JSON object
+/// with a readable meta.dt) lets through: the rule each one breaks, and the event.
+fn schema_breakers() -> Vec<(&'static str, String)> {
+    let recorded = recorded_lines();
+    let mutate = |n: usize, id: &str, change: &dyn Fn(&mut serde_json::Value)| {
+        let mut v: serde_json::Value = serde_json::from_str(&recorded[n]).unwrap();
+        v["meta"]["id"] = serde_json::Value::from(id);
+        change(&mut v);
+        v.to_string()
+    };
+    vec![
+        ("type", mutate(1, "bad-bot", &|v| v["bot"] = "yes".into())),
+        (
+            "type",
+            mutate(2, "bad-namespace", &|v| v["namespace"] = "0".into()),
+        ),
+        (
+            "required",
+            mutate(3, "no-stream", &|v| {
+                v["meta"].as_object_mut().unwrap().remove("stream");
+            }),
+        ),
+        (
+            "format",
+            mutate(4, "spaced-dt", &|v| {
+                v["meta"]["dt"] = "2024-05-01 10:00:00Z".into()
+            }),
+        ),
+        (
+            "schema",
+            mutate(5, "unknown-schema", &|v| {
+                v["$schema"] = "/mediawiki/recentchange/7.0.0".into()
+            }),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_quarantine_mode_events_breaking_their_schema_are_kept_out_and_not_counted() {
+    let mut scope = TestScope::new();
+    // Both formats (the whole of each passes: see the unit tests of pleiades::schema).
+    let valid: Vec<String> = recorded_lines().into_iter().take(981).collect();
+    let mut lines = valid.clone();
+    let breakers = schema_breakers();
+    lines.extend(breakers.iter().map(|(_, line)| line.clone()));
+    let upstream = scope
+        .replay(replay_options(vec![write_events(&scope, &lines)]))
+        .await
+        .addr;
+    let (metrics, web) = (TestScope::free_port(), TestScope::free_port());
+    let mut config = all_roles_config(upstream, metrics, web);
+    config.ingest.validate = pleiades::config::ValidateMode::Quarantine;
+    config.store.path = scope.path("counters.db");
+    scope.write_config(&config);
+    scope.spawn(&["--config", "pleiades.toml"]);
+    let expected = oracle(&valid);
+    wait_for_metric(
+        metrics,
+        "pleiades_aggregator_event_count_total",
+        Duration::from_secs(120),
+        |v| v >= expected.events as f64,
+    )
+    .await;
+    wait_for_metric(
+        metrics,
+        "pleiades_quarantined_events_total{reason=\"schema\",role=\"ingest\"}",
+        Duration::from_secs(30),
+        |v| v >= breakers.len() as f64,
+    )
+    .await;
+    let scraped = scrape(metrics).await.expect("metrics");
+    for rule in ["type", "required", "format", "schema"] {
+        let want = breakers.iter().filter(|(r, _)| *r == rule).count() as f64;
+        assert_eq!(
+            scraped[&format!("pleiades_recv_schema_failures_total{{rule=\"{rule}\"}}")],
+            want,
+            "{rule}"
+        );
+    }
+    assert_eq!(
+        scraped["pleiades_recv_validated_events_total{schema=\"legacy\"}"],
+        300.0
+    );
+    // Every recorded event passed: only the five breakers are in quarantine, each naming its rule.
+    let quarantine =
+        std::fs::read_to_string(scope.path("events/quarantine/quarantine.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = quarantine
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), breakers.len(), "{quarantine}");
+    for ((rule, line), record) in breakers.iter().zip(&records) {
+        assert_eq!(record["reason"], "schema");
+        assert_eq!(record["data"].as_str(), Some(line.as_str()));
+        assert!(
+            record["error"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("{rule} at /")),
+            "{record}"
+        );
+    }
+    // Not on the bus, not counted: the store holds exactly the recorded events.
+    let on_bus: std::collections::HashSet<String> = bus_lines(&scope.path("events"))
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect();
+    assert!(breakers.iter().all(|(_, line)| {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        !on_bus.contains(v["meta"]["id"].as_str().unwrap())
+    }));
+    let totals: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{web}/api/totals"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(counters_of(&totals), expected.all_time);
 }

@@ -1,6 +1,7 @@
 //! Operations: the systemd unit and its sd_notify conversation, the Prometheus rules and a live
-//! scrape through promtool, the Kubernetes manifests through a schema validator, and the Grafana
-//! dashboard and alerts referring only to metrics the binary exports.
+//! scrape through promtool, the Kubernetes manifests through a schema validator and against the
+//! image, the ports and the probe paths of the daemon, and the Grafana dashboard and alerts
+//! referring only to metrics the binary exports.
 
 mod common;
 
@@ -44,7 +45,7 @@ fn systemd_accepts_the_unit() {
     let path = scope.path("pleiades.service");
     std::fs::write(
         &path,
-        unit.replace("/usr/local/bin/pleiades", env!("CARGO_BIN_EXE_pleiades")),
+        unit.replace("/usr/bin/pleiades", env!("CARGO_BIN_EXE_pleiades")),
     )
     .unwrap();
     let (code, output) = run("systemd-analyze", &["verify", path.to_str().unwrap()]);
@@ -83,7 +84,7 @@ fn the_unit_is_hardened_to_an_exposure_of_1_0() {
     let path = scope.path("pleiades.service");
     std::fs::write(
         &path,
-        unit.replace("/usr/local/bin/pleiades", env!("CARGO_BIN_EXE_pleiades")),
+        unit.replace("/usr/bin/pleiades", env!("CARGO_BIN_EXE_pleiades")),
     )
     .unwrap();
     // The threshold is the exposure times ten: exit 0 means 1.0 or lower.
@@ -191,7 +192,7 @@ fn promtool_accepts_the_alerting_rules_and_the_scrape_config() {
         &["check", "rules", "deploy/prometheus/alerts.yml"],
     );
     assert_eq!(code, 0, "{output}");
-    assert!(output.contains("SUCCESS: 15 rules found"), "{output}");
+    assert!(output.contains("SUCCESS: 18 rules found"), "{output}");
     let (code, output) = run(
         "promtool",
         &["check", "config", "deploy/prometheus/prometheus.yml"],
@@ -262,6 +263,228 @@ fn the_kubernetes_configurations_pass_check_config() {
         assert_eq!(code, 0, "{name}:\n{body}\n{output}");
         assert!(output.contains("roles: ["), "{output}");
     }
+}
+
+/// Every document of every manifest in deploy/kubernetes, with its file name.
+fn kubernetes_documents() -> Vec<(String, serde_json::Value)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(Path::new(ROOT).join("deploy/kubernetes"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    let mut documents = Vec::new();
+    for file in files {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(&file).unwrap();
+        for document in serde_norway::Deserializer::from_str(&text) {
+            let value: serde_json::Value =
+                serde::Deserialize::deserialize(document).unwrap_or_else(|e| panic!("{name}: {e}"));
+            documents.push((name.clone(), value));
+        }
+    }
+    documents
+}
+
+/// The arguments of the Dockerfile's last `<instruction>` line (the runtime stage's).
+fn dockerfile(instruction: &str) -> String {
+    let text = std::fs::read_to_string(Path::new(ROOT).join("Dockerfile")).unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix(instruction))
+        .filter_map(|rest| rest.strip_prefix(' '))
+        .next_back()
+        .unwrap_or_else(|| panic!("no {instruction} in the Dockerfile"))
+        .trim()
+        .to_owned()
+}
+
+/// What a pod's probes ask, and of which listener (true: web.listen, false: metrics.listen).
+type Probe = (String, bool);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manifests_run_the_built_image_on_its_ports_with_probes_the_daemon_serves() {
+    let mut scope = TestScope::new();
+    // The build tags the image pleiades:<version>, as the documented commands say, and labels
+    // it with that version.
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(dockerfile("ARG"), format!("VERSION={version}"));
+    let image = format!("pleiades:{version}");
+    let steps = std::fs::read_to_string(Path::new(ROOT).join("deploy/README.md")).unwrap();
+    for step in [
+        format!("docker build . -t {image}"),
+        format!("kind load docker-image {image}"),
+        format!(
+            "buildah push {image} oci-archive:pleiades-{version}.tar:docker.io/library/{image}"
+        ),
+    ] {
+        assert!(steps.contains(&step), "deploy/README.md lacks `{step}`");
+    }
+    let image_user = dockerfile("USER");
+    let (uid, gid) = image_user.split_once(':').expect("USER uid:gid");
+    let (uid, gid): (i64, i64) = (uid.parse().unwrap(), gid.parse().unwrap());
+    let exposed: BTreeSet<u16> = dockerfile("EXPOSE")
+        .split_whitespace()
+        .map(|p| p.parse().expect("a port"))
+        .collect();
+    let workdir = dockerfile("WORKDIR");
+
+    let documents = kubernetes_documents();
+    let configs: std::collections::HashMap<String, String> = documents
+        .iter()
+        .filter(|(_, d)| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "pleiades")
+        .flat_map(|(_, d)| d["data"].as_object().unwrap().clone())
+        .map(|(k, v)| (k, v.as_str().unwrap().to_owned()))
+        .collect();
+    let mut probes: BTreeSet<Probe> = BTreeSet::new();
+    let mut pod_ports: std::collections::HashMap<String, BTreeSet<String>> = Default::default();
+    let mut containers = 0;
+    for (file, document) in documents.iter().filter(|(_, d)| d["kind"] == "Deployment") {
+        let name = document["metadata"]["name"].as_str().unwrap();
+        let pod = &document["spec"]["template"]["spec"];
+        let security = &pod["securityContext"];
+        assert_eq!(security["runAsNonRoot"], true, "{file}");
+        assert_eq!(security["runAsUser"], uid, "{file}: the image's user");
+        assert_eq!(security["runAsGroup"], gid, "{file}: the image's group");
+        assert_eq!(
+            security["seccompProfile"]["type"], "RuntimeDefault",
+            "{file}"
+        );
+        for container in pod["containers"].as_array().unwrap() {
+            assert_eq!(container["image"], image.as_str(), "{file}");
+            containers += 1;
+            let security = &container["securityContext"];
+            assert_eq!(security["readOnlyRootFilesystem"], true, "{file}");
+            assert_eq!(security["allowPrivilegeEscalation"], false, "{file}");
+            assert_eq!(
+                security["capabilities"]["drop"],
+                serde_json::json!(["ALL"]),
+                "{file}"
+            );
+            for kind in ["requests", "limits"] {
+                assert!(
+                    container["resources"][kind]["memory"].is_string(),
+                    "{file}: no memory {kind}"
+                );
+            }
+            // The configuration the pod runs, from the ConfigMap.
+            let args: Vec<&str> = container["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap())
+                .collect();
+            let path = match args.as_slice() {
+                ["--config", path] => *path,
+                other => panic!("{file}: args {other:?}"),
+            };
+            let key = path
+                .strip_prefix("/etc/pleiades/")
+                .expect("the ConfigMap's mount");
+            let written = scope.write_file(key, &configs[key]);
+            let config = pleiades::config::load(&pleiades::config::Sources {
+                file: Some(&written),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("{key}: {e}"));
+            // Named ports are the ones the daemon listens on, on every interface.
+            let mut ports = std::collections::HashMap::new();
+            for port in container["ports"].as_array().unwrap() {
+                let port_name = port["name"].as_str().unwrap().to_owned();
+                let number = port["containerPort"].as_u64().unwrap() as u16;
+                let listen = match port_name.as_str() {
+                    "http" => config.web.listen,
+                    "metrics" => config.metrics.listen,
+                    other => panic!("{file}: an unknown port {other}"),
+                };
+                assert_eq!(number, listen.port(), "{file}: port {port_name} of {key}");
+                assert!(listen.ip().is_unspecified(), "{key} listens on {listen}");
+                assert!(exposed.contains(&number), "{file}: {number} is not EXPOSEd");
+                if port_name == "http" {
+                    assert!(config.web.enabled, "{file}: http without the web role");
+                }
+                ports.insert(port_name, number);
+            }
+            assert!(
+                ports.contains_key("metrics"),
+                "{file}: every host serves metrics"
+            );
+            pod_ports
+                .entry(name.to_owned())
+                .or_default()
+                .extend(ports.keys().cloned());
+            for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+                let get = &container[probe]["httpGet"];
+                assert_eq!(get["path"], path, "{file}: {probe}");
+                let port = get["port"].as_str().unwrap();
+                assert!(ports.contains_key(port), "{file}: {probe} on port {port}");
+                probes.insert((path.to_owned(), port == "http"));
+            }
+            // A writable volume only where state lives: these roles keep theirs in Kafka and
+            // Redis, so only the read-only configuration is mounted.
+            let local_state = (config.ingest.enabled
+                && config.ingest.publisher == pleiades::config::BusKind::File)
+                || (config.aggregate.enabled
+                    && config.aggregate_source() == pleiades::config::BusKind::File)
+                || ((config.aggregate.enabled || config.web.enabled)
+                    && config.store.kind == pleiades::config::StoreKind::Embedded);
+            let mounts = container["volumeMounts"].as_array().unwrap();
+            let state_mounted = mounts.iter().any(|m| m["mountPath"] == workdir.as_str());
+            assert_eq!(local_state, state_mounted, "{file}: state volume");
+            for volume in pod["volumes"].as_array().unwrap() {
+                let state = mounts
+                    .iter()
+                    .any(|m| m["name"] == volume["name"] && m["mountPath"] == workdir.as_str());
+                assert!(
+                    state || volume["configMap"].is_object(),
+                    "{file}: writable volume {volume} outside the state directory"
+                );
+            }
+        }
+    }
+    assert_eq!(containers, 3, "ingest, aggregate and web");
+    // Services reach the pods on ports the pods name.
+    for (file, service) in documents.iter().filter(|(_, d)| d["kind"] == "Service") {
+        let name = service["metadata"]["name"].as_str().unwrap();
+        let Some(ports) = pod_ports.get(name) else {
+            continue;
+        };
+        for port in service["spec"]["ports"].as_array().unwrap() {
+            let target = port["targetPort"].as_str().unwrap();
+            assert!(ports.contains(target), "{file}: {name} targets {target}");
+        }
+    }
+    // The kind cluster maps the web Service's node port to the host.
+    let kind =
+        std::fs::read_to_string(Path::new(ROOT).join("deploy/kind/kind-cluster.yaml")).unwrap();
+    let kind: serde_json::Value = serde_norway::from_str(&kind).unwrap();
+    let node_port = documents
+        .iter()
+        .find(|(_, d)| d["kind"] == "Service" && d["metadata"]["name"] == "pleiades-web")
+        .map(|(_, d)| d["spec"]["ports"][0]["nodePort"].clone())
+        .expect("the web Service");
+    assert_eq!(
+        kind["nodes"][0]["extraPortMappings"][0]["containerPort"],
+        node_port
+    );
+
+    // The daemon answers every probe path on the listener the probe asks.
+    let lines: Vec<String> = recorded_lines().into_iter().take(20).collect();
+    let events = scope.path("upstream.jsonl");
+    std::fs::write(&events, lines.join("\n")).unwrap();
+    let upstream = scope.replay(replay_options(vec![events])).await.addr;
+    let (metrics, web) = (TestScope::free_port(), TestScope::free_port());
+    scope.write_config(&all_roles_config(upstream, metrics, web));
+    scope.spawn(&["--config", "pleiades.toml"]);
+    for (path, on_web) in &probes {
+        let port = if *on_web { web } else { metrics };
+        let url = format!("http://127.0.0.1:{port}{path}");
+        wait_until(Duration::from_secs(20), &url, async || {
+            let status = reqwest::get(&url).await.ok()?.status();
+            (status == 200).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(probes.len(), 4, "{probes:?}");
 }
 
 #[test]

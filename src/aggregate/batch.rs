@@ -3,7 +3,7 @@
 //! the metrics and the handling of a batch the store refuses.
 
 use super::AggregateError;
-use crate::bus::{Quarantine, QuarantineRecord, Record};
+use crate::bus::{Quarantine, QuarantineRecord, Record, Source};
 use crate::config::AggregateConfig;
 use crate::counters::{Deltas, Scratch, Tally};
 use crate::event::RejectReason;
@@ -147,8 +147,13 @@ impl Counting {
                 id = ?record.sse_id.chars().take(200).collect::<String>(),
                 "an event on the bus cannot be counted; quarantined"
             );
+            let at = match record.source {
+                Source::Segment(n) => format!("segment {n} byte {}", record.start),
+                Source::Partition(p) => format!("partition {p} offset {}", record.start),
+            };
+            // Found at a place on the bus: read again after a crash, it is kept once.
             self.quarantine
-                .write(&QuarantineRecord::new(reason, error, &record.sse_id, data))
+                .write(&QuarantineRecord::new(reason, error, &record.sse_id, data).found_at(at))
                 .await?;
         }
         Ok(())
@@ -162,6 +167,8 @@ impl Counting {
         if pending.is_empty() {
             return Ok(Applied::Counted);
         }
+        // The batch's quarantined records must be on disk before the store moves past them.
+        self.quarantine.sync().await?;
         let started = Instant::now();
         let applied = self.store_call(self.store.apply(&pending.batch)).await?;
         self.metrics

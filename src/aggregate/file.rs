@@ -5,7 +5,8 @@
 
 use super::batch::{BatchPolicy, Counting, Pending};
 use super::{AggregateError, AggregateSettings};
-use crate::bus::file::{segments, source_key, SegmentReader};
+use crate::bus::file::compressed::compressed_path;
+use crate::bus::file::{segment_len, segments, source_key, SegmentReader};
 use crate::bus::Quarantine;
 use crate::config::FileConfig;
 use crate::metrics::AggregateMetrics;
@@ -133,7 +134,13 @@ impl FileAggregator {
         live: bool,
     ) -> Result<bool, AggregateError> {
         let key = source_key(number);
-        let length = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        // The content's length, whichever form the segment is in (compressed or not).
+        let length = match segment_len(path) {
+            Ok(length) => length,
+            // Deleted by retention since it was listed: it was counted.
+            Err(_) if !path.exists() && !compressed_path(path).exists() => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
         let stored = match self.positions.get(&number) {
             Some(known) => *known,
             None => {

@@ -129,12 +129,14 @@ impl KafkaAggregator {
             return Ok(());
         };
         if missing > 0 {
-            self.kafka_metrics.retention_gap.inc_by(missing);
-            tracing::error!(
+            // Offsets a committed reader never sees: transaction markers, and the messages of
+            // an aborted transaction (an ingester fenced mid-way). Retention deletes from the
+            // start of a partition only, and that loss is recorded on assignment (`begin`).
+            tracing::trace!(
                 partition = p,
                 from = offset - missing as i64,
                 to = offset,
-                "offsets missing from the topic; their events cannot be counted"
+                "offsets without a committed message passed over"
             );
         }
         let Some(pending) = self.pending.get_mut(&p) else {

@@ -8,6 +8,7 @@
 //! their bus; events that cannot be published or counted become one [`QuarantineRecord`] type.
 
 pub mod file;
+pub mod handoff;
 pub mod kafka;
 mod quarantine;
 
@@ -18,6 +19,7 @@ pub use quarantine::{
 use crate::config::BusSettings;
 use crate::metrics::Metrics;
 use std::borrow::Cow;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -188,6 +190,16 @@ impl Publisher {
         }
     }
 
+    /// Waits until everything published so far is safe: at once on files (written and synced
+    /// as `file.fsync` says before `publish` returned); on Kafka, until the brokers acknowledged
+    /// it. False when `limit` passed first.
+    pub async fn settle(&mut self, limit: Duration) -> Result<bool, BusError> {
+        match self {
+            Publisher::File(_) => Ok(true),
+            Publisher::Kafka(publisher) => Ok(publisher.settle_all(limit).await?),
+        }
+    }
+
     /// Makes everything published durable before the writer goes away: files are synced;
     /// Kafka waits (a few seconds at most) for the brokers' acknowledgements.
     pub async fn close(&mut self) -> Result<(), BusError> {
@@ -211,6 +223,7 @@ impl Quarantine {
             BusSettings::File(config) => Quarantine::File(file::QuarantineFile::new(
                 &config.dir,
                 &format!("aggregate-{worker}.jsonl"),
+                file::QuarantinePolicy::of(config),
             )),
             BusSettings::Kafka(config) => {
                 Quarantine::Kafka(kafka::QuarantineProducer::new(config.clone()))
@@ -227,6 +240,53 @@ impl Quarantine {
             }
             Quarantine::Kafka(producer) => Ok(producer.write(record).await?),
         }
+    }
+
+    /// Makes the records kept so far durable as `file.fsync` says for the end of a batch: a
+    /// reader calls it before the store moves past them. (Kafka records are acknowledged as
+    /// they are written.)
+    pub async fn sync(&mut self) -> Result<(), BusError> {
+        match self {
+            Quarantine::File(file) => Ok(tokio::task::block_in_place(|| file.sync_batch())?),
+            Quarantine::Kafka(_) => Ok(()),
+        }
+    }
+}
+
+impl BusError {
+    /// True when the bus is there but refuses data (a full or failing disk): the writer pauses
+    /// and tries again instead of starting over.
+    pub fn is_write_failure(&self) -> bool {
+        matches!(self, BusError::File(e) if e.is_write_failure())
+    }
+}
+
+/// Something wrong with the bus now, and what: set by the component that finds it (the ingester
+/// while the disk refuses its writes, retention while uncounted segments keep the bus over its
+/// limits), read by `/readyz`. Cheap to clone; every clone is the same state.
+#[derive(Debug, Clone, Default)]
+pub struct Trouble(Arc<Mutex<Option<String>>>);
+
+impl Trouble {
+    /// Records what is wrong; true when nothing was before (a change of state).
+    pub fn set(&self, reason: String) -> bool {
+        match self.0.lock() {
+            Ok(mut state) => state.replace(reason).is_none(),
+            Err(_) => false,
+        }
+    }
+
+    /// Records that all is well; true when something was wrong before.
+    pub fn clear(&self) -> bool {
+        match self.0.lock() {
+            Ok(mut state) => state.take().is_some(),
+            Err(_) => false,
+        }
+    }
+
+    /// What is wrong now, if anything.
+    pub fn reason(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|state| state.clone())
     }
 }
 

@@ -26,6 +26,10 @@ pub struct QuarantineRecord<'a> {
     pub id: &'a str,
     /// The data exactly as received (as a string), at most [`QUARANTINE_DATA_BYTES`].
     pub data: &'a str,
+    /// Where on the bus a reader found it (`segment <n> byte <p>`, `partition <n> offset <o>`);
+    /// absent for the ingester's records.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
 }
 
 impl<'a> QuarantineRecord<'a> {
@@ -57,7 +61,39 @@ impl<'a> QuarantineRecord<'a> {
             error,
             id: kept_id,
             data: kept_data,
+            at: None,
         }
+    }
+
+    /// The same record, found by a reader at `at` on the bus.
+    pub fn found_at(mut self, at: String) -> Self {
+        self.at = Some(at);
+        self
+    }
+
+    /// What makes two records the same: where a reader found it, its id and its data, not when
+    /// or why. A resume overlap repeats the id and data; a batch read again repeats the place.
+    pub fn key(&self) -> u64 {
+        record_key(self.at.as_deref(), self.id, self.data)
+    }
+
+    /// The [`QuarantineRecord::key`] of one written line; `None` when it is not a record.
+    pub fn key_of_line(line: &[u8]) -> Option<u64> {
+        #[derive(serde::Deserialize)]
+        struct Written<'a> {
+            #[serde(borrow)]
+            id: std::borrow::Cow<'a, str>,
+            #[serde(borrow)]
+            data: std::borrow::Cow<'a, str>,
+            #[serde(borrow, default)]
+            at: Option<std::borrow::Cow<'a, str>>,
+        }
+        let written: Written<'_> = serde_json::from_slice(line).ok()?;
+        Some(record_key(
+            written.at.as_deref(),
+            &written.id,
+            &written.data,
+        ))
     }
 
     /// The record as one JSON line, without the newline.
@@ -65,6 +101,14 @@ impl<'a> QuarantineRecord<'a> {
         // A struct of strings always serialises.
         serde_json::to_vec(self).unwrap_or_default()
     }
+}
+
+fn record_key(at: Option<&str>, id: &str, data: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same in every run, so keys read back from a file match.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (at, id, data).hash(&mut hasher);
+    hasher.finish()
 }
 
 /// `text` cut to at most `limit` bytes at a character boundary, and whether it was cut.
@@ -99,6 +143,27 @@ mod tests {
         assert!(record.error.contains("data cut to"), "{}", record.error);
         let v: serde_json::Value = serde_json::from_slice(&record.to_json()).unwrap();
         assert_eq!(v["reason"], "not_json");
+    }
+
+    #[test]
+    fn a_record_read_back_has_the_key_it_was_written_with() {
+        let record = QuarantineRecord::new(RejectReason::NotJson, "e", "[1]", "x\"y");
+        assert_eq!(
+            QuarantineRecord::key_of_line(&record.to_json()),
+            Some(record.key())
+        );
+        let placed = record.clone().found_at("segment 3 byte 10".into());
+        assert_ne!(placed.key(), record.key());
+        assert_eq!(
+            QuarantineRecord::key_of_line(&placed.to_json()),
+            Some(placed.key())
+        );
+        let later = QuarantineRecord::new(RejectReason::BadTime, "other", "[1]", "x\"y");
+        assert_eq!(
+            later.key(),
+            record.key(),
+            "time and reason do not make a new record"
+        );
     }
 
     #[test]

@@ -106,6 +106,7 @@ pub fn load(sources: &Sources<'_>) -> Result<Config, ConfigError> {
         store: section(&merged, "store", &mut problems),
         redis: section(&merged, "redis", &mut problems),
         web: section(&merged, "web", &mut problems),
+        intake: section(&merged, "intake", &mut problems),
         metrics: section(&merged, "metrics", &mut problems),
         log: section(&merged, "log", &mut problems),
     };
@@ -449,6 +450,33 @@ mod tests {
     }
 
     #[test]
+    fn the_bounds_of_the_event_files_are_checked_by_key() {
+        let config = load_toml(
+            "[file]\nretention = \"7days\"\nmax_bytes = 1073741824\nsegment_bytes = 1048576\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.file.retention, Duration::from_secs(7 * 86_400));
+        let p = problems(load_toml(
+            "[file]\nmax_bytes = 1000000\nquarantine_max_bytes = 10\nretention = \"0s\"\n",
+            &[],
+        ));
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "file.max_bytes",
+            "file.quarantine_max_bytes",
+            "file.retention",
+        ] {
+            assert!(keys.contains(&key), "{key} not named in {p:?}");
+        }
+        let p = problems(load_toml(
+            "[kafka]\ntransactional_id = \" ingest\"\n[ingest]\npublisher = \"kafka\"\n",
+            &[],
+        ));
+        assert!(p.iter().any(|p| p.key == "kafka.transactional_id"), "{p:?}");
+    }
+
+    #[test]
     fn durations_parse_and_zero_is_refused() {
         let config = load_toml(
             "[ingest]\nresume_rewind = \"2s\"\nstall_timeout = \"1m\"\n",
@@ -622,6 +650,52 @@ mod tests {
         );
         // A host that uses files never checks the Kafka section.
         assert!(load_toml("[kafka]\npartitions = 0\n", &[]).is_ok());
+    }
+
+    #[test]
+    fn intake_and_relay_keys_are_checked_by_key() {
+        // Beyond loopback without a token, or without the ingester to publish through.
+        let p = problems(load_toml(
+            "[ingest]\nenabled = false\nvalidate = \"strict\"\n[intake]\nlisten = \"0.0.0.0:8090\"\n",
+            &[],
+        ));
+        assert_named(&p, &["ingest.validate"]);
+        let p = problems(load_toml(
+            "[ingest]\nenabled = false\n[intake]\nlisten = \"0.0.0.0:8090\"\nmax_body_bytes = 10\n[web]\nrelay_buffer_events = 1\n",
+            &[],
+        ));
+        assert_named(
+            &p,
+            &[
+                "intake.listen",
+                "intake.token",
+                "intake.max_body_bytes",
+                "web.relay_buffer_events",
+            ],
+        );
+        let p = problems(load_toml(
+            "[intake]\nlisten = \"127.0.0.1:9000\"\n",
+            &[("PLEIADES_INTAKE__TOKEN", "bad\ntoken")],
+        ));
+        assert_named(&p, &["intake.listen", "intake.token"]);
+        // A token from the environment opens the way beyond loopback.
+        let config = load_toml(
+            "[intake]\nlisten = \"0.0.0.0:8090\"\n",
+            &[("PLEIADES_INTAKE__TOKEN", "t0ken")],
+        )
+        .unwrap();
+        assert_eq!(config.intake.token, "t0ken");
+        // A relay on Kafka needs the Kafka section even on a host without Kafka roles.
+        let p = problems(load_toml(
+            "[ingest]\nenabled = false\n[aggregate]\nenabled = false\n[web]\nrelay_source = \"kafka\"\n[kafka]\nbrokers = \"\"\n",
+            &[],
+        ));
+        assert_named(&p, &["kafka.brokers"]);
+        assert!(load_toml(
+            "[web]\nrelay_max_clients = 0\nrelay_source = \"kafka\"\n[kafka]\nbrokers = \"\"\n",
+            &[]
+        )
+        .is_ok());
     }
 
     #[test]

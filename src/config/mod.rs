@@ -34,6 +34,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub redis: RedisConfig,
     pub web: WebConfig,
+    pub intake: IntakeConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
 }
@@ -46,6 +47,18 @@ pub enum BusKind {
     File,
     /// A Kafka topic: many hosts.
     Kafka,
+}
+
+/// What the ingester does with an event that does not match the JSON Schema its `$schema` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ValidateMode {
+    /// Count it per rule, log it (once per rule and minute) and publish it all the same.
+    Warn,
+    /// Keep it in quarantine with the schema error; it is never counted.
+    Quarantine,
+    /// Do not check events against their schema.
+    Off,
 }
 
 /// The `[ingest]` section: the one connection to the upstream stream.
@@ -96,6 +109,10 @@ pub struct IngestConfig {
     /// happened. Events from the past are accepted as they are.
     #[serde(with = "humantime_serde")]
     pub max_future_skew: Duration,
+    /// Check every event against the `mediawiki/recentchange` JSON Schema its `$schema` names
+    /// (1.0.0 or 1.0.1; the 2018 format as legacy): `"warn"` counts and logs failures and
+    /// publishes the event, `"quarantine"` keeps failures in quarantine, `"off"` checks nothing.
+    pub validate: ValidateMode,
 }
 
 impl Default for IngestConfig {
@@ -116,6 +133,7 @@ impl Default for IngestConfig {
             connect_timeout: Duration::from_secs(15),
             max_retry_after: Duration::from_secs(300),
             max_future_skew: Duration::from_secs(300),
+            validate: ValidateMode::Warn,
         }
     }
 }
@@ -150,6 +168,19 @@ pub struct FileConfig {
     /// With `fsync = "interval"`: the longest time written data may wait for a sync.
     #[serde(with = "humantime_serde")]
     pub fsync_interval: Duration,
+    /// Closed segments whose newest event is older than this (in event time: behind the newest
+    /// event on the bus) are deleted, once every aggregator has counted them.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// The disk budget of the segments: while they take more bytes than this, the oldest
+    /// counted ones are deleted. Uncounted events are never deleted: a bus over budget because
+    /// counting is stuck is reported (metric, log, alert, `/readyz`), not emptied.
+    pub max_bytes: u64,
+    /// The most bytes all quarantine files together may hold; the oldest rotated pieces go.
+    pub quarantine_max_bytes: u64,
+    /// How often retention looks at the segments (on hosts that aggregate the event files).
+    #[serde(with = "humantime_serde")]
+    pub retention_interval: Duration,
 }
 
 impl Default for FileConfig {
@@ -159,6 +190,10 @@ impl Default for FileConfig {
             segment_bytes: 64 * 1024 * 1024,
             fsync: FsyncPolicy::Batch,
             fsync_interval: Duration::from_secs(1),
+            retention: Duration::from_secs(30 * 86_400),
+            max_bytes: 20 * 1024 * 1024 * 1024,
+            quarantine_max_bytes: 256 * 1024 * 1024,
+            retention_interval: Duration::from_secs(10),
         }
     }
 }
@@ -185,6 +220,12 @@ pub struct KafkaConfig {
     /// full, reading from upstream pauses until the brokers catch up (backpressure), so a broker
     /// outage costs time, never memory or events.
     pub buffer_bytes: u64,
+    /// The ingester's transactional producer id; empty (the default) publishes without
+    /// transactions. With an id, an ingester that starts fences the one that held it (that one
+    /// stops, exit 2): the newest wins and the topic never gets an event twice, and readers see
+    /// committed events only. Every ingester of a deployment then uses the same id; to move the
+    /// ingest role, start it on the new host, and the old one stops by itself.
+    pub transactional_id: String,
     /// Passed to librdkafka unchanged (SASL, TLS, timeouts, …), for producers and consumers.
     /// Pleiades sets `acks`, `enable.idempotence`, `bootstrap.servers` and `group.id` itself.
     pub properties: BTreeMap<String, String>,
@@ -201,6 +242,8 @@ impl KafkaConfig {
         "acks",
         "request.required.acks",
         "enable.auto.offset.store",
+        "transactional.id",
+        "isolation.level",
     ];
 }
 
@@ -214,6 +257,7 @@ impl Default for KafkaConfig {
             quarantine_topic: "pleiades-quarantine".to_owned(),
             group: "pleiades-aggregators".to_owned(),
             buffer_bytes: 64 * 1024 * 1024,
+            transactional_id: String::new(),
             properties: BTreeMap::new(),
         }
     }
@@ -352,6 +396,22 @@ pub struct WebConfig {
     /// answer; a connection that sends none is closed after it (this is also the idle timeout).
     #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
+    /// The relay (`GET /v2/stream/recentchange`, the bus as EventStreams-compatible server-sent
+    /// events) serves at most this many clients at once and answers 503 beyond; 0 turns it off.
+    pub relay_max_clients: usize,
+    /// The bus the relay serves: `"file"` or `"kafka"`; unset means the bus `ingest.publisher`
+    /// names (a web-only host on Kafka sets `ingest.publisher = "kafka"` and `[kafka]`).
+    pub relay_source: Option<BusKind>,
+    /// Recent events the relay keeps in memory, shared by every client. A client that falls this
+    /// many events behind is disconnected as too slow; one that resumes from further back reads
+    /// the bus on its own until it has caught up.
+    pub relay_buffer_events: usize,
+    /// A comment is sent on relay connections this often, so that proxies keep idle ones open.
+    #[serde(with = "humantime_serde")]
+    pub relay_heartbeat: Duration,
+    /// How often the relay looks for new events in the event files (Kafka delivers them).
+    #[serde(with = "humantime_serde")]
+    pub relay_poll_interval: Duration,
 }
 
 impl Default for WebConfig {
@@ -363,6 +423,49 @@ impl Default for WebConfig {
             live_interval: Duration::from_secs(1),
             live_max_clients: 256,
             max_connections: 1024,
+            header_timeout: Duration::from_secs(10),
+            relay_max_clients: 1000,
+            relay_source: None,
+            relay_buffer_events: 4096,
+            relay_heartbeat: Duration::from_secs(15),
+            relay_poll_interval: Duration::from_millis(20),
+        }
+    }
+}
+
+/// The `[intake]` section: `POST /v1/events`, EventGate's HTTP side, for wikis of your own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntakeConfig {
+    /// Accept events at `POST /v1/events` on this address; unset means no intake. Accepted
+    /// events are handed to this host's ingester, the one writer of the bus, so the ingest role
+    /// must run here too.
+    pub listen: Option<SocketAddr>,
+    /// The bearer token every request must carry (`Authorization: Bearer <token>`); best set
+    /// from the environment as `PLEIADES_INTAKE__TOKEN`. Empty means none, which is allowed
+    /// only on a loopback address.
+    pub token: String,
+    /// The largest request body accepted, in bytes; larger ones are refused with 413.
+    pub max_body_bytes: u64,
+    /// How long a request waits for the ingester to publish its events before answering 503.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Connections held open at most (the oldest idle one is closed to make room, as on
+    /// `web.max_connections`).
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers; idle connections are closed after it.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+}
+
+impl Default for IntakeConfig {
+    fn default() -> Self {
+        IntakeConfig {
+            listen: None,
+            token: String::new(),
+            max_body_bytes: 4 * 1024 * 1024,
+            timeout: Duration::from_secs(10),
+            max_connections: 256,
             header_timeout: Duration::from_secs(10),
         }
     }
@@ -470,6 +573,18 @@ impl Config {
     pub fn uses_files(&self) -> bool {
         (self.ingest.enabled && self.ingest.publisher == BusKind::File)
             || (self.aggregate.enabled && self.aggregate_source() == BusKind::File)
+    }
+
+    /// The bus the web role's relay serves, when this host runs it.
+    pub fn relay_bus(&self) -> Option<BusKind> {
+        (self.web.enabled && self.web.relay_max_clients > 0)
+            .then(|| self.web.relay_source.unwrap_or(self.ingest.publisher))
+    }
+
+    /// True when this host's configuration needs the `[kafka]` section: a role or the relay
+    /// reads or writes the topic.
+    pub fn needs_kafka(&self) -> bool {
+        self.uses_kafka() || self.relay_bus() == Some(BusKind::Kafka)
     }
 
     /// The bus aggregators read, resolving "same as the publisher".

@@ -1,7 +1,9 @@
 //! Validation: every key checked on its own terms, each section by itself, so that a value that
 //! parses but cannot work is reported with its key before anything starts.
 
-use super::{Config, FileConfig, IngestConfig, KafkaConfig, RedisConfig, StoreKind, WebConfig};
+use super::{
+    Config, FileConfig, IngestConfig, IntakeConfig, KafkaConfig, RedisConfig, StoreKind, WebConfig,
+};
 use std::time::Duration;
 
 /// One thing wrong with the configuration.
@@ -53,7 +55,7 @@ impl Config {
         let mut p = Problems::default();
         self.ingest.validate(&mut p);
         self.file.validate(&mut p);
-        if self.uses_kafka() {
+        if self.needs_kafka() {
             self.kafka.validate(&mut p);
         }
         let a = &self.aggregate;
@@ -68,6 +70,7 @@ impl Config {
             ("web.live_interval", self.web.live_interval),
             ("web.header_timeout", self.web.header_timeout),
             ("metrics.header_timeout", self.metrics.header_timeout),
+            ("intake.header_timeout", self.intake.header_timeout),
         ]);
         p.at_least("web.max_connections", self.web.max_connections as u64, 1);
         p.at_least("web.live_max_clients", self.web.live_max_clients as u64, 1);
@@ -76,11 +79,19 @@ impl Config {
             self.metrics.max_connections as u64,
             1,
         );
+        p.at_least(
+            "intake.max_connections",
+            self.intake.max_connections as u64,
+            1,
+        );
         if self.store.kind == StoreKind::Redis {
             self.redis.validate(&mut p);
         }
         if self.web.enabled {
             self.web.validate(self, &mut p);
+        }
+        if self.intake.listen.is_some() {
+            self.intake.validate(self, &mut p);
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             p.bad(
@@ -142,8 +153,26 @@ impl IngestConfig {
 
 impl FileConfig {
     fn validate(&self, p: &mut Problems) {
-        p.positive(&[("file.fsync_interval", self.fsync_interval)]);
+        p.positive(&[
+            ("file.fsync_interval", self.fsync_interval),
+            ("file.retention", self.retention),
+            ("file.retention_interval", self.retention_interval),
+        ]);
         p.at_least("file.segment_bytes", self.segment_bytes, 4096);
+        p.at_least(
+            "file.quarantine_max_bytes",
+            self.quarantine_max_bytes,
+            1024 * 1024,
+        );
+        if self.max_bytes < self.segment_bytes.saturating_mul(2) {
+            p.bad(
+                "file.max_bytes",
+                format!(
+                    "{} cannot hold the segment being written and a closed one: make it at least twice file.segment_bytes ({})",
+                    self.max_bytes, self.segment_bytes
+                ),
+            );
+        }
         if self.dir.as_os_str().is_empty() {
             p.bad("file.dir", "must not be empty");
         }
@@ -163,6 +192,12 @@ impl KafkaConfig {
             if value.is_empty() {
                 p.bad(key, "must not be empty");
             }
+        }
+        if self.transactional_id != self.transactional_id.trim() {
+            p.bad(
+                "kafka.transactional_id",
+                "must not start or end with spaces",
+            );
         }
         if self.quarantine_topic == self.topic {
             p.bad(
@@ -255,5 +290,60 @@ impl WebConfig {
                 ),
             );
         }
+        if self.relay_max_clients > 0 {
+            p.at_least(
+                "web.relay_buffer_events",
+                self.relay_buffer_events as u64,
+                16,
+            );
+            p.positive(&[
+                ("web.relay_heartbeat", self.relay_heartbeat),
+                ("web.relay_poll_interval", self.relay_poll_interval),
+            ]);
+        }
+    }
+}
+
+impl IntakeConfig {
+    fn validate(&self, config: &Config, p: &mut Problems) {
+        let Some(listen) = self.listen else {
+            return;
+        };
+        if !config.ingest.enabled {
+            p.bad(
+                "intake.listen",
+                "the intake hands events to this host's ingester, the one writer of the bus: enable ingest here (ingest.enabled = true)",
+            );
+        }
+        for (key, other) in [
+            (
+                "web.listen",
+                config.web.enabled.then_some(config.web.listen),
+            ),
+            ("metrics.listen", Some(config.metrics.listen)),
+        ] {
+            if other == Some(listen) {
+                p.bad(
+                    "intake.listen",
+                    format!("{listen} is also {key}; give each its own port"),
+                );
+            }
+        }
+        if self.token.is_empty() && !listen.ip().is_loopback() {
+            p.bad(
+                "intake.token",
+                format!("must be set when intake.listen ({listen}) is beyond loopback: anyone who can reach it could publish events"),
+            );
+        }
+        if !self.token.is_empty()
+            && reqwest::header::HeaderValue::from_str(&format!("Bearer {}", self.token)).is_err()
+        {
+            p.bad(
+                "intake.token",
+                "contains characters not allowed in an HTTP header",
+            );
+        }
+        p.at_least("intake.max_body_bytes", self.max_body_bytes, 1024);
+        p.positive(&[("intake.timeout", self.timeout)]);
     }
 }

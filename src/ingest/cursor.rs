@@ -40,6 +40,11 @@ impl DedupeWindow {
         true
     }
 
+    /// True when `id` is remembered (it was delivered recently).
+    pub fn contains(&self, id: &str) -> bool {
+        self.seen.contains(id)
+    }
+
     /// How many ids are remembered now.
     pub fn len(&self) -> usize {
         self.order.len()

@@ -8,8 +8,10 @@
 pub mod client;
 pub mod cursor;
 pub mod sse;
+pub mod validation;
 
-use crate::bus::{BusError, Outgoing, Publisher, QuarantineRecord};
+use crate::bus::handoff::{HandoffReceiver, Outcome, Submission};
+use crate::bus::{BusError, Outgoing, Published, Publisher, QuarantineRecord, Trouble};
 use crate::config::{self, BusSettings, IngestConfig};
 use crate::event::RejectReason;
 use crate::metrics::{Anomaly, Disconnect, IngestMetrics};
@@ -20,8 +22,15 @@ use futures_util::StreamExt;
 use sse::{SseEvent, SseParser, SseStats};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::{mpsc, OwnedMutexGuard};
+use validation::{Validation, Verdict};
 
-/// What stops the ingester. Upstream trouble is not here: it is retried, never fatal.
+/// How long the ingester waits for the bus to make events posted to the intake safe (Kafka:
+/// acknowledged) before answering that it could not.
+const INTAKE_SETTLE_LIMIT: Duration = Duration::from_secs(5);
+
+/// What stops the ingester. Upstream trouble is not here: it is retried, never fatal; nor is a
+/// full disk under the event files: the ingester waits for it.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error(transparent)]
@@ -30,6 +39,31 @@ pub enum IngestError {
     Config(String),
     #[error(transparent)]
     Client(ConnectError),
+    #[error(transparent)]
+    Schema(#[from] crate::schema::CompileError),
+}
+
+/// How long a paused ingester waits before it tries the bus again.
+const WRITE_RETRY: Duration = Duration::from_secs(1);
+
+/// A write to the bus that may have to wait for the disk.
+enum Write<'a, 'b> {
+    Publish(&'a [Outgoing<'b>]),
+    Quarantine(&'a QuarantineRecord<'b>),
+    Tick,
+}
+
+impl IngestError {
+    /// True when another ingester owns the bus: running again cannot help.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            IngestError::Bus(BusError::File(e)) => {
+                matches!(e, crate::bus::file::FileBusError::Locked { .. })
+            }
+            IngestError::Bus(BusError::Kafka(e)) => e.is_fenced(),
+            _ => false,
+        }
+    }
 }
 
 /// What the ingester is configured with: its section and the bus it publishes to.
@@ -62,11 +96,19 @@ pub struct Ingester {
     since_ms: Option<i64>,
     /// The reconnection time the server last asked for with `retry:`.
     server_retry: Option<Duration>,
+    /// Set while the bus refuses writes (read by `/readyz`).
+    write_blocked: Trouble,
+    validation: Validation,
+    /// Events posted to the intake of this host, published between upstream chunks.
+    intake: Option<OwnedMutexGuard<mpsc::Receiver<Submission>>>,
 }
 
 impl Ingester {
     /// Opens the bus and rebuilds the cursor from its tail.
-    pub async fn start(ctx: &ComponentContext<IngestSettings>) -> Result<Self, IngestError> {
+    pub async fn start(
+        ctx: &ComponentContext<IngestSettings>,
+        write_blocked: Trouble,
+    ) -> Result<Self, IngestError> {
         let config = Arc::new(ctx.config.ingest.clone());
         let window = config.dedupe_window;
         let (bus, tail) =
@@ -93,6 +135,7 @@ impl Ingester {
             .and_then(config::parse_since);
         let metrics = ctx.metrics.ingest.clone();
         metrics.dedupe_window.set(cursor.window.len() as i64);
+        let validation = Validation::new(config.validate, metrics.clone())?;
         Ok(Ingester {
             config,
             metrics,
@@ -101,11 +144,16 @@ impl Ingester {
             upstream,
             since_ms,
             server_retry: None,
+            write_blocked,
+            validation,
+            intake: None,
         })
     }
 
-    /// Streams until shutdown, reconnecting as Wikimedia asks. Returns only on shutdown or when
-    /// the bus cannot be written (then the supervisor restarts it).
+    /// Streams until shutdown, reconnecting as Wikimedia asks. A disk that refuses the bus's
+    /// writes pauses it (see [`Ingester::write`]); it returns only on shutdown or on another bus
+    /// failure (then the supervisor restarts it, or stops the process when another ingester
+    /// owns the bus).
     pub async fn run(mut self, ctx: ComponentContext<IngestSettings>) -> Result<(), IngestError> {
         let c = self.config.clone();
         let mut backoff = Backoff::new(c.backoff_initial, c.backoff_max);
@@ -161,9 +209,8 @@ impl Ingester {
                     delay
                 }
             };
-            tokio::select! {
-                _ = ctx.shutdown.cancelled() => break,
-                _ = tokio::time::sleep(delay) => {}
+            if !self.wait_serving_intake(delay, &ctx).await? {
+                break;
             }
         }
         self.bus.close().await?;
@@ -196,6 +243,116 @@ impl Ingester {
             .max(self.server_retry.unwrap_or(Duration::ZERO))
     }
 
+    /// Waits `delay` (a backoff) while publishing what the intake hands over; false when
+    /// shutdown came first.
+    async fn wait_serving_intake(
+        &mut self,
+        delay: Duration,
+        ctx: &ComponentContext<IngestSettings>,
+    ) -> Result<bool, IngestError> {
+        let wake = tokio::time::sleep(delay);
+        tokio::pin!(wake);
+        loop {
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => return Ok(false),
+                _ = &mut wake => return Ok(true),
+                Some(submission) = next_submission(&mut self.intake) => {
+                    self.accept(submission, &ctx.shutdown).await?;
+                }
+            }
+        }
+    }
+
+    /// Publishes events posted to the intake: the same dedupe by `meta.id` as upstream events,
+    /// then the answer once the bus holds them safely. They carry the cursor's SSE id, so that
+    /// the tail of the bus still names where upstream resumes, and they never move the cursor.
+    async fn accept(
+        &mut self,
+        submission: Submission,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), IngestError> {
+        let events = &submission.events;
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; events.len()];
+        let mut fresh = Vec::new();
+        let mut in_batch = std::collections::HashSet::new();
+        for (index, event) in events.iter().enumerate() {
+            if self.cursor.window.contains(&event.id) || !in_batch.insert(event.id.as_str()) {
+                outcomes[index] = Some(Outcome::Repeat);
+            } else {
+                fresh.push(index);
+            }
+        }
+        let sse_id = self.cursor.last_id.clone().unwrap_or_default();
+        let outgoing: Vec<Outgoing<'_>> = fresh
+            .iter()
+            .map(|&index| Outgoing {
+                sse_id: &sse_id,
+                data: &events[index].data,
+                key: Some(&events[index].id),
+                time_ms: events[index].time_ms,
+            })
+            .collect();
+        // Through `write`, like upstream events: a disk that refuses them pauses the ingester
+        // (and this answer) instead of failing it.
+        let published = match self.write(Write::Publish(&outgoing), shutdown).await {
+            Ok(Some(published)) => published,
+            Ok(None) => {
+                submission.answer(Err(
+                    "shutting down; send them again (repeats are dropped by meta.id)".into(),
+                ));
+                return Ok(());
+            }
+            Err(error) => {
+                submission.answer(Err(error.to_string()));
+                return Err(error);
+            }
+        };
+        drop(outgoing);
+        for (at, reason) in &published.too_large {
+            outcomes[fresh[*at]] = Some(Outcome::Refused(reason.clone()));
+        }
+        // Everything before the first event not handed over was either published or refused.
+        let handed = published.events as usize + published.too_large.len();
+        let settled = match self.bus.settle(INTAKE_SETTLE_LIMIT).await {
+            Ok(settled) => settled,
+            Err(error) => {
+                submission.answer(Err(error.to_string()));
+                return Err(error.into());
+            }
+        };
+        if published.interrupted || !settled {
+            // Whatever was handed over may still reach the bus: it is remembered, so that a
+            // re-sent copy is dropped as a repeat rather than published twice.
+            for &index in fresh.iter().take(handed) {
+                self.cursor.window.insert(&events[index].id);
+            }
+            let why = if settled {
+                "shutting down"
+            } else {
+                "the bus did not acknowledge the events in time"
+            };
+            submission.answer(Err(format!(
+                "{why}; send them again (repeats are dropped by meta.id)"
+            )));
+            return Ok(());
+        }
+        for &index in fresh.iter().take(handed) {
+            if outcomes[index].is_none() {
+                self.cursor.window.insert(&events[index].id);
+                outcomes[index] = Some(Outcome::Published);
+            }
+        }
+        self.metrics
+            .dedupe_window
+            .set(self.cursor.window.len() as i64);
+        let outcomes = outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(Outcome::Refused("not handed to the bus".into())))
+            .collect();
+        submission.answer(Ok(outcomes));
+        Ok(())
+    }
+
     /// The `Last-Event-ID` to send: the cursor with its timestamps rewound (SPEC §8).
     fn resume_id(&self, rewind: Duration) -> Option<String> {
         let last = self.cursor.last_id.as_deref().filter(|id| !id.is_empty())?;
@@ -220,9 +377,18 @@ impl Ingester {
         } else {
             None
         };
-        let response = tokio::select! {
-            _ = ctx.shutdown.cancelled() => return Ok(Ended::Shutdown),
-            r = self.upstream.open(last_id, since, c.connect_timeout) => r.map_err(StreamError::Connect)?,
+        // The intake is served while connecting too: the attempt is kept across its wake-ups.
+        let upstream = self.upstream.clone();
+        let open = upstream.open(last_id, since, c.connect_timeout);
+        tokio::pin!(open);
+        let response = loop {
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => return Ok(Ended::Shutdown),
+                r = &mut open => break r.map_err(StreamError::Connect)?,
+                Some(submission) = next_submission(&mut self.intake) => {
+                    self.accept(submission, &ctx.shutdown).await.map_err(StreamError::Bus)?;
+                }
+            }
         };
         tracing::info!(peer = %self.upstream.peer(), last_event_id = last_id.unwrap_or("(none)"), since = ?since, "connected to upstream");
         self.metrics.connects.inc();
@@ -251,7 +417,16 @@ impl Ingester {
                 _ = ctx.shutdown.cancelled() => return Ok(Ended::Shutdown),
                 _ = tokio::time::sleep_until(last_progress + stall) => return Ok(Ended::Stalled { delivered, trickled }),
                 _ = bus_timer.tick(), if tick.is_some() => {
-                    self.bus.tick().await.map_err(|e| StreamError::Bus(e.into()))?;
+                    if self.write(Write::Tick, &ctx.shutdown).await.map_err(StreamError::Bus)?.is_none() {
+                        return Ok(Ended::Shutdown);
+                    }
+                    continue;
+                }
+                Some(submission) = next_submission(&mut self.intake) => {
+                    // Time spent publishing for the intake is ours, not upstream's silence.
+                    let started = tokio::time::Instant::now();
+                    self.accept(submission, &ctx.shutdown).await.map_err(StreamError::Bus)?;
+                    last_progress += started.elapsed();
                     continue;
                 }
                 next = body.next() => next,
@@ -343,8 +518,12 @@ impl Ingester {
             let (time_ms, key, canary) = match checked {
                 Ok(head) => (head.time_ms, head.id.map(|id| id.into_owned()), head.canary),
                 Err(invalid) => {
-                    self.quarantine(invalid.reason(), invalid.to_string(), &event, shutdown)
-                        .await?;
+                    if !self
+                        .quarantine(invalid.reason(), invalid.to_string(), &event, shutdown)
+                        .await?
+                    {
+                        return Ok(None);
+                    }
                     continue;
                 }
             };
@@ -353,6 +532,11 @@ impl Ingester {
                     self.metrics.duplicates.inc();
                     continue;
                 }
+            }
+            if let Verdict::Quarantine(error) = self.validation.check(&event.id, &event.data) {
+                self.quarantine(RejectReason::Schema, error.to_string(), &event, shutdown)
+                    .await?;
+                continue;
             }
             if canary {
                 self.metrics.canaries.inc();
@@ -368,12 +552,18 @@ impl Ingester {
                 time_ms: *time_ms,
             })
             .collect();
-        let published = self.bus.publish(&outgoing, shutdown).await?;
+        let Some(published) = self.write(Write::Publish(&outgoing), shutdown).await? else {
+            return Ok(None);
+        };
         drop(outgoing);
         for (index, error) in &published.too_large {
             if let Some((event, _, _)) = accepted.get(*index) {
-                self.quarantine(RejectReason::TooLarge, error.clone(), event, shutdown)
-                    .await?;
+                if !self
+                    .quarantine(RejectReason::TooLarge, error.clone(), event, shutdown)
+                    .await?
+                {
+                    return Ok(None);
+                }
             }
         }
         let refused: std::collections::HashSet<usize> =
@@ -397,19 +587,65 @@ impl Ingester {
         Ok(Some(published.events))
     }
 
-    /// Keeps an event that cannot be published, with the reason, and counts it.
+    /// Keeps an event that cannot be published, with the reason, and counts it; false when
+    /// shutdown came while the bus refused writes.
     async fn quarantine(
         &mut self,
         reason: RejectReason,
         error: String,
         event: &SseEvent,
         shutdown: &tokio_util::sync::CancellationToken,
-    ) -> Result<(), IngestError> {
+    ) -> Result<bool, IngestError> {
         self.metrics.quarantined(reason);
         let record = QuarantineRecord::new(reason, error, &event.id, &event.data);
         tracing::warn!(%reason, error = ?shown(&record.error), id = ?shown(record.id), "quarantined an event");
-        self.bus.quarantine(&record, shutdown).await?;
-        Ok(())
+        Ok(self
+            .write(Write::Quarantine(&record), shutdown)
+            .await?
+            .is_some())
+    }
+
+    /// Performs one bus write. While the disk refuses it (full, failing), reading from upstream
+    /// pauses: the same write is tried again every [`WRITE_RETRY`], nothing moves the cursor,
+    /// and the state is reported (gauge, `/readyz`, one log line per change). `None` when
+    /// shutdown came during a pause.
+    async fn write(
+        &mut self,
+        write: Write<'_, '_>,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<Option<Published>, IngestError> {
+        loop {
+            let result = match &write {
+                Write::Publish(events) => self.bus.publish(events, shutdown).await,
+                Write::Quarantine(record) => self
+                    .bus
+                    .quarantine(record, shutdown)
+                    .await
+                    .map(|()| Published::default()),
+                Write::Tick => self.bus.tick().await.map(|()| Published::default()),
+            };
+            match result {
+                Ok(published) => {
+                    if self.write_blocked.clear() {
+                        self.metrics.write_blocked.set(0);
+                        tracing::info!("the bus takes writes again; reading from upstream resumes");
+                    }
+                    return Ok(Some(published));
+                }
+                Err(e) if e.is_write_failure() => {
+                    if self.write_blocked.set(e.to_string()) {
+                        self.metrics.write_blocked.set(1);
+                        self.metrics.write_pauses.inc();
+                        tracing::error!(error = %e, "the bus refuses writes; reading from upstream is paused until it takes them");
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(None),
+                        _ = tokio::time::sleep(WRITE_RETRY) => {}
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 
@@ -429,8 +665,33 @@ enum StreamError {
     Bus(IngestError),
 }
 
-/// Builds and runs the ingester: the supervised unit of the ingest role.
-pub async fn run(ctx: ComponentContext<IngestSettings>) -> Result<(), IngestError> {
-    let ingester = Ingester::start(&ctx).await?;
+/// The next event batch the intake handed over; pending forever when this host has no intake
+/// (or it has gone).
+async fn next_submission(
+    intake: &mut Option<OwnedMutexGuard<mpsc::Receiver<Submission>>>,
+) -> Option<Submission> {
+    match intake {
+        Some(rx) => {
+            let next = rx.recv().await;
+            if next.is_none() {
+                *intake = None;
+            }
+            next
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Builds and runs the ingester: the supervised unit of the ingest role. `write_blocked` is set
+/// while the bus refuses writes; `intake` is what this host's intake hands over, if it runs.
+pub async fn run(
+    ctx: ComponentContext<IngestSettings>,
+    write_blocked: Trouble,
+    intake: Option<HandoffReceiver>,
+) -> Result<(), IngestError> {
+    let mut ingester = Ingester::start(&ctx, write_blocked).await?;
+    if let Some(intake) = intake {
+        ingester.intake = Some(intake.take().await);
+    }
     ingester.run(ctx).await
 }

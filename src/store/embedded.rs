@@ -6,25 +6,65 @@
 //! the set of days (so listing days reads an index, not the counters), and source positions.
 
 use super::{Applied, Batch, Counters, StoreError};
+use prometheus::IntCounter;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 const COUNTERS: TableDefinition<(i64, &str), i64> = TableDefinition::new("counters");
 const ALL_TIME: TableDefinition<&str, i64> = TableDefinition::new("all_time");
 const DAYS: TableDefinition<i64, u64> = TableDefinition::new("days");
 const POSITIONS: TableDefinition<&str, u64> = TableDefinition::new("positions");
 
+/// How soon after a failed reopen the store tries again.
+const REOPEN_INTERVAL: Duration = Duration::from_millis(500);
+
 /// A handle to the database file; cheap to clone.
+///
+/// redb latches an I/O error (a full or failing disk): every later call on that `Database`
+/// fails with `PreviousIo`, reads included. So a call that fails that way drops the database,
+/// and the next call opens the file again (redb repairs it from its last commit), at most once
+/// per [`REOPEN_INTERVAL`]: counting resumes by itself once the disk takes writes again, with no
+/// restart of the process.
 #[derive(Clone)]
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    db: Arc<RwLock<Option<Arc<Database>>>>,
     path: Arc<PathBuf>,
+    last_reopen: Arc<Mutex<Option<Instant>>>,
+    reopens: IntCounter,
+}
+
+/// True for errors after which redb refuses every call until the database is opened again.
+fn latches(error: &redb::Error) -> bool {
+    matches!(
+        error,
+        redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseClosed
+    )
+}
+
+/// The database's page cache. redb's default (1 GiB) lets resident memory grow with the store,
+/// day after day, for years; the pages counting touches (today's counters, the positions) and
+/// the pages the API reads fit in a small fraction of this.
+const CACHE_BYTES: usize = 32 * 1024 * 1024;
+
+/// Opens (or creates) the database and every table, so that readers never meet a missing one.
+fn open_database(path: &Path) -> Result<Database, redb::Error> {
+    let db = Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .create(path)?;
+    let txn = db.begin_write()?;
+    txn.open_table(COUNTERS)?;
+    txn.open_table(ALL_TIME)?;
+    txn.open_table(DAYS)?;
+    txn.open_table(POSITIONS)?;
+    txn.commit()?;
+    Ok(db)
 }
 
 impl EmbeddedStore {
-    /// Opens (or creates) the database at `path`.
-    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+    /// Opens (or creates) the database at `path`; `reopens` counts reopenings after I/O errors.
+    pub async fn open(path: &Path, reopens: IntCounter) -> Result<Self, StoreError> {
         let owned = path.to_owned();
         let err = |e: String| StoreError::Embedded {
             path: path.display().to_string(),
@@ -33,44 +73,102 @@ impl EmbeddedStore {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| err(e.to_string()))?;
         }
-        let db = tokio::task::spawn_blocking(move || -> Result<Database, redb::Error> {
-            let db = Database::create(&owned)?;
-            // Create every table up front so that readers never meet a missing one.
-            let txn = db.begin_write()?;
-            txn.open_table(COUNTERS)?;
-            txn.open_table(ALL_TIME)?;
-            txn.open_table(DAYS)?;
-            txn.open_table(POSITIONS)?;
-            txn.commit()?;
-            Ok(db)
-        })
-        .await
-        .map_err(|e| err(e.to_string()))?
-        .map_err(|e| err(e.to_string()))?;
+        let db = tokio::task::spawn_blocking(move || open_database(&owned))
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .map_err(|e| err(e.to_string()))?;
         Ok(EmbeddedStore {
-            db: Arc::new(db),
+            db: Arc::new(RwLock::new(Some(Arc::new(db)))),
             path: Arc::new(path.to_owned()),
+            last_reopen: Arc::new(Mutex::new(None)),
+            reopens,
         })
+    }
+
+    fn error(&self, message: String) -> StoreError {
+        StoreError::Embedded {
+            path: self.path.display().to_string(),
+            message,
+        }
+    }
+
+    /// The open database, reopening it when an I/O error made the last one unusable.
+    async fn database(&self) -> Result<Arc<Database>, StoreError> {
+        if let Some(db) = self.db.read().ok().and_then(|slot| slot.clone()) {
+            return Ok(db);
+        }
+        {
+            let Ok(mut last) = self.last_reopen.lock() else {
+                return Err(self.error("the store's state is poisoned".into()));
+            };
+            if last.is_some_and(|at| at.elapsed() < REOPEN_INTERVAL) {
+                return Err(
+                    self.error("an I/O error closed the database; it is reopened shortly".into())
+                );
+            }
+            *last = Some(Instant::now());
+        }
+        let path = self.path.as_ref().clone();
+        let opened = tokio::task::spawn_blocking(move || open_database(&path))
+            .await
+            .map_err(|e| self.error(e.to_string()))?;
+        match opened {
+            Ok(db) => {
+                let db = Arc::new(db);
+                if let Ok(mut slot) = self.db.write() {
+                    *slot = Some(db.clone());
+                }
+                self.reopens.inc();
+                tracing::info!(path = %self.path.display(), "reopened the embedded store after an I/O error");
+                Ok(db)
+            }
+            Err(e) => Err(self.error(format!(
+                "reopening after an I/O error failed (tried again shortly): {e}"
+            ))),
+        }
+    }
+
+    /// Drops `db` after an error that redb latches, so that the next call opens it again.
+    fn discard(&self, db: &Arc<Database>, error: &redb::Error) {
+        if let Ok(mut slot) = self.db.write() {
+            if slot
+                .as_ref()
+                .is_some_and(|current| Arc::ptr_eq(current, db))
+            {
+                *slot = None;
+                tracing::warn!(path = %self.path.display(), %error, "the embedded store hit an I/O error; it will be reopened");
+            }
+        }
     }
 
     async fn blocking<T: Send + 'static>(
         &self,
         work: impl FnOnce(&Database) -> Result<T, redb::Error> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let db = self.db.clone();
-        let path = self.path.display().to_string();
-        let result = tokio::task::spawn_blocking(move || work(&db)).await;
+        let db = self.database().await?;
+        let worker = db.clone();
+        let result = tokio::task::spawn_blocking(move || work(&worker)).await;
         match result {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(StoreError::Embedded {
-                path,
-                message: e.to_string(),
-            }),
-            Err(e) => Err(StoreError::Embedded {
-                path,
-                message: e.to_string(),
-            }),
+            Ok(Err(e)) => {
+                if latches(&e) {
+                    self.discard(&db, &e);
+                }
+                Err(self.error(e.to_string()))
+            }
+            Err(e) => Err(self.error(e.to_string())),
         }
+    }
+
+    /// A real read transaction: what `/readyz` checks.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(POSITIONS)?;
+            table.get("")?;
+            Ok(())
+        })
+        .await
     }
 
     pub async fn position(&self, source: &str) -> Result<u64, StoreError> {

@@ -81,9 +81,9 @@ impl Store {
         metrics: StoreMetrics,
     ) -> Result<Store, StoreError> {
         let backend = match settings {
-            StoreSettings::Embedded(config) => {
-                Backend::Embedded(embedded::EmbeddedStore::open(&config.path).await?)
-            }
+            StoreSettings::Embedded(config) => Backend::Embedded(
+                embedded::EmbeddedStore::open(&config.path, metrics.reopens.clone()).await?,
+            ),
             StoreSettings::Redis(config) => {
                 Backend::Redis(redis::RedisStore::open(config, metrics.clone())?)
             }
@@ -194,10 +194,11 @@ impl Store {
         }
     }
 
-    /// Checks that the store answers.
+    /// Checks that the store answers: a real read (the embedded store's read transaction,
+    /// Redis' PING).
     pub async fn ping(&self) -> Result<(), StoreError> {
         match &self.backend {
-            Backend::Embedded(_) => Ok(()),
+            Backend::Embedded(s) => s.ping().await,
             Backend::Redis(s) => s.ping().await,
         }
     }

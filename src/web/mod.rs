@@ -8,6 +8,7 @@
 pub mod api;
 pub mod assets;
 pub mod live;
+pub mod relay;
 
 use crate::config::WebConfig;
 use crate::health::Readiness;
@@ -32,6 +33,8 @@ pub struct WebParts {
     pub store: Store,
     pub readiness: Readiness,
     pub live: watch::Receiver<String>,
+    /// The relay's hub, when this host serves `/v2/stream/recentchange`.
+    pub relay: Option<Arc<relay::Hub>>,
 }
 
 /// Runs the web server until shutdown. A listener that fails is returned to the supervisor as
@@ -116,6 +119,17 @@ pub fn routes(
         warp::path!("api" / "live")
             .map(move || live_stream(live.clone(), metrics.clone(), max, shutdown.clone()))
     };
+    let relay_route = match parts.relay {
+        Some(hub) => relay::route(hub, ctx.config.relay_heartbeat, ctx.shutdown.clone()).boxed(),
+        None => warp::path!("v2" / "stream" / "recentchange")
+            .map(|| {
+                json(JsonReply::error(
+                    StatusCode::NOT_FOUND,
+                    "the relay is off on this host (web.relay_max_clients = 0)",
+                ))
+            })
+            .boxed(),
+    };
     let assets =
         warp::path::tail().map(|tail: warp::path::Tail| match assets::find(tail.as_str()) {
             Some((kind, body)) => {
@@ -146,6 +160,8 @@ pub fn routes(
         .or(range.boxed())
         .unify()
         .or(live_route.boxed())
+        .unify()
+        .or(relay_route)
         .unify()
         .or(crate::health::routes(parts.readiness, crate::health::Detail::Public).boxed())
         .unify()

@@ -119,6 +119,48 @@ impl TestScope {
         self.children.len() - 1
     }
 
+    /// Starts the real binary with `args` in a user and mount namespace of its own
+    /// (`unshare -Urm`) where each `(directory, bytes)` of `mounts` (relative to the scratch
+    /// directory, created here) is a tmpfs of that size: a small file system the daemon can
+    /// really fill. The test reaches those file systems through [`TestScope::inside`].
+    pub fn spawn_with_small_disks(&mut self, mounts: &[(&str, u64)], args: &[&str]) -> usize {
+        let mut script = String::new();
+        for (dir, bytes) in mounts {
+            std::fs::create_dir_all(self.path(dir)).expect("mount point");
+            script.push_str(&format!("mount -t tmpfs -o size={bytes} tmpfs {dir} && "));
+        }
+        script.push_str("exec \"$0\" \"$@\"");
+        let mut full = vec!["-Urm", "sh", "-c", &script, env!("CARGO_BIN_EXE_pleiades")];
+        full.extend_from_slice(args);
+        self.spawn_program("unshare", &full)
+    }
+
+    /// `path` (relative to the scratch directory) as child `n` sees it, through its mount
+    /// namespace.
+    pub fn inside(&self, n: usize, path: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root", self.children[n].id())).join(
+            self.path(path)
+                .strip_prefix("/")
+                .expect("an absolute scratch path"),
+        )
+    }
+
+    /// Starts `program` with `args` in the scratch directory; logs go to `daemon-N.log`.
+    pub fn spawn_program(&mut self, program: &str, args: &[&str]) -> usize {
+        let log = self.path(&format!("daemon-{}.log", self.children.len()));
+        let log = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(program)
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{program} starts: {e}"));
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
     pub fn child(&mut self, n: usize) -> &mut Child {
         &mut self.children[n]
     }
@@ -211,6 +253,9 @@ pub fn ingest_config(upstream: SocketAddr, metrics_port: u16) -> Config {
     config.ingest.backoff_initial = ms(50);
     config.ingest.backoff_max = ms(500);
     config.ingest.stall_timeout = Duration::from_secs(5);
+    // Retention ages segments in event time, and the recorded events span years: tests that
+    // read the bus afterwards keep everything unless they ask for a retention.
+    config.file.retention = Duration::from_secs(100 * 365 * 86_400);
     config.aggregate.enabled = false;
     config.web.enabled = false;
     config.metrics.listen = loopback(metrics_port);
@@ -313,19 +358,65 @@ pub async fn open_store(settings: &pleiades::config::StoreSettings) -> pleiades:
         .expect("the store opens")
 }
 
-/// Every bus line, in order, read independently of the library: (SSE id, meta.id).
-pub fn bus_lines(dir: &Path) -> Vec<(String, String)> {
+/// The segment files of a bus directory in write order, one per number: plain
+/// (`segment-N.jsonl`) or compressed (`segment-N.jsonl.zst`), found independently of the library.
+pub fn segment_files(dir: &Path) -> Vec<PathBuf> {
     let mut names: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+            .filter(|p| {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                name.starts_with("segment-")
+                    && (name.ends_with(".jsonl") || name.ends_with(".jsonl.zst"))
+            })
             .collect(),
         Err(_) => return Vec::new(),
     };
     names.sort();
+    // A segment being compressed has both forms for an instant: keep the compressed one.
+    names.reverse();
+    names.dedup_by_key(|p| {
+        let name = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_owned();
+        name.trim_end_matches(".zst").to_owned()
+    });
+    names.reverse();
+    names
+}
+
+/// The content of a segment file, decompressed with the standard zstd decoder when it is
+/// compressed (which passes over the seek table); empty when it vanished meanwhile.
+pub fn segment_text(path: &Path) -> String {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if name.ends_with(".zst") {
+        return match std::fs::File::open(path) {
+            Ok(file) => String::from_utf8(zstd::stream::decode_all(file).expect("a zstd segment"))
+                .expect("UTF-8 segment"),
+            Err(_) => String::new(),
+        };
+    }
+    match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        // Compressed since it was listed.
+        Err(_) => {
+            let packed = PathBuf::from(format!("{}.zst", path.display()));
+            if packed.exists() {
+                segment_text(&packed)
+            } else {
+                String::new()
+            }
+        }
+    }
+}
+
+/// Every bus line, in order, read independently of the library: (SSE id, meta.id).
+pub fn bus_lines(dir: &Path) -> Vec<(String, String)> {
     let mut lines = Vec::new();
-    for name in names {
-        let text = std::fs::read_to_string(&name).unwrap_or_default();
+    for name in segment_files(dir) {
+        let text = segment_text(&name);
         for line in text.split_inclusive('\n') {
             if !line.ends_with('\n') {
                 continue; // a partial line does not count yet
@@ -904,14 +995,19 @@ pub fn synthetic_events(count: usize, days: i64) -> Vec<String> {
 /// `count` events made from the recorded ones, each with a new meta.id and a meta.dt in
 /// `[base_ms, base_ms + span_ms)`, `step_ms` apart wrapping round the span.
 pub fn events_within(count: usize, base_ms: i64, span_ms: i64, step_ms: i64) -> Vec<String> {
+    let span = span_ms.max(1);
+    synthetic_events_at(count, |i| base_ms + (i as i64 * step_ms) % span)
+}
+
+/// `count` events made from the recorded ones, event `i` re-stamped with meta.id
+/// `synthetic-<i>` and meta.dt `time_ms(i)`.
+pub fn synthetic_events_at(count: usize, time_ms: impl Fn(usize) -> i64) -> Vec<String> {
     let recorded = recorded_lines();
-    let (base, span) = (base_ms, span_ms.max(1));
     (0..count)
         .map(|i| {
             let mut v: serde_json::Value =
                 serde_json::from_str(&recorded[i % recorded.len()]).expect("recorded JSON");
-            let ms = base + (i as i64 * step_ms) % span;
-            let dt = chrono::DateTime::from_timestamp_millis(ms)
+            let dt = chrono::DateTime::from_timestamp_millis(time_ms(i))
                 .expect("a time")
                 .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
             v["meta"]["id"] = serde_json::Value::from(format!("synthetic-{i}"));
@@ -1056,6 +1152,10 @@ fn topic_reader(brokers: &str) -> rdkafka::consumer::BaseConsumer {
         .set("bootstrap.servers", brokers)
         .set("group.id", "pleiades-tests-reader")
         .set("enable.auto.commit", "false")
+        // Committed messages only; the end of a partition is reported, as its last offsets
+        // may be transaction markers.
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
         .create()
         .expect("a consumer")
 }
@@ -1079,7 +1179,8 @@ fn topic_extent(consumer: &rdkafka::consumer::BaseConsumer, topic: &str) -> Vec<
         .collect()
 }
 
-/// How many messages `topic` holds, from its partitions' watermarks (nothing is read).
+/// How many offsets `topic` holds, from its partitions' watermarks (nothing is read): messages
+/// and transaction markers.
 pub fn topic_len(brokers: &str, topic: &str) -> i64 {
     topic_extent(&topic_reader(brokers), topic)
         .iter()
@@ -1113,6 +1214,10 @@ pub fn read_topic(brokers: &str, topic: &str) -> Vec<TopicMessage> {
         let Some(result) = consumer.poll(Duration::from_millis(500)) else {
             continue;
         };
+        if let Err(rdkafka::error::KafkaError::PartitionEOF(partition)) = &result {
+            ends.remove(partition);
+            continue;
+        }
         let m = result.expect("a message");
         let mut headers = HashMap::new();
         if let Some(h) = m.headers() {
@@ -1143,6 +1248,62 @@ pub fn read_topic(brokers: &str, topic: &str) -> Vec<TopicMessage> {
         started.elapsed()
     );
     messages
+}
+
+/// Fills the file system holding `dir` with a ballast file until it refuses more; returns the
+/// ballast's path (remove it to give the space back).
+pub fn fill_disk(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join("ballast");
+    let mut file = std::fs::File::create(&path).expect("ballast file");
+    let block = vec![0u8; 64 * 1024];
+    loop {
+        match file.write(&block) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(28), "the disk is full (ENOSPC): {e}");
+                break;
+            }
+        }
+    }
+    let _ = file.sync_all();
+    path
+}
+
+/// Whether this machine lets an unprivileged process make a user and mount namespace.
+pub fn namespaces_work() -> bool {
+    Command::new("unshare")
+        .args(["-Urm", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `/readyz` on `port`: the status and the body.
+pub async fn readyz(port: u16) -> (u16, String) {
+    let response = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .expect("readyz answers");
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
+/// Log text without its terminal colour sequences.
+pub fn without_colours(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A process's resident memory in bytes, from /proc.

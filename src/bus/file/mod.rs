@@ -5,12 +5,21 @@
 //! it cuts a torn last line before appending again, so readers ([`SegmentReader`] for one
 //! segment, [`BusReader`] across segments) never see a line that was not written whole. Invalid
 //! events go to files under `quarantine/`, outside the segment namespace.
+//!
+//! A closed segment (a newer one exists) is compressed in the background into
+//! `segment-<20 digits>.jsonl.zst` ([`compressed`]: the zstd seekable layout); its content, and
+//! so every store position in it, stays the same, and every reader reads both forms. The writer
+//! holds an exclusive lock on the directory ([`lock`]), and [`retention`] decides which counted
+//! segments may go.
 
+pub mod compressed;
+pub mod lock;
 mod reader;
+pub mod retention;
 mod writer;
 
-pub use reader::{read_tail, BusReader, Records, SegmentReader};
-pub use writer::{QuarantineFile, SegmentWriter};
+pub use reader::{event_times, read_tail, segment_len, BusReader, Records, SegmentReader};
+pub use writer::{QuarantineFile, QuarantinePolicy, SegmentWriter};
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -34,7 +43,36 @@ pub enum FileBusError {
     },
     #[error("event files: a blocking task failed: {0}")]
     Task(String),
+    #[error("event files: {path} is damaged: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "event files: {dir} is written by another ingester ({holder}); run one ingester per bus"
+    )]
+    Locked { dir: PathBuf, holder: String },
 }
+
+impl FileBusError {
+    /// True when the file was not there: a segment deleted by retention since it was listed.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, FileBusError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+
+    /// True when writing failed on the way to the disk (a full or failing file system), as
+    /// opposed to a bus that cannot be opened: the writer pauses and tries again.
+    pub fn is_write_failure(&self) -> bool {
+        matches!(self, FileBusError::Io { op, .. } if WRITE_OPS.contains(op))
+    }
+}
+
+/// The operations whose failure means the disk refuses data, not that the bus is unusable.
+const WRITE_OPS: &[&str] = &[
+    "append to",
+    "sync",
+    "truncate",
+    "open",
+    "sync directory",
+    "create directory",
+];
 
 pub(crate) fn io_err<'a>(
     op: &'static str,
@@ -75,7 +113,8 @@ pub fn encode_record(id: &str, data: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(b"}\n");
 }
 
-/// The segment files in `dir`, in write order, with their numbers.
+/// The segment files in `dir`, in write order, with their numbers: one path per number, the
+/// compressed one when a compression has just finished and the plain copy is not gone yet.
 pub fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, FileBusError> {
     let mut found: Vec<(u64, PathBuf)> = Vec::new();
     let entries = match std::fs::read_dir(dir) {
@@ -90,17 +129,28 @@ pub fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, FileBusError> {
         }
     }
     found.sort();
+    // Name order puts `….jsonl` before `….jsonl.zst`: keep the later of a pair.
+    found.reverse();
+    found.dedup_by_key(|(seq, _)| *seq);
+    found.reverse();
     Ok(found)
 }
 
-/// The sequence number in a segment file's name.
+/// The sequence number in a segment file's name (plain or compressed).
 pub fn segment_number(path: &Path) -> Option<u64> {
-    path.file_name()?
-        .to_str()?
-        .strip_prefix(SEGMENT_PREFIX)?
+    let name = path.file_name()?.to_str()?;
+    let name = name
+        .strip_suffix(compressed::COMPRESSED_SUFFIX)
+        .unwrap_or(name);
+    name.strip_prefix(SEGMENT_PREFIX)?
         .strip_suffix(SEGMENT_SUFFIX)?
         .parse()
         .ok()
+}
+
+/// True for a compressed segment's path.
+pub fn is_compressed(path: &Path) -> bool {
+    path.extension().is_some_and(|x| x == "zst")
 }
 
 /// The file name of segment `seq`.
@@ -170,6 +220,7 @@ mod tests {
     use crate::config::FileConfig;
     use crate::event::RejectReason;
     use crate::metrics::Metrics;
+    use reader::segment_len;
     use std::io::Write;
 
     fn config(dir: &Path, segment_bytes: u64) -> FileConfig {
@@ -383,5 +434,171 @@ mod tests {
             .map(|r| r.sse_id.into_owned())
             .collect();
         assert_eq!(next, vec!["id90".to_owned()]);
+    }
+
+    /// Every record of the bus from the start, read with [`BusReader`].
+    fn read_everything(dir: &Path) -> Vec<(u64, u64, u64, String)> {
+        let mut reader = BusReader::open(dir, 0, 0).unwrap();
+        let mut all = Vec::new();
+        loop {
+            let records: Vec<_> = reader
+                .read(700)
+                .unwrap()
+                .map(|r| {
+                    let Source::Segment(n) = r.source else {
+                        panic!("a segment")
+                    };
+                    (n, r.start, r.end, r.sse_id.into_owned())
+                })
+                .collect();
+            if records.is_empty() {
+                return all;
+            }
+            all.extend(records);
+        }
+    }
+
+    /// Waits (bounded) until every closed segment of `dir` is compressed.
+    fn wait_for_compression(dir: &Path) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let all = segments(dir).unwrap();
+            if all[..all.len() - 1].iter().all(|(_, p)| is_compressed(p)) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "closed segments were not compressed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn compressed_segments_read_like_plain_ones_with_the_same_positions() {
+        let (dir, metrics, mut writer) = bus(16 * 1024);
+        publish_in(&mut writer, 0, 3000, 7);
+        wait_for_compression(dir.path());
+        let listed = segments(dir.path()).unwrap();
+        assert!(listed.len() > 5, "{listed:?}");
+        assert!(
+            !is_compressed(&listed.last().unwrap().1),
+            "the newest stays plain"
+        );
+        let read = read_everything(dir.path());
+        assert_eq!(read.len(), 3000);
+        let ids: Vec<String> = read.iter().map(|r| r.3.clone()).collect();
+        assert_eq!(ids, (0..3000).map(|n| format!("id{n}")).collect::<Vec<_>>());
+        // Positions are offsets into each segment's content: contiguous from 0 to its length.
+        for (number, path) in &listed {
+            let mine: Vec<_> = read.iter().filter(|r| r.0 == *number).collect();
+            assert_eq!(mine[0].1, 0);
+            for pair in mine.windows(2) {
+                assert_eq!(pair[0].2, pair[1].1);
+            }
+            assert_eq!(mine.last().unwrap().2, segment_len(path).unwrap());
+        }
+        // Reading a compressed segment from a position in its middle starts at that record.
+        let (number, path) = &listed[1];
+        let mine: Vec<_> = read.iter().filter(|r| r.0 == *number).collect();
+        let middle = mine[mine.len() / 2];
+        let mut reader = SegmentReader::open(path, middle.1).unwrap();
+        assert!(reader.is_compressed());
+        let first = reader.read(10).unwrap().next().unwrap();
+        assert_eq!(
+            (first.start, first.sse_id.as_ref()),
+            (middle.1, middle.3.as_str())
+        );
+        let ratio = metrics.file_bus.compressed_content_bytes.get() as f64
+            / metrics.file_bus.compressed_bytes.get() as f64;
+        assert!(ratio > 3.0, "compression ratio {ratio}");
+        // The tail, and so the resume point, reads through compressed segments.
+        let tail = read_tail(dir.path(), 2500).unwrap();
+        assert_eq!(tail.recent_ids.len(), 2500);
+        assert_eq!(tail.last_id.as_deref(), Some("id2999"));
+    }
+
+    #[test]
+    fn a_reader_inside_a_segment_that_gets_compressed_reads_on() {
+        let (dir, _metrics, mut writer) = bus(1 << 20);
+        publish(&mut writer, 0, 200);
+        let (_, path) = segments(dir.path()).unwrap().pop().unwrap();
+        let mut open_before = SegmentReader::open(&path, 0).unwrap();
+        let half: Vec<u64> = open_before.read(4000).unwrap().map(|r| r.end).collect();
+        drop(writer);
+        compressed::compress_segment(&path, compressed::LEVEL).unwrap();
+        assert!(!path.exists());
+        // The reader that had the plain file open reads it to its end.
+        let mut rest = 0;
+        loop {
+            let n = open_before.read(1 << 20).unwrap().count();
+            if n == 0 {
+                break;
+            }
+            rest += n;
+        }
+        assert_eq!(half.len() + rest, 200);
+        // One that was given the plain name after the compression reads the compressed copy.
+        let mut late = SegmentReader::open(&path, *half.last().unwrap()).unwrap();
+        assert!(late.is_compressed());
+        assert_eq!(late.read(1 << 20).unwrap().count(), 200 - half.len());
+    }
+
+    #[test]
+    fn numbering_never_restarts_after_segments_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new(1).unwrap();
+        let newest = {
+            let mut writer =
+                SegmentWriter::open(&config(dir.path(), 4096), metrics.file_bus.clone()).unwrap();
+            publish_in(&mut writer, 0, 200, 5);
+            segment_number(writer.current_segment()).unwrap()
+        };
+        assert!(newest > 3);
+        for (_, path) in segments(dir.path()).unwrap() {
+            std::fs::remove_file(path).unwrap();
+        }
+        let writer =
+            SegmentWriter::open(&config(dir.path(), 4096), metrics.file_bus.clone()).unwrap();
+        assert_eq!(segment_number(writer.current_segment()), Some(newest + 1));
+    }
+
+    #[test]
+    fn quarantine_is_bounded_and_keeps_each_record_once_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = QuarantinePolicy {
+            max_bytes: 1024 * 1024,
+            fsync: crate::config::FsyncPolicy::Batch,
+            fsync_interval: std::time::Duration::from_secs(1),
+        };
+        let data = "x".repeat(900);
+        fn record<'a>(n: usize, id: &'a str, data: &'a str) -> QuarantineRecord<'a> {
+            QuarantineRecord::new(RejectReason::NotJson, format!("e{n}"), id, data)
+        }
+        let ids: Vec<String> = (0..5000).map(|n| format!("[{n}]")).collect();
+        {
+            let mut file = QuarantineFile::new(dir.path(), "quarantine.jsonl", policy);
+            for (n, id) in ids.iter().enumerate() {
+                assert!(file.write(&record(n, id, &data)).unwrap() > 0);
+            }
+            // A resume overlap delivers the newest ones again.
+            for (n, id) in ids.iter().enumerate().skip(4990) {
+                assert_eq!(file.write(&record(n, id, &data)).unwrap(), 0);
+            }
+            file.sync().unwrap();
+        }
+        let total: u64 = std::fs::read_dir(dir.path().join("quarantine"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(total <= policy.max_bytes, "{total} bytes of quarantine");
+        let pieces = std::fs::read_dir(dir.path().join("quarantine"))
+            .unwrap()
+            .count();
+        assert!(pieces > 2, "rotated into {pieces} files");
+        // After a restart the memory is rebuilt from the file: the overlap is still dropped.
+        let mut file = QuarantineFile::new(dir.path(), "quarantine.jsonl", policy);
+        assert_eq!(file.write(&record(4999, &ids[4999], &data)).unwrap(), 0);
+        assert!(file.write(&record(5000, "[5000]", &data)).unwrap() > 0);
     }
 }

@@ -2,32 +2,83 @@
 //! bus in write order from a segment and position ([`BusReader`]), and the tail the ingester
 //! resumes from ([`read_tail`]).
 
-use super::{io_err, segment_number, segments, FileBusError, LineRecord};
+use super::compressed::{self, SeekTable};
+use super::{io_err, is_compressed, segment_number, segments, FileBusError, LineRecord};
 use crate::bus::{BadRecord, Record, Source, Tail};
 use std::borrow::Cow;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-/// Reads whole lines of one segment from a byte position.
+/// A segment's bytes: the open file as written, or a compressed closed segment.
+enum Body {
+    Plain(File),
+    Compressed {
+        file: File,
+        table: SeekTable,
+        /// The frame decompressed last, by index: readers move forward through a frame.
+        frame: Option<(usize, Vec<u8>)>,
+    },
+}
+
+/// The content length of segment file `path` (for a compressed one, what it decompresses to).
+pub fn segment_len(path: &Path) -> Result<u64, FileBusError> {
+    if is_compressed(path) {
+        let file = File::open(path).map_err(io_err("open", path))?;
+        return Ok(SeekTable::read(&file, path)?.content_len());
+    }
+    match std::fs::metadata(path) {
+        Ok(meta) => Ok(meta.len()),
+        // Compressed since it was listed.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            segment_len(&compressed::compressed_path(path))
+        }
+        Err(e) => Err(io_err("inspect", path)(e)),
+    }
+}
+
+/// Reads whole lines of one segment, plain or compressed, from a byte position of its content.
 pub struct SegmentReader {
     path: PathBuf,
     segment: u64,
-    file: File,
+    body: Body,
     position: u64,
     buf: Vec<u8>,
 }
 
 impl SegmentReader {
-    /// A reader of segment `path` starting at byte `position` (the start of a line).
+    /// A reader of segment `path` starting at byte `position` (the start of a line). A plain
+    /// segment compressed since it was listed is read in its compressed form; one opened before
+    /// is read to its end from the file already open.
     pub fn open(path: &Path, position: u64) -> Result<Self, FileBusError> {
-        let file = File::open(path).map_err(io_err("open", path))?;
+        let (path, body) = if is_compressed(path) {
+            (path.to_owned(), Self::compressed(path)?)
+        } else {
+            match File::open(path) {
+                Ok(file) => (path.to_owned(), Body::Plain(file)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let packed = compressed::compressed_path(path);
+                    let body = Self::compressed(&packed).map_err(|_| io_err("open", path)(e))?;
+                    (packed, body)
+                }
+                Err(e) => return Err(io_err("open", path)(e)),
+            }
+        };
         Ok(SegmentReader {
-            path: path.to_owned(),
-            segment: segment_number(path).unwrap_or(0),
-            file,
+            segment: segment_number(&path).unwrap_or(0),
+            path,
+            body,
             position,
             buf: Vec::new(),
+        })
+    }
+
+    fn compressed(path: &Path) -> Result<Body, FileBusError> {
+        let file = File::open(path).map_err(io_err("open", path))?;
+        let table = SeekTable::read(&file, path)?;
+        Ok(Body::Compressed {
+            file,
+            table,
+            frame: None,
         })
     }
 
@@ -41,42 +92,50 @@ impl SegmentReader {
         self.segment
     }
 
+    /// True when the segment is read in its compressed form.
+    pub fn is_compressed(&self) -> bool {
+        matches!(self.body, Body::Compressed { .. })
+    }
+
+    /// The content's length now (a partial last line included).
+    pub fn len(&self) -> Result<u64, FileBusError> {
+        match &self.body {
+            Body::Plain(file) => Ok(file
+                .metadata()
+                .map_err(io_err("inspect", &self.path))?
+                .len()),
+            Body::Compressed { table, .. } => Ok(table.content_len()),
+        }
+    }
+
+    /// True when the segment has no content at all.
+    pub fn is_empty(&self) -> Result<bool, FileBusError> {
+        Ok(self.len()? == 0)
+    }
+
     /// Bytes written after the position (a partial last line included).
     pub fn unread(&self) -> Result<u64, FileBusError> {
-        let len = self
-            .file
-            .metadata()
-            .map_err(io_err("inspect", &self.path))?
-            .len();
-        Ok(len.saturating_sub(self.position))
+        Ok(self.len()?.saturating_sub(self.position))
     }
 
     /// The complete lines available now, about `want` bytes of them (more when one line is
     /// longer), each ending in `\n`; empty when only a partial line (or nothing) follows.
     pub fn read_lines(&mut self, want: usize) -> Result<&[u8], FileBusError> {
-        use std::os::unix::fs::FileExt;
         self.buf.clear();
-        let mut chunk = want.max(4096);
-        loop {
-            let start = self.buf.len();
-            self.buf.resize(start + chunk, 0);
-            let n = self
-                .file
-                .read_at(&mut self.buf[start..], self.position + start as u64)
-                .map_err(io_err("read", &self.path))?;
-            self.buf.truncate(start + n);
-            if let Some(last) = self.buf.iter().rposition(|&b| b == b'\n') {
-                self.buf.truncate(last + 1);
-                self.position += self.buf.len() as u64;
-                return Ok(&self.buf);
-            }
-            if n == 0 {
-                // Only a partial line so far: it counts once its newline is written.
-                self.buf.clear();
-                return Ok(&self.buf);
-            }
-            chunk *= 2;
+        match &mut self.body {
+            Body::Plain(file) => read_plain(file, &self.path, self.position, want, &mut self.buf)?,
+            Body::Compressed { file, table, frame } => read_compressed(
+                file,
+                &self.path,
+                table,
+                frame,
+                self.position,
+                want,
+                &mut self.buf,
+            )?,
         }
+        self.position += self.buf.len() as u64;
+        Ok(&self.buf)
     }
 
     /// The complete records available now (about `want` bytes of them), with their positions.
@@ -90,6 +149,146 @@ impl SegmentReader {
             lines,
         })
     }
+}
+
+/// `meta.dt` (ms) of the first and the last complete line of segment file `path`, each `None`
+/// when there is no such line or it holds no event time.
+pub fn event_times(path: &Path) -> Result<(Option<i64>, Option<i64>), FileBusError> {
+    let mut reader = SegmentReader::open(path, 0)?;
+    let first = reader
+        .read_lines(64 * 1024)?
+        .split_inclusive(|&b| b == b'\n')
+        .next()
+        .and_then(line_time);
+    let last = reader.last_line()?.and_then(|line| line_time(&line));
+    Ok((first, last))
+}
+
+fn line_time(line: &[u8]) -> Option<i64> {
+    let text = std::str::from_utf8(line).ok()?;
+    let record: LineRecord<'_> = serde_json::from_str(text.trim_end()).ok()?;
+    crate::event::inspect(record.data.get())
+        .ok()
+        .map(|head| head.time_ms)
+}
+
+impl SegmentReader {
+    /// The last complete line of the segment, if any.
+    pub fn last_line(&mut self) -> Result<Option<Vec<u8>>, FileBusError> {
+        let mut text = Vec::new();
+        match &mut self.body {
+            Body::Compressed { file, table, .. } => {
+                let Some(frame) = table.frames.last() else {
+                    return Ok(None);
+                };
+                compressed::read_frame(file, &self.path, frame, &mut text)?;
+            }
+            Body::Plain(file) => {
+                use std::os::unix::fs::FileExt;
+                let len = file
+                    .metadata()
+                    .map_err(io_err("inspect", &self.path))?
+                    .len();
+                let mut window = 64 * 1024u64;
+                loop {
+                    let from = len.saturating_sub(window);
+                    text.resize((len - from) as usize, 0);
+                    file.read_exact_at(&mut text, from)
+                        .map_err(io_err("read", &self.path))?;
+                    let Some(end) = text.iter().rposition(|&b| b == b'\n') else {
+                        if from == 0 {
+                            return Ok(None);
+                        }
+                        window *= 2;
+                        continue;
+                    };
+                    text.truncate(end + 1);
+                    // A whole line needs the newline before it too, or the file's start.
+                    if from == 0 || text[..end].contains(&b'\n') {
+                        break;
+                    }
+                    window *= 2;
+                }
+            }
+        }
+        let end = text.len().saturating_sub(1);
+        let start = text[..end]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |at| at + 1);
+        Ok((end > start).then(|| text[start..].to_vec()))
+    }
+}
+
+/// Whole lines of an open segment from `position`: about `want` bytes, cut after a newline.
+fn read_plain(
+    file: &File,
+    path: &Path,
+    position: u64,
+    want: usize,
+    buf: &mut Vec<u8>,
+) -> Result<(), FileBusError> {
+    use std::os::unix::fs::FileExt;
+    let mut chunk = want.max(4096);
+    loop {
+        let start = buf.len();
+        buf.resize(start + chunk, 0);
+        let n = file
+            .read_at(&mut buf[start..], position + start as u64)
+            .map_err(io_err("read", path))?;
+        buf.truncate(start + n);
+        if let Some(last) = buf.iter().rposition(|&b| b == b'\n') {
+            buf.truncate(last + 1);
+            return Ok(());
+        }
+        if n == 0 {
+            // Only a partial line so far: it counts once its newline is written.
+            buf.clear();
+            return Ok(());
+        }
+        chunk *= 2;
+    }
+}
+
+/// Whole lines of a compressed segment from `position`: frames end at line ends, so the lines
+/// run from the position to the first line end at or past `want` bytes, or to a frame's end.
+fn read_compressed(
+    file: &File,
+    path: &Path,
+    table: &SeekTable,
+    cached: &mut Option<(usize, Vec<u8>)>,
+    mut position: u64,
+    want: usize,
+    buf: &mut Vec<u8>,
+) -> Result<(), FileBusError> {
+    while buf.len() < want.max(1) {
+        let Some(index) = table.frame_at(position) else {
+            return Ok(());
+        };
+        let frame = table.frames[index];
+        if cached.as_ref().is_none_or(|(at, _)| *at != index) {
+            let mut content = cached.take().map(|(_, c)| c).unwrap_or_default();
+            compressed::read_frame(file, path, &frame, &mut content)?;
+            *cached = Some((index, content));
+        }
+        let Some((_, content)) = cached.as_ref() else {
+            return Ok(());
+        };
+        let from = (position - frame.content_offset) as usize;
+        let rest = &content[from..];
+        let room = want.saturating_sub(buf.len());
+        let take = if rest.len() <= room {
+            rest.len()
+        } else {
+            rest[room..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(rest.len(), |at| room + at + 1)
+        };
+        buf.extend_from_slice(&rest[..take]);
+        position += take as u64;
+    }
+    Ok(())
 }
 
 /// The records of a run of complete lines, in order.
@@ -208,7 +407,12 @@ impl BusReader {
             if seq >= from {
                 let at = if seq == from { position } else { 0 };
                 self.next_segment = seq;
-                return Ok(Some(SegmentReader::open(&path, at)?));
+                match SegmentReader::open(&path, at) {
+                    Ok(reader) => return Ok(Some(reader)),
+                    // Deleted by retention since the listing: the next one follows.
+                    Err(e) if e.is_not_found() => continue,
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(None)
@@ -264,32 +468,35 @@ pub fn read_tail(dir: &Path, window: usize) -> Result<Tail, FileBusError> {
     let mut newest_first: Vec<Vec<String>> = Vec::new();
     let mut found = 0usize;
     for (_, path) in segments(dir)?.iter().rev() {
-        let file = File::open(path).map_err(io_err("open", path))?;
+        let mut reader = match SegmentReader::open(path, 0) {
+            Ok(reader) => reader,
+            // Deleted by retention since the listing: older than anything still needed.
+            Err(e) if e.is_not_found() => break,
+            Err(e) => return Err(e),
+        };
         let mut ring: std::collections::VecDeque<String> = std::collections::VecDeque::new();
-        let mut reader = BufReader::new(file);
-        let mut line = Vec::new();
         let mut segment_last_id = None;
         loop {
-            line.clear();
-            let n = reader
-                .read_until(b'\n', &mut line)
-                .map_err(io_err("read", path))?;
-            if n == 0 || line.last() != Some(&b'\n') {
-                break; // end, or a torn line that does not count
+            // Only complete lines come back: a torn last line does not count.
+            let lines = reader.read_lines(1 << 20)?;
+            if lines.is_empty() {
+                break;
             }
-            let record = std::str::from_utf8(&line)
-                .ok()
-                .and_then(|text| serde_json::from_str::<LineRecord<'_>>(text).ok());
-            let Some(record) = record else {
-                tail.unreadable_lines += 1;
-                continue;
-            };
-            segment_last_id = Some(record.id.clone().into_owned());
-            if let Ok(head) = crate::event::inspect(record.data.get()) {
-                if let Some(id) = head.id {
-                    ring.push_back(id.into_owned());
-                    if ring.len() > window - found {
-                        ring.pop_front();
+            for line in lines.split_inclusive(|&b| b == b'\n') {
+                let record = std::str::from_utf8(line)
+                    .ok()
+                    .and_then(|text| serde_json::from_str::<LineRecord<'_>>(text).ok());
+                let Some(record) = record else {
+                    tail.unreadable_lines += 1;
+                    continue;
+                };
+                segment_last_id = Some(record.id.clone().into_owned());
+                if let Ok(head) = crate::event::inspect(record.data.get()) {
+                    if let Some(id) = head.id {
+                        ring.push_back(id.into_owned());
+                        if ring.len() > window - found {
+                            ring.pop_front();
+                        }
                     }
                 }
             }

@@ -282,7 +282,8 @@ pub enum Admit {
     /// The partition has no position yet: the owner looks it up and calls
     /// [`Assignment::start`].
     Unpositioned,
-    /// Next in order; `missing` offsets before it were never delivered (retention).
+    /// Next in order; `missing` offsets before it carry no committed message (transaction
+    /// markers, aborted messages).
     Read { missing: u64 },
 }
 
@@ -384,7 +385,7 @@ impl Assignment {
         if offset < cursor.next {
             return Admit::Skip;
         }
-        // Offsets can only be missing when the topic lost them (retention, compaction).
+        // Offsets between messages hold transaction markers or aborted messages.
         let missing = (offset - cursor.next) as u64;
         cursor.next = offset + 1;
         Admit::Read { missing }

@@ -71,6 +71,24 @@ pub enum KafkaBusError {
     },
     #[error("kafka at {brokers}: {message}")]
     Broker { brokers: String, message: String },
+    #[error("kafka at {brokers}: a newer ingester took over transactional.id {id:?} and fenced this one; run one ingester per topic")]
+    Fenced { brokers: String, id: String },
+}
+
+impl KafkaBusError {
+    /// True when a newer producer with the same `transactional.id` took over: this one must
+    /// stop.
+    pub fn is_fenced(&self) -> bool {
+        use rdkafka::error::RDKafkaErrorCode::{InvalidProducerEpoch, ProducerFenced};
+        let code = match self {
+            KafkaBusError::Client { source, .. } | KafkaBusError::Delivery { source, .. } => {
+                source.rdkafka_error_code()
+            }
+            KafkaBusError::Broker { .. } => None,
+            KafkaBusError::Fenced { .. } => return true,
+        };
+        matches!(code, Some(ProducerFenced | InvalidProducerEpoch))
+    }
 }
 
 fn client_err<'a>(
@@ -105,6 +123,12 @@ impl ClientLog {
 
     /// Logs `error` unless the same kind was logged within the interval.
     pub fn error(&self, error: &KafkaError, reason: &str) {
+        if matches!(error, KafkaError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::PartitionEOF)
+        {
+            // The end of a partition, asked for by the tail reader: not an error.
+            return;
+        }
         let kind = error
             .rdkafka_error_code()
             .map(|c| format!("{c:?}"))

@@ -13,7 +13,7 @@ use crate::metrics::KafkaMetrics;
 use futures_util::FutureExt;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -159,12 +159,38 @@ fn quarantine_message(record: &QuarantineRecord<'_>) -> (Vec<u8>, OwnedHeaders) 
     (record.to_json(), headers)
 }
 
-/// The ingester's side of the Kafka bus.
+/// How often the open transaction is committed: readers see events this much later at most.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a commit on the timer may block the ingester before it is finished later.
+const COMMIT_WAIT: Duration = Duration::from_millis(100);
+/// How long a start may wait for the coordinator to fence an older producer.
+const INIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a refused producer may take to say why (see `why_refused`).
+const WHY_REFUSED_WAIT: Duration = Duration::from_secs(15);
+
+/// Where the producer's transaction stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Txn {
+    /// `kafka.transactional_id` is empty: messages are not grouped in transactions.
+    Off,
+    /// None open: the next message begins one.
+    Idle,
+    /// Open, with messages since `since`.
+    Open { messages: u64, since: Instant },
+    /// A commit began and has not finished: nothing is produced until it has.
+    Committing,
+}
+
+/// The ingester's side of the Kafka bus: an idempotent producer, transactional when
+/// `kafka.transactional_id` is set. Then messages are committed in a transaction every
+/// [`COMMIT_INTERVAL`]; readers (`read_committed`) see only committed ones, so an ingester that
+/// another one fenced leaves nothing behind.
 pub struct KafkaPublisher {
     producer: FutureProducer<ClientLog>,
     config: KafkaConfig,
     queue: AckQueue<DeliveryFuture>,
     metrics: KafkaMetrics,
+    txn: Txn,
 }
 
 impl KafkaPublisher {
@@ -179,6 +205,20 @@ impl KafkaPublisher {
         let producer: FutureProducer<ClientLog> = producer_config(config)
             .create_with_context(ClientLog::new(&config.brokers))
             .map_err(client_err(&config.brokers, "create a producer"))?;
+        let transactional = !config.transactional_id.is_empty();
+        if transactional {
+            // This fences any older producer with the same transactional.id and aborts what
+            // it left open, so the tail read next is final.
+            let starting = producer.clone();
+            tokio::task::spawn_blocking(move || starting.init_transactions(INIT_TIMEOUT))
+                .await
+                .map_err(|e| KafkaBusError::Broker {
+                    brokers: config.brokers.clone(),
+                    message: format!("starting transactions failed: {e}"),
+                })?
+                .map_err(client_err(&config.brokers, "start transactions"))?;
+            tracing::info!(brokers = %config.brokers, transactional_id = %config.transactional_id, "transactional producer ready; any older ingester with this id is fenced");
+        }
         let owned = config.clone();
         let tail = tokio::task::spawn_blocking(move || read_tail(&owned, window))
             .await
@@ -194,6 +234,7 @@ impl KafkaPublisher {
                 config: config.clone(),
                 queue: AckQueue::new(tail.last_id.clone()),
                 metrics,
+                txn: if transactional { Txn::Idle } else { Txn::Off },
             },
             tail,
         ))
@@ -214,7 +255,7 @@ impl KafkaPublisher {
                     break;
                 }
                 Err(Refused::TooLarge(reason)) => published.too_large.push((index, reason)),
-                Err(Refused::Failed(e)) => return Err(e),
+                Err(Refused::Failed(e)) => return Err(self.named(e)),
             }
         }
         Ok(published)
@@ -255,6 +296,13 @@ impl KafkaPublisher {
             {
                 return Ok(false);
             }
+            if !self
+                .open_transaction(shutdown)
+                .await
+                .map_err(Refused::Failed)?
+            {
+                return Ok(false);
+            }
             let mut record = FutureRecord::to(&topic).payload(data).headers(headers);
             if let Some(key) = key {
                 record = record.key(key);
@@ -263,6 +311,7 @@ impl KafkaPublisher {
                 Ok(future) => {
                     self.track(future, bytes, Some(event.time_ms));
                     self.metrics.writes.inc();
+                    self.sent_in_transaction();
                     return Ok(true);
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record)) => {
@@ -292,6 +341,7 @@ impl KafkaPublisher {
                 }
                 Err((source, _)) => {
                     self.metrics.errors.inc();
+                    let source = self.why_refused(source);
                     return Err(Refused::Failed(KafkaBusError::Client {
                         brokers: self.config.brokers.clone(),
                         op: "queue an event",
@@ -308,10 +358,26 @@ impl KafkaPublisher {
         record: &QuarantineRecord<'_>,
         shutdown: &CancellationToken,
     ) -> Result<(), KafkaBusError> {
+        let sent = self.send_quarantine(record, shutdown).await;
+        sent.map_err(|e| self.named(e))
+    }
+
+    async fn send_quarantine(
+        &mut self,
+        record: &QuarantineRecord<'_>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), KafkaBusError> {
         let (body, headers) = quarantine_message(record);
         let topic = self.config.quarantine_topic.clone();
         let bytes = body.len() as u64;
         loop {
+            if !self
+                .open_transaction(shutdown)
+                .await
+                .map_err(|e| self.named(e))?
+            {
+                return Ok(());
+            }
             let sent = self.producer.send_result(
                 FutureRecord::to(&topic)
                     .key(record.reason.as_str())
@@ -321,6 +387,7 @@ impl KafkaPublisher {
             match sent {
                 Ok(future) => {
                     self.track(future, bytes, None);
+                    self.sent_in_transaction();
                     return Ok(());
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
@@ -332,6 +399,7 @@ impl KafkaPublisher {
                 }
                 Err((source, _)) => {
                     self.metrics.errors.inc();
+                    let source = self.why_refused(source);
                     return Err(KafkaBusError::Client {
                         brokers: self.config.brokers.clone(),
                         op: "queue a quarantine record",
@@ -360,8 +428,34 @@ impl KafkaPublisher {
         self.queue.mark(sse_id);
     }
 
-    /// Takes every acknowledgement that has already arrived, without waiting.
+    /// Takes every acknowledgement that has already arrived, without waiting, and commits the
+    /// open transaction once it is [`COMMIT_INTERVAL`] old (waiting at most [`COMMIT_WAIT`]; a
+    /// commit that takes longer is finished before anything else is produced).
     pub fn collect_acks(&mut self) -> Result<(), KafkaBusError> {
+        self.take_acks().map_err(|e| self.named(e))?;
+        // A commit waits for every delivery of the transaction: it is cheap once they are all
+        // in, so it waits for that, unless the transaction grows old (brokers abort one that
+        // stays open past transaction.timeout.ms).
+        let wait = match self.txn {
+            Txn::Open { messages, since } if messages > 0 => {
+                if self.queue.is_empty() && since.elapsed() >= COMMIT_INTERVAL {
+                    Some(COMMIT_WAIT)
+                } else if since.elapsed() >= COMMIT_INTERVAL * 10 {
+                    Some(COMMIT_WAIT * 10)
+                } else {
+                    None
+                }
+            }
+            Txn::Committing => Some(COMMIT_WAIT),
+            Txn::Open { .. } | Txn::Idle | Txn::Off => None,
+        };
+        if let Some(wait) = wait {
+            self.commit(wait).map_err(|e| self.named(e))?;
+        }
+        Ok(())
+    }
+
+    fn take_acks(&mut self) -> Result<(), KafkaBusError> {
         while let Some(future) = self.queue.front_mut() {
             match future.now_or_never() {
                 None => return Ok(()),
@@ -371,12 +465,132 @@ impl KafkaPublisher {
         Ok(())
     }
 
+    /// Counts a message into the open transaction.
+    fn sent_in_transaction(&mut self) {
+        if let Txn::Open { messages, .. } = &mut self.txn {
+            *messages += 1;
+        }
+    }
+
+    /// Makes sure a transaction is open for the next message: finishes a commit still under
+    /// way (waiting for the brokers, as backpressure does), then begins one. False when
+    /// shutdown came first.
+    async fn open_transaction(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, KafkaBusError> {
+        if self.txn == Txn::Committing {
+            let started = Instant::now();
+            while self.txn == Txn::Committing {
+                if shutdown.is_cancelled() {
+                    return Ok(false);
+                }
+                self.commit(COMMIT_WAIT)?;
+            }
+            self.metrics
+                .wait_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+        if self.txn == Txn::Idle {
+            self.producer
+                .begin_transaction()
+                .map_err(client_err(&self.config.brokers, "begin a transaction"))?;
+            self.txn = Txn::Open {
+                messages: 0,
+                since: Instant::now(),
+            };
+        }
+        Ok(true)
+    }
+
+    /// Commits the open transaction, waiting at most `wait`. A commit that times out stays
+    /// under way (`Committing`) and is tried again; one the brokers refuse is aborted and
+    /// reported, and the ingester starts over from what the topic holds.
+    fn commit(&mut self, wait: Duration) -> Result<(), KafkaBusError> {
+        let producer = self.producer.clone();
+        let result = tokio::task::block_in_place(|| producer.commit_transaction(wait));
+        match result {
+            Ok(()) => {
+                self.txn = Txn::Idle;
+                // Committing waits for every delivery: their acknowledgements are all in.
+                self.take_acks()
+            }
+            // Deliveries still outstanding (the flush before the commit timed out), or the
+            // commit itself still under way: finished on the next try.
+            Err(KafkaError::Flush(_)) => {
+                self.txn = Txn::Committing;
+                Ok(())
+            }
+            Err(KafkaError::Transaction(e)) if e.is_retriable() && !e.is_fatal() => {
+                self.txn = Txn::Committing;
+                Ok(())
+            }
+            Err(e) => {
+                let requires_abort =
+                    matches!(&e, KafkaError::Transaction(t) if t.txn_requires_abort());
+                if requires_abort {
+                    let _ = tokio::task::block_in_place(|| producer.abort_transaction(wait));
+                }
+                self.txn = Txn::Idle;
+                self.metrics.errors.inc();
+                Err(KafkaBusError::Client {
+                    brokers: self.config.brokers.clone(),
+                    op: "commit a transaction",
+                    source: Box::new(e),
+                })
+            }
+        }
+    }
+
+    /// The cause behind a message the producer refused. Once a transaction has failed, every
+    /// message is refused with a plain state error; the transaction's own error says why (most
+    /// often: a newer ingester with the same id fenced this one).
+    fn why_refused(&mut self, refused: KafkaError) -> KafkaError {
+        if self.txn == Txn::Off
+            || !matches!(
+                refused,
+                KafkaError::MessageProduction(RDKafkaErrorCode::State)
+            )
+        {
+            return refused;
+        }
+        // The commit flushes first: given time, the failed deliveries settle and the
+        // transaction's error comes back instead of a flush timeout. Taking a timeout for the
+        // answer would restart this ingester, and the restart would fence the one in charge,
+        // so it gets the time a loaded broker needs.
+        let producer = self.producer.clone();
+        match tokio::task::block_in_place(|| producer.commit_transaction(WHY_REFUSED_WAIT)) {
+            Err(cause) => cause,
+            Ok(()) => {
+                self.txn = Txn::Idle;
+                refused
+            }
+        }
+    }
+
+    /// `error`, named as fencing when a newer ingester took the transactional id over. A fenced
+    /// producer refuses everything with a plain state error; its fatal error says why.
+    fn named(&self, error: KafkaBusError) -> KafkaBusError {
+        use rdkafka::error::RDKafkaErrorCode::{InvalidProducerEpoch, ProducerFenced};
+        let fatal = self.producer.client().fatal_error().map(|(code, _)| code);
+        let fenced =
+            error.is_fenced() || matches!(fatal, Some(ProducerFenced | InvalidProducerEpoch));
+        if fenced && !matches!(error, KafkaBusError::Fenced { .. }) {
+            tracing::debug!(%error, "fenced");
+            return KafkaBusError::Fenced {
+                brokers: self.config.brokers.clone(),
+                id: self.config.transactional_id.clone(),
+            };
+        }
+        error
+    }
+
     /// Waits for the oldest delivery; false when shutdown came first.
     async fn complete_front(
         &mut self,
         shutdown: &CancellationToken,
     ) -> Result<bool, KafkaBusError> {
-        self.collect_acks()?;
+        self.take_acks()?;
         let Some(future) = self.queue.front_mut() else {
             return Ok(true);
         };
@@ -385,7 +599,7 @@ impl KafkaPublisher {
             result = future => result,
         };
         self.settle(result)?;
-        self.collect_acks()?;
+        self.take_acks()?;
         Ok(true)
     }
 
@@ -451,8 +665,20 @@ impl KafkaPublisher {
         }
     }
 
-    /// Waits until every event handed over is acknowledged, or `limit` passes.
+    /// Waits until every event handed over is acknowledged (and, with a transactional
+    /// producer, committed), or `limit` passes.
     pub async fn flush(&mut self, limit: Duration) -> Result<(), KafkaBusError> {
+        if !self.settle_all(limit).await? {
+            tracing::warn!(unacknowledged = self.queue.in_flight(), "shutting down before the brokers acknowledged and committed every event; they will be fetched again from upstream");
+        }
+        Ok(())
+    }
+
+    /// Waits until every message handed over is acknowledged and, with a transactional
+    /// producer, committed, so that readers see it: true when they all are, false when `limit`
+    /// passed first.
+    pub async fn settle_all(&mut self, limit: Duration) -> Result<bool, KafkaBusError> {
+        let deadline = Instant::now() + limit;
         let never = CancellationToken::new();
         let drained = tokio::time::timeout(limit, async {
             while !self.queue.is_empty() {
@@ -462,12 +688,24 @@ impl KafkaPublisher {
         })
         .await;
         match drained {
-            Ok(result) => result,
-            Err(_) => {
-                tracing::warn!(unacknowledged = self.queue.in_flight(), "shutting down before the brokers acknowledged every event; they will be fetched again from upstream");
-                Ok(())
+            Ok(result) => result.map_err(|e| self.named(e))?,
+            Err(_) => return Ok(false),
+        }
+        // Everything is acknowledged: committing makes it visible to readers.
+        if matches!(self.txn, Txn::Open { messages, .. } if messages > 0)
+            || self.txn == Txn::Committing
+        {
+            loop {
+                self.commit(COMMIT_WAIT).map_err(|e| self.named(e))?;
+                if self.txn != Txn::Committing {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Ok(false);
+                }
             }
         }
+        Ok(true)
     }
 
     /// Starts afresh (`ingest.resume = false`): until the first acknowledgement, messages carry

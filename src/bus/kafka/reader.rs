@@ -38,6 +38,40 @@ impl TopicReader {
         Ok(found)
     }
 
+    /// Every partition's first offset whose message reached the topic at or after `time_ms`
+    /// (Kafka's own timestamp), or its end offset when none did.
+    pub fn offsets_for_time(
+        config: &KafkaConfig,
+        time_ms: i64,
+    ) -> Result<Vec<(i32, i64)>, KafkaBusError> {
+        let partitions = Self::partitions(config)?;
+        let consumer: StreamConsumer<ClientLog> = reader_config(config)
+            .create_with_context(ClientLog::new(&config.brokers))
+            .map_err(client_err(&config.brokers, "create a consumer"))?;
+        let mut query = TopicPartitionList::new();
+        for (partition, _, _) in &partitions {
+            query
+                .add_partition_offset(&config.topic, *partition, Offset::Offset(time_ms))
+                .map_err(client_err(&config.brokers, "look up offsets by time"))?;
+        }
+        let found = consumer
+            .offsets_for_times(query, REQUEST_TIMEOUT)
+            .map_err(client_err(&config.brokers, "look up offsets by time"))?;
+        Ok(partitions
+            .iter()
+            .map(|(partition, _, high)| {
+                let offset = found
+                    .find_partition(&config.topic, *partition)
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    })
+                    .unwrap_or(*high);
+                (*partition, offset)
+            })
+            .collect())
+    }
+
     /// Reads each `(partition, offset)` of `starts` from that offset.
     pub fn open(config: &KafkaConfig, starts: &[(i32, i64)]) -> Result<Self, KafkaBusError> {
         let consumer: StreamConsumer<ClientLog> = reader_config(config)
@@ -72,6 +106,7 @@ impl TopicReader {
 fn reader_config(config: &KafkaConfig) -> rdkafka::ClientConfig {
     let mut c = client_config(config);
     c.set("group.id", format!("{}-reader", config.group));
+    c.set("isolation.level", "read_committed");
     c.set("enable.auto.commit", "false");
     c.set("enable.auto.offset.store", "false");
     c

@@ -53,6 +53,15 @@ fn with_properties(mut c: ClientConfig, k: &KafkaConfig) -> ClientConfig {
 pub(super) fn producer_config(k: &KafkaConfig) -> ClientConfig {
     let mut c = base_config(k);
     c.set("enable.idempotence", "true");
+    if !k.transactional_id.is_empty() {
+        // Transactions make a second ingester harmless: the newest one fences the older, whose
+        // unfinished transaction is aborted and never seen by readers.
+        c.set("transactional.id", &k.transactional_id);
+        // A transaction left open by an ingester that died is aborted after this long, and
+        // only then can the next one write: keep it short. Transactions are committed every
+        // 200 ms, at the latest after 2 s.
+        c.set("transaction.timeout.ms", "10000");
+    }
     c.set("acks", "all");
     c.set("message.timeout.ms", "0");
     // The publisher enforces `buffer_bytes` itself, counting what it hands over; librdkafka's
@@ -75,6 +84,7 @@ pub(super) fn producer_config(k: &KafkaConfig) -> ClientConfig {
 pub fn consumer_config(k: &KafkaConfig) -> ClientConfig {
     let mut c = base_config(k);
     c.set("group.id", &k.group);
+    c.set("isolation.level", "read_committed");
     c.set("enable.auto.commit", "false");
     c.set("enable.auto.offset.store", "false");
     c.set("auto.offset.reset", "earliest");

@@ -14,6 +14,10 @@ pub fn read_tail(k: &KafkaConfig, window: usize) -> Result<Tail, KafkaBusError> 
     let mut config = client_config(k);
     config.set("group.id", format!("{}-tail-reader", k.group));
     config.set("enable.auto.commit", "false");
+    // Only committed messages count; the end of each partition is reported, because its last
+    // offsets may be transaction markers that no message ever carries.
+    config.set("isolation.level", "read_committed");
+    config.set("enable.partition.eof", "true");
     let consumer: BaseConsumer<ClientLog> = config
         .create_with_context(ClientLog::new(&k.brokers))
         .map_err(client_err(&k.brokers, "create a consumer"))?;
@@ -63,6 +67,10 @@ pub fn read_tail(k: &KafkaConfig, window: usize) -> Result<Tail, KafkaBusError> 
         }
         let message = match consumer.poll(Duration::from_millis(500)) {
             None => continue,
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
+                remaining.remove(&partition);
+                continue;
+            }
             Some(Err(source)) => {
                 return Err(KafkaBusError::Client {
                     brokers: k.brokers.clone(),
