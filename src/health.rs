@@ -164,14 +164,11 @@ pub async fn serve(
     config: crate::config::MetricsConfig,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let handles = metrics.http.listener(Listener::Metrics);
-    let limits = crate::http::Limits {
-        max_connections: config.max_connections,
-        header_timeout: config.header_timeout,
-        open: handles.open,
-        shed: handles.shed,
-        header_timeouts: handles.header_timeouts,
-    };
+    let limits = crate::http::Limits::new(
+        config.max_connections,
+        config.header_timeout,
+        metrics.http.listener(Listener::Metrics),
+    );
     let scrape = warp::path!("metrics").map(move || {
         warp::reply::with_header(
             metrics.render(),

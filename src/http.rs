@@ -57,6 +57,23 @@ pub struct Limits {
     pub header_timeouts: prometheus::IntCounter,
 }
 
+impl Limits {
+    /// The limits of one listener, counted into that listener's series.
+    pub fn new(
+        max_connections: usize,
+        header_timeout: Duration,
+        counted: crate::metrics::ListenerMetrics,
+    ) -> Self {
+        Limits {
+            max_connections,
+            header_timeout,
+            open: counted.open,
+            shed: counted.shed,
+            header_timeouts: counted.header_timeouts,
+        }
+    }
+}
+
 /// Connections the kernel queues for `accept` (capped by `net.core.somaxconn`): a burst of
 /// connections waits there instead of having its SYNs dropped and retried a second later.
 const BACKLOG: u32 = 4096;

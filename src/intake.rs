@@ -58,14 +58,11 @@ pub async fn run(
     let (listener, addr) = crate::http::bind(listen).await?;
     tracing::info!(%addr, token = !ctx.config.token.is_empty(), "intake listening for POST /v1/events");
     let routes = routes(&ctx, handoff)?;
-    let handles = ctx.metrics.http.listener(crate::metrics::Listener::Intake);
-    let limits = crate::http::Limits {
-        max_connections: ctx.config.max_connections,
-        header_timeout: ctx.config.header_timeout,
-        open: handles.open,
-        shed: handles.shed,
-        header_timeouts: handles.header_timeouts,
-    };
+    let limits = crate::http::Limits::new(
+        ctx.config.max_connections,
+        ctx.config.header_timeout,
+        ctx.metrics.http.listener(crate::metrics::Listener::Intake),
+    );
     crate::http::serve(listener, routes, limits, ctx.shutdown.clone()).await?;
     Ok(())
 }

@@ -18,7 +18,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // Infrastructure.
     ("bus", &["config", "event", "metrics"]),
     ("store", &["config", "counters", "event", "metrics"]),
-    ("http", &[]),
+    ("http", &["metrics"]),
     // The roles and what they answer.
     ("health", &["bus", "config", "http", "metrics", "store"]),
     ("ingest", &["bus", "config", "event", "metrics", "schema"]),

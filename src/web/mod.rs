@@ -58,14 +58,11 @@ pub async fn serve(
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<Result<(), ServeError>>), ServeError> {
     let (listener, bound) = crate::http::bind(ctx.config.listen).await?;
     let routes = routes(&ctx, parts);
-    let handles = ctx.metrics.http.listener(Listener::Web);
-    let limits = crate::http::Limits {
-        max_connections: ctx.config.max_connections,
-        header_timeout: ctx.config.header_timeout,
-        open: handles.open,
-        shed: handles.shed,
-        header_timeouts: handles.header_timeouts,
-    };
+    let limits = crate::http::Limits::new(
+        ctx.config.max_connections,
+        ctx.config.header_timeout,
+        ctx.metrics.http.listener(Listener::Web),
+    );
     let server = tokio::spawn(crate::http::serve(
         listener,
         routes,
