@@ -96,6 +96,9 @@ pub struct Published {
     pub interrupted: bool,
 }
 
+/// The largest group of upstream bytes published together; see [`Publisher::group_bytes`].
+const GROUP_BYTES: usize = 4 * 1024 * 1024;
+
 /// The writer of the bus, whichever bus it is.
 pub enum Publisher {
     /// Appended and synced (as `file.fsync` says) before `publish` returns.
@@ -171,6 +174,17 @@ impl Publisher {
                 Ok(tokio::task::block_in_place(|| writer.quarantine(record))?)
             }
             Publisher::Kafka(publisher) => Ok(publisher.quarantine(record, shutdown).await?),
+        }
+    }
+
+    /// The most upstream bytes the ingester groups into one publication when a backlog has
+    /// arrived: enough to make a backlog cheap (one sync or one round of acknowledgements per
+    /// group), few enough events to hold in memory. A group never straddles event segments, so
+    /// on files it is an eighth of a segment at most, which keeps segments near their size.
+    pub fn group_bytes(&self) -> usize {
+        match self {
+            Publisher::File(writer) => writer.segment_bytes().div_ceil(8).min(GROUP_BYTES),
+            Publisher::Kafka(_) => GROUP_BYTES,
         }
     }
 

@@ -147,7 +147,8 @@ pub fn default_user_agent() -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FsyncPolicy {
-    /// After every batch of lines written (the safest; the default).
+    /// After every batch of lines written (the safest; the default). A backlog is written in
+    /// groups of whatever has already arrived, up to an eighth of a segment, one sync each.
     Batch,
     /// At most once per `file.fsync_interval`.
     Interval,

@@ -18,7 +18,7 @@ use crate::metrics::{Anomaly, Disconnect, IngestMetrics};
 use crate::ComponentContext;
 use client::{Backoff, ConnectError, Upstream};
 use cursor::Cursor;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use sse::{SseEvent, SseParser, SseStats};
 use std::sync::Arc;
 use std::time::Duration;
@@ -411,6 +411,7 @@ impl Ingester {
         let mut trickled = false;
         // The `retry:` value last seen, so that a clamped one is counted once.
         let mut retry_seen = None;
+        let group_bytes = self.bus.group_bytes();
         loop {
             let chunk = tokio::select! {
                 biased;
@@ -441,6 +442,31 @@ impl Ingester {
             };
             self.metrics.bytes.inc_by(bytes.len() as u64);
             parser.push(&bytes, &mut events);
+            // Group commit: what has already arrived behind this chunk joins it, so that a
+            // backlog (a backfill, a reconnect catching up) costs one sync of the bus per group
+            // instead of one per network read. Nothing waits for more: a live stream, whose
+            // reads come one at a time, is published as promptly as before.
+            let mut grouped = bytes.len();
+            let mut ending = None;
+            while grouped < group_bytes {
+                match body.next().now_or_never() {
+                    None => break,
+                    Some(Some(Ok(more))) => {
+                        self.metrics.bytes.inc_by(more.len() as u64);
+                        parser.push(&more, &mut events);
+                        grouped += more.len();
+                    }
+                    Some(None) => {
+                        ending = Some(false);
+                        break;
+                    }
+                    Some(Some(Err(e))) => {
+                        tracing::warn!(peer = %self.upstream.peer(), error = %e, "upstream stream broke");
+                        ending = Some(true);
+                        break;
+                    }
+                }
+            }
             if parser.retry_ms() != retry_seen {
                 retry_seen = parser.retry_ms();
                 self.server_retry =
@@ -486,6 +512,12 @@ impl Ingester {
             // backpressure) is ours, not upstream's.
             if progressed {
                 last_progress = tokio::time::Instant::now();
+            }
+            // The stream ended behind the group: what it brought is published, now it ends.
+            match ending {
+                Some(false) => return Ok(Ended::Closed { delivered }),
+                Some(true) => return Ok(Ended::Broken { delivered }),
+                None => {}
             }
         }
     }

@@ -357,6 +357,11 @@ impl SegmentWriter {
         })
     }
 
+    /// The size at which a segment is closed (`file.segment_bytes`).
+    pub fn segment_bytes(&self) -> usize {
+        usize::try_from(self.segment_bytes).unwrap_or(usize::MAX)
+    }
+
     /// Appends the bus lines of `events` in one write, synced as the policy says.
     pub fn publish(&mut self, events: &[Outgoing<'_>]) -> Result<Published, FileBusError> {
         let mut batch = std::mem::take(&mut self.batch);
