@@ -119,8 +119,11 @@ async fn client(
             if k >= total {
                 break;
             }
+            // The relay may deliver an event before the writer has noted the time its append
+            // returned (the slot is still 0): it came with no delay at all, not `now` late.
             let at = written[k].load(Ordering::Acquire);
-            delays.push((now.saturating_sub(at) / 1000) as u32);
+            let delay = if at == 0 { 0 } else { now.saturating_sub(at) };
+            delays.push((delay / 1000) as u32);
         }
     }
     delays
