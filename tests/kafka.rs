@@ -63,6 +63,31 @@ async fn stored_state(redis: &str) -> (Expected, i64) {
     (stored(&store).await, positions)
 }
 
+/// Waits until the topic holds every event of `lines` and Redis has counted as many, then
+/// asserts that each is on the topic once and that the counters equal a clean pass; returns
+/// the clean pass, what Redis holds and the topic.
+async fn wait_on_topic_and_counted_once(
+    brokers: &str,
+    url: &str,
+    lines: &[String],
+    limit: Duration,
+) -> (Expected, Expected, Vec<TopicMessage>) {
+    let expected = oracle(lines);
+    let wanted = expected_ids(lines).len() as i64;
+    wait_until(limit, "every event on the topic and counted", async || {
+        // Offsets include transaction markers: more than the events, never fewer.
+        let on_topic = tokio::task::block_in_place(|| topic_len(brokers, TOPIC));
+        let (found, _) = stored_state(url).await;
+        (on_topic >= wanted && found.events >= expected.events).then_some(())
+    })
+    .await;
+    let topic = tokio::task::block_in_place(|| read_topic(brokers, TOPIC));
+    assert_topic_exactly_once(&topic, lines);
+    let (found, _) = stored_state(url).await;
+    assert_counters_equal(&found, &expected);
+    (expected, found, topic)
+}
+
 /// Asserts the topic holds every expected event exactly once, each value exactly the line that
 /// upstream sent, keyed by its meta.id, with its SSE id in a header.
 fn assert_topic_exactly_once(messages: &[TopicMessage], lines: &[String]) {
@@ -238,23 +263,8 @@ async fn three_hosts_count_exactly_once_through_kills_and_a_broker_restart() {
     broker.start_again().await;
 
     // Everything arrives, exactly once, and is counted exactly once.
-    let expected = oracle(&lines);
-    let wanted = expected_ids(&lines).len() as i64;
-    wait_until(
-        Duration::from_secs(240),
-        "every event on the topic and counted",
-        async || {
-            // Offsets include transaction markers: more than the events, never fewer.
-            let on_topic = tokio::task::block_in_place(|| topic_len(&brokers, TOPIC));
-            let (found, _) = stored_state(&url).await;
-            (on_topic >= wanted && found.events >= expected.events).then_some(())
-        },
-    )
-    .await;
-    let topic = tokio::task::block_in_place(|| read_topic(&brokers, TOPIC));
-    assert_topic_exactly_once(&topic, &lines);
-    let (found, _) = stored_state(&url).await;
-    assert_counters_equal(&found, &expected);
+    let (expected, found, topic) =
+        wait_on_topic_and_counted_once(&brokers, &url, &lines, Duration::from_secs(240)).await;
     assert_eq!(found.events, expected.events);
 
     // The invalid lines went to the quarantine topic, not to the aggregators.
@@ -497,20 +507,13 @@ async fn two_ingesters_started_together_the_newest_wins_and_the_topic_holds_each
     let counter = scope.spawn(&["--config", &aggregate.display().to_string()]);
     let first = scope.spawn(&["--config", &names[0]]);
     let second = scope.spawn(&["--config", &names[1]]);
-    let (winner, loser) = wait_until(
-        Duration::from_secs(60),
-        "one ingester to stop",
-        async || {
-            if scope.child(first).try_wait().ok().flatten().is_some() {
-                Some((second, first))
-            } else if scope.child(second).try_wait().ok().flatten().is_some() {
-                Some((first, second))
-            } else {
-                None
-            }
-        },
-    )
-    .await;
+    let (winner, loser) = scope
+        .first_to_exit(
+            (first, second),
+            Duration::from_secs(60),
+            "one ingester to stop",
+        )
+        .await;
     let status = scope.child(loser).wait().expect("exit status");
     assert_eq!(status.code(), Some(2), "the fenced ingester exits 2");
     let message = std::fs::read_to_string(scope.path(&format!("daemon-{loser}.log")))
@@ -520,22 +523,8 @@ async fn two_ingesters_started_together_the_newest_wins_and_the_topic_holds_each
         "the loser says why:\n{message}"
     );
 
-    let expected = oracle(&lines);
-    let wanted = expected_ids(&lines).len() as i64;
-    wait_until(
-        Duration::from_secs(120),
-        "every event on the topic and counted",
-        async || {
-            let on_topic = tokio::task::block_in_place(|| topic_len(&brokers, TOPIC));
-            let (found, _) = stored_state(&url).await;
-            (on_topic >= wanted && found.events >= expected.events).then_some(())
-        },
-    )
-    .await;
-    let topic = tokio::task::block_in_place(|| read_topic(&brokers, TOPIC));
-    assert_topic_exactly_once(&topic, &lines);
-    let (found, _) = stored_state(&url).await;
-    assert_counters_equal(&found, &expected);
+    let (_, _, topic) =
+        wait_on_topic_and_counted_once(&brokers, &url, &lines, Duration::from_secs(120)).await;
     let gaps =
         scrape(ports[2]).await.expect("scrape")["pleiades_kafka_retention_gap_messages_total"];
     assert_eq!(gaps, 0.0, "transaction markers are not retention gaps");

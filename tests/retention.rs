@@ -457,20 +457,13 @@ async fn two_ingesters_started_together_on_one_directory_write_every_event_once(
     // The daemon and the original `ingest` personality, at the same instant.
     let first = scope.spawn(&["--config", &configs[0]]);
     let second = scope.spawn(&["ingest", "--config", &configs[1]]);
-    let (winner, loser) = wait_until(
-        Duration::from_secs(30),
-        "one ingester to exit",
-        async || {
-            if scope.child(first).try_wait().ok().flatten().is_some() {
-                Some((second, first))
-            } else if scope.child(second).try_wait().ok().flatten().is_some() {
-                Some((first, second))
-            } else {
-                None
-            }
-        },
-    )
-    .await;
+    let (winner, loser) = scope
+        .first_to_exit(
+            (first, second),
+            Duration::from_secs(30),
+            "one ingester to exit",
+        )
+        .await;
     let status = scope.child(loser).wait().expect("exit status");
     assert_eq!(status.code(), Some(2), "the second ingester exits 2");
     let winner_pid = scope.child(winner).id();

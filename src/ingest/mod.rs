@@ -432,40 +432,39 @@ impl Ingester {
                 }
                 next = body.next() => next,
             };
-            let bytes = match chunk {
-                None => return Ok(Ended::Closed { delivered }),
-                Some(Err(e)) => {
-                    tracing::warn!(peer = %self.upstream.peer(), error = %e, "upstream stream broke");
-                    return Ok(Ended::Broken { delivered });
-                }
-                Some(Ok(bytes)) => bytes,
-            };
-            self.metrics.bytes.inc_by(bytes.len() as u64);
-            parser.push(&bytes, &mut events);
             // Group commit: what has already arrived behind this chunk joins it, so that a
             // backlog (a backfill, a reconnect catching up) costs one sync of the bus per group
             // instead of one per network read. Nothing waits for more: a live stream, whose
-            // reads come one at a time, is published as promptly as before.
-            let mut grouped = bytes.len();
+            // reads come one at a time, is published as promptly as before. `ending` says the
+            // stream ended behind the group (true: it broke).
+            let mut chunk = chunk;
+            let mut grouped = 0;
             let mut ending = None;
-            while grouped < group_bytes {
-                match body.next().now_or_never() {
-                    None => break,
-                    Some(Some(Ok(more))) => {
-                        self.metrics.bytes.inc_by(more.len() as u64);
-                        parser.push(&more, &mut events);
-                        grouped += more.len();
-                    }
-                    Some(None) => {
-                        ending = Some(false);
-                        break;
-                    }
-                    Some(Some(Err(e))) => {
+            loop {
+                match chunk {
+                    None => ending = Some(false),
+                    Some(Err(e)) => {
                         tracing::warn!(peer = %self.upstream.peer(), error = %e, "upstream stream broke");
                         ending = Some(true);
-                        break;
+                    }
+                    Some(Ok(bytes)) => {
+                        self.metrics.bytes.inc_by(bytes.len() as u64);
+                        parser.push(&bytes, &mut events);
+                        grouped += bytes.len();
                     }
                 }
+                if ending.is_some() || grouped >= group_bytes {
+                    break;
+                }
+                match body.next().now_or_never() {
+                    Some(next) => chunk = next,
+                    None => break,
+                }
+            }
+            match ending {
+                Some(false) if grouped == 0 => return Ok(Ended::Closed { delivered }),
+                Some(true) if grouped == 0 => return Ok(Ended::Broken { delivered }),
+                _ => {}
             }
             if parser.retry_ms() != retry_seen {
                 retry_seen = parser.retry_ms();

@@ -165,6 +165,26 @@ impl TestScope {
         &mut self.children[n]
     }
 
+    /// Waits for one of two children started together to exit and returns `(winner, loser)`:
+    /// the one still running, and the one that exited.
+    pub async fn first_to_exit(
+        &mut self,
+        (a, b): (usize, usize),
+        limit: Duration,
+        what: &str,
+    ) -> (usize, usize) {
+        wait_until(limit, what, async || {
+            if self.child(a).try_wait().ok().flatten().is_some() {
+                Some((b, a))
+            } else if self.child(b).try_wait().ok().flatten().is_some() {
+                Some((a, b))
+            } else {
+                None
+            }
+        })
+        .await
+    }
+
     /// kill -9.
     pub fn kill9(&mut self, n: usize) {
         let child = &mut self.children[n];
