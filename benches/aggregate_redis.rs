@@ -1,10 +1,13 @@
 //! Aggregation throughput into Redis: Pleiades' batched, scripted apply against a baseline that
 //! issues one INCRBY round trip per counter per event (the original design), on the same
-//! `redis-server` in the same run. Needs `redis-server` on the PATH; prints figures.
+//! `redis-server` in the same run; and Pleiades with and without the further dimensions
+//! (`aggregate.statistics`), with the Redis commands each costs per event, in batches of 2,000
+//! events and in batches of the default `aggregate.batch_events` (a backfill's). Needs
+//! `redis-server` on the PATH; prints figures.
 
-use pleiades::counters::{Deltas, Scratch, Tally};
-use pleiades::store::redis::RedisStore;
-use pleiades::store::{Applied, Batch};
+use pleiades::config::Statistics;
+use pleiades::counters::{CountScratch, Deltas, Scratch, Tally};
+use pleiades::store::{Applied, Batch, Store};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -42,16 +45,21 @@ fn free_port() -> u16 {
         .expect("a port")
 }
 
-async fn pleiades_batched(store: &RedisStore, events: &[String], batch_events: usize) -> Duration {
+async fn pleiades_batched(
+    store: &Store,
+    events: &[String],
+    batch_events: usize,
+    statistics: Statistics,
+) -> Duration {
     let started = Instant::now();
-    let mut name = String::new();
     let mut position = 0u64;
+    let mut reuse = CountScratch::default();
+    let mut in_store = Duration::ZERO;
     for chunk in events.chunks(batch_events) {
         let mut tally = Tally::default();
         for event in chunk {
             let head = pleiades::event::inspect(event).expect("valid");
-            let mut scratch = Scratch::default();
-            tally.add(&Deltas::of(&head, &mut scratch), &mut name);
+            tally.count(&head, statistics == Statistics::Full, &mut reuse);
         }
         let batch = Batch {
             source: "bench".into(),
@@ -59,9 +67,12 @@ async fn pleiades_batched(store: &RedisStore, events: &[String], batch_events: u
             end: position + chunk.len() as u64,
             tally,
         };
+        let applying = Instant::now();
         assert_eq!(store.apply(&batch).await.expect("apply"), Applied::Counted);
+        in_store += applying.elapsed();
         position = batch.end;
     }
+    eprintln!("    ({statistics:?}: {in_store:?} of it in the store's apply)");
     started.elapsed()
 }
 
@@ -92,6 +103,47 @@ async fn incr_per_counter(url: &str, events: &[String]) -> Duration {
         }
     }
     started.elapsed()
+}
+
+/// Redis commands called since the last reset (the script's own included), without INFO and
+/// CONFIG.
+async fn commands(url: &str) -> u64 {
+    let client = redis::Client::open(url).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection");
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("INFO");
+    info.lines()
+        .filter_map(|l| l.strip_prefix("cmdstat_"))
+        .filter(|l| !l.starts_with("info") && !l.starts_with("config"))
+        .filter_map(|l| {
+            l.split(',')
+                .find_map(|kv| {
+                    kv.split(':')
+                        .nth(1)
+                        .and_then(|kv| kv.strip_prefix("calls="))
+                })
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+async fn reset_stats(url: &str) {
+    let client = redis::Client::open(url).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection");
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .expect("RESETSTAT");
 }
 
 async fn flush(url: &str) {
@@ -132,12 +184,14 @@ async fn main() {
         }
     };
     let url = format!("redis://127.0.0.1:{port}/");
-    let config = pleiades::config::RedisConfig {
+    let metrics = pleiades::metrics::Metrics::new(1).expect("metrics");
+    let settings = pleiades::config::StoreSettings::Redis(pleiades::config::RedisConfig {
         url: url.clone(),
         ..pleiades::config::RedisConfig::default()
-    };
-    let metrics = pleiades::metrics::Metrics::new(1).expect("metrics");
-    let store = RedisStore::open(&config, metrics.store.clone()).expect("store");
+    });
+    let store = Store::open(&settings, metrics.store.clone())
+        .await
+        .expect("store");
     let deadline = Instant::now() + Duration::from_secs(10);
     while store.ping().await.is_err() {
         assert!(Instant::now() < deadline, "redis-server did not start");
@@ -148,19 +202,60 @@ async fn main() {
     let base_n = 10_000;
     let events = recorded_events(ours_n);
     println!("Aggregation into redis-server on loopback, one run (best of 3 each)");
-    let mut ours = Duration::MAX;
+    let mut full = Duration::MAX;
+    let mut original = Duration::MAX;
     let mut base = Duration::MAX;
+    let mut full_commands = 0;
+    let mut original_commands = 0;
+    // A backfill's batches are as large as `aggregate.batch_events` allows, where throughput
+    // matters; live batches are cut by `aggregate.batch_delay` and are much smaller.
+    let default_batch = pleiades::config::AggregateConfig::default().batch_events;
+    let mut full_large = Duration::MAX;
+    let mut original_large = Duration::MAX;
+    if std::env::var_os("PROFILE_FULL").is_some() {
+        for _ in 0..10 {
+            flush(&url).await;
+            pleiades_batched(&store, &events, 2000, Statistics::Full).await;
+        }
+        return;
+    }
     for round in 0..3 {
         flush(&url).await;
-        ours = ours.min(pleiades_batched(&store, &events, 2000).await);
+        reset_stats(&url).await;
+        original =
+            original.min(pleiades_batched(&store, &events, 2000, Statistics::Original).await);
+        original_commands = commands(&url).await;
+        flush(&url).await;
+        reset_stats(&url).await;
+        full = full.min(pleiades_batched(&store, &events, 2000, Statistics::Full).await);
+        full_commands = commands(&url).await;
+        flush(&url).await;
+        original_large = original_large
+            .min(pleiades_batched(&store, &events, default_batch, Statistics::Original).await);
+        flush(&url).await;
+        full_large = full_large
+            .min(pleiades_batched(&store, &events, default_batch, Statistics::Full).await);
         base = base.min(incr_per_counter(&url, &events[..base_n]).await);
         println!("  round {round}: done");
     }
-    let ours_rate = ours_n as f64 / ours.as_secs_f64();
-    let base_rate = base_n as f64 / base.as_secs_f64();
-    println!("  pleiades (batches of 2000, one script call each): {ours_n} events in {ours:?} = {ours_rate:.0} events/s");
+    let rate = |n: usize, d: Duration| n as f64 / d.as_secs_f64();
+    let (full_rate, original_rate) = (rate(ours_n, full), rate(ours_n, original));
+    let base_rate = rate(base_n, base);
+    let per_event = |c: u64| c as f64 / ours_n as f64;
+    println!("  pleiades, original counters only (batches of 2000, one script call each): {ours_n} events in {original:?} = {original_rate:.0} events/s, {:.4} Redis commands per event", per_event(original_commands));
+    println!("  pleiades, with the further dimensions: {ours_n} events in {full:?} = {full_rate:.0} events/s, {:.4} Redis commands per event", per_event(full_commands));
+    println!(
+        "  the further dimensions cost {:.1} % of the throughput",
+        100.0 * (1.0 - full_rate / original_rate)
+    );
+    let (full_large_rate, original_large_rate) =
+        (rate(ours_n, full_large), rate(ours_n, original_large));
+    println!("  with batches of aggregate.batch_events = {default_batch} (a backfill): {original_large_rate:.0} events/s original, {full_large_rate:.0} with the further dimensions: they cost {:.1} % of the throughput", 100.0 * (1.0 - full_large_rate / original_large_rate));
     println!("  baseline (one INCRBY round trip per counter per event): {base_n} events in {base:?} = {base_rate:.0} events/s");
-    println!("  speed-up: {:.1}x", ours_rate / base_rate);
+    println!(
+        "  speed-up of pleiades with every dimension over the baseline: {:.1}x",
+        full_rate / base_rate
+    );
     let _ = server.kill();
     let _ = server.wait();
 }

@@ -7,7 +7,6 @@ use pleiades::counters::Tally;
 use pleiades::metrics::Metrics;
 use pleiades::store::{Batch, Store};
 use pleiades::ComponentContext;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -19,14 +18,13 @@ const LEVELS: [usize; 3] = [4, 8, 16];
 const RUN: Duration = Duration::from_secs(8);
 
 fn day_tally(day: i64, scale: i64) -> Tally {
-    let mut counters = HashMap::new();
-    for c in 0..COUNTERS {
-        counters.insert(format!("pleiades_wiki_wiki{c:04}"), scale * (c as i64 + 1));
-    }
+    let counters = (0..COUNTERS)
+        .map(|c| (format!("pleiades_wiki_wiki{c:04}"), scale * (c as i64 + 1)))
+        .collect();
     Tally {
-        all_time: counters.clone(),
-        days: HashMap::from([(day, counters)]),
+        days: [(day, counters)].into_iter().collect(),
         events: 1,
+        ..Tally::default()
     }
 }
 

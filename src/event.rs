@@ -138,6 +138,14 @@ pub struct EventHead<'a> {
     pub bot: Option<&'a RawValue>,
     pub minor: Option<&'a RawValue>,
     pub length: Option<&'a RawValue>,
+    /// The fields of the further dimensions (`counters::Dimensions`), raw like the others.
+    pub namespace: Option<&'a RawValue>,
+    pub user: Option<&'a RawValue>,
+    pub title: Option<&'a RawValue>,
+    pub server_name: Option<&'a RawValue>,
+    pub log_type: Option<&'a RawValue>,
+    pub log_action: Option<&'a RawValue>,
+    pub patrolled: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -154,6 +162,20 @@ struct Envelope<'a> {
     minor: Option<&'a RawValue>,
     #[serde(borrow, default)]
     length: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    namespace: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    user: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    title: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    server_name: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    log_type: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    log_action: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    patrolled: Option<&'a RawValue>,
 }
 
 /// The two sides of `length`, kept raw so that any number can be checked against the range.
@@ -246,6 +268,13 @@ pub fn inspect(data: &str) -> Result<EventHead<'_>, Invalid> {
         bot: envelope.bot,
         minor: envelope.minor,
         length: envelope.length,
+        namespace: envelope.namespace,
+        user: envelope.user,
+        title: envelope.title,
+        server_name: envelope.server_name,
+        log_type: envelope.log_type,
+        log_action: envelope.log_action,
+        patrolled: envelope.patrolled,
     })
 }
 

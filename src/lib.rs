@@ -5,10 +5,13 @@
 // The domain layer: pure, no I/O (the event, its schemas, the counter rules).
 pub mod counters;
 pub mod event;
+pub mod project;
 pub mod schema;
-// The base layer: configuration and metrics.
+pub mod sketch;
+// The base layer: configuration, metrics, and the display of progress.
 pub mod config;
 pub mod metrics;
+pub mod progress;
 // Infrastructure: the bus, the store, the HTTP server.
 pub mod bus;
 pub mod http;
@@ -19,8 +22,11 @@ pub mod health;
 pub mod ingest;
 pub mod intake;
 pub mod web;
-// The process: supervision, systemd, the daemon; and the replay tool.
+// The process: supervision, systemd, the daemon; and the tools that capture and replay the
+// stream.
+pub mod capture;
 pub mod daemon;
+pub mod record;
 pub mod replay;
 pub mod supervisor;
 pub mod systemd;

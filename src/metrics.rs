@@ -289,6 +289,9 @@ label_values! {
         Day => "day",
         Range => "range",
         AllTime => "all_time",
+        Hours => "hours",
+        Editors => "editors",
+        Top => "top",
     }
 }
 
@@ -306,6 +309,9 @@ label_values! {
         Totals => "/api/totals",
         Range => "/api/range",
         Live => "/api/live",
+        Hours => "/api/hours/{day}",
+        Top => "/api/top/{day}",
+        Editors => "/api/editors/{day}",
         Relay => "/v2/stream/recentchange",
         Healthz => "/healthz",
         Readyz => "/readyz",
@@ -318,12 +324,21 @@ impl Route {
     pub fn of(path: &str) -> Route {
         if let Some(route) = Route::ALL
             .iter()
-            .find(|r| **r != Route::Day && r.as_str() == path)
+            .find(|r| !r.as_str().contains('{') && r.as_str() == path)
         {
             return *route;
         }
         if path.starts_with("/api/stats/") {
             return Route::Day;
+        }
+        for (prefix, route) in [
+            ("/api/hours/", Route::Hours),
+            ("/api/top/", Route::Top),
+            ("/api/editors/", Route::Editors),
+        ] {
+            if path.starts_with(prefix) {
+                return route;
+            }
         }
         Route::Other
     }
@@ -1141,5 +1156,9 @@ mod tests {
         assert_eq!(Route::of("/api/stats/{day}"), Route::Day);
         assert_eq!(Route::of("/wp-admin"), Route::Other);
         assert_eq!(Route::of("/"), Route::Root);
+        assert_eq!(Route::of("/api/hours/19337"), Route::Hours);
+        assert_eq!(Route::of("/api/top/19337"), Route::Top);
+        assert_eq!(Route::of("/api/editors/x"), Route::Editors);
+        assert_eq!(Route::of("/api/hours"), Route::Other);
     }
 }

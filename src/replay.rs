@@ -5,6 +5,11 @@
 //! one asked for (inclusive, so an exact resume repeats the last event). It is the upstream for
 //! tests, demos and offline backfills, and can inject the faults a real upstream shows: cut
 //! connections, throttling with `Retry-After`, and silent stalls.
+//!
+//! It reads two formats, told apart by their first line: JSON lines (one event per line, ids
+//! made up as above) and raw captures (`pleiades record`, or the `.sse.txt` captures of the
+//! shared data), whose frames are served with their own ids and data, byte for byte, and whose
+//! ids' timestamps are the ones a resume is matched against.
 
 use futures_util::stream;
 use std::collections::HashMap;
@@ -21,8 +26,10 @@ use warp::Filter;
 /// Options of `pleiades replay`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayOptions {
-    /// JSONL file of events, one per line (repeat to concatenate files). Lines that are not JSON
-    /// are served as they are, so clients can be tested against bad data.
+    /// File of events (repeat to concatenate files): JSON lines, one event per line, or a raw
+    /// SSE capture (`pleiades record`, `.sse.txt`), whose frames keep their own ids. Lines of a
+    /// JSON-lines file that are not JSON are served as they are, so clients can be tested
+    /// against bad data.
     #[arg(long = "events", required = true)]
     pub events: Vec<PathBuf>,
     /// Address to listen on (port 0 picks a free port; the chosen address is logged).
@@ -39,7 +46,8 @@ pub struct ReplayOptions {
     /// Without it, every connection is paced from where it starts.
     #[arg(long)]
     pub live: bool,
-    /// Milliseconds between the timestamps of consecutive events.
+    /// Milliseconds between the timestamps of consecutive events (of JSON-lines files; a
+    /// capture's timestamps are those of its ids).
     #[arg(long, default_value_t = 10)]
     pub step_ms: i64,
     /// Move every fifth event's timestamp back by this many milliseconds, as upstream's are not
@@ -62,7 +70,7 @@ pub struct ReplayOptions {
     /// How many connections stall (with `stall-after`).
     #[arg(long, default_value_t = 1)]
     pub stall_connections: u64,
-    /// The topic named in ids.
+    /// The topic named in the ids of JSON-lines events.
     #[arg(long, default_value = "replay.mediawiki.recentchange")]
     pub topic: String,
 }
@@ -84,14 +92,38 @@ pub enum ReplayError {
     },
 }
 
+/// Every event as the frame it is served as, formatted once when the file is loaded: a stream
+/// then sends runs of frames as slices of one buffer, without formatting or copying per event.
 struct Recorded {
-    timestamp: i64,
-    data: String,
+    /// Each event's timestamp (the one its id names), for resuming.
+    timestamps: Vec<i64>,
+    /// The SSE id of each captured frame, served as it is; JSON-lines events have none (they
+    /// get one made up).
+    captured: Vec<Option<String>>,
+    /// The frames, back to back.
+    frames: bytes::Bytes,
+    /// Where frame `i` starts in `frames`; one more entry than frames, the last its length.
+    starts: Vec<usize>,
 }
+
+impl Recorded {
+    fn len(&self) -> usize {
+        self.timestamps.len()
+    }
+
+    /// Frames `from..to`, in one slice.
+    fn frames(&self, from: usize, to: usize) -> bytes::Bytes {
+        self.frames.slice(self.starts[from]..self.starts[to])
+    }
+}
+
+/// The most bytes of frames sent in one piece of the body when the client reads as fast as it
+/// can: large enough that a backlog costs few writes here and few reads at the client.
+const CHUNK_BYTES: usize = 256 * 1024;
 
 struct State {
     started: tokio::time::Instant,
-    events: Vec<Recorded>,
+    events: Recorded,
     options: ReplayOptions,
     stats: Arc<ReplayStats>,
     shutdown: CancellationToken,
@@ -186,39 +218,73 @@ pub async fn serve(
     })
 }
 
-fn load(options: &ReplayOptions) -> Result<Vec<Recorded>, ReplayError> {
-    let mut lines = Vec::new();
+fn load(options: &ReplayOptions) -> Result<Recorded, ReplayError> {
+    // Each entry is a JSON line (no id yet) or a captured frame (with its id).
+    let mut entries: Vec<(String, Option<String>)> = Vec::new();
     for path in &options.events {
         let text = std::fs::read_to_string(path).map_err(|source| ReplayError::Read {
             path: path.clone(),
             source,
         })?;
-        lines.extend(
-            text.lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(|l| l.replace('\r', " ")),
+        match crate::capture::detect(&text) {
+            crate::capture::Format::Sse => {
+                let frames = crate::capture::parse(&text);
+                tracing::info!(path = %path.display(), frames = frames.len(), "replay: read a capture; serving its own ids");
+                entries.extend(frames.into_iter().map(|f| (f.data, Some(f.id))));
+            }
+            crate::capture::Format::Jsonl => entries.extend(
+                text.lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(|l| (l.replace('\r', " "), None)),
+            ),
+        }
+    }
+    let base = entries
+        .iter()
+        .find_map(|(l, _)| crate::event::inspect(l).ok().map(|h| h.time_ms))
+        .unwrap_or(0);
+    let mut recorded = Recorded {
+        timestamps: Vec::with_capacity(entries.len()),
+        captured: Vec::with_capacity(entries.len()),
+        frames: bytes::Bytes::new(),
+        starts: Vec::with_capacity(entries.len() + 1),
+    };
+    let mut frames = String::with_capacity(entries.iter().map(|(l, _)| l.len() + 100).sum());
+    // A captured frame's timestamp is its id's; one without (an id of another shape) keeps the
+    // one before it, so that resuming stays in file order. Every frame is formatted once, here.
+    let mut previous = base;
+    for (i, (data, id)) in entries.into_iter().enumerate() {
+        let i = i as i64;
+        let timestamp = match &id {
+            Some(id) => crate::event::stream_id_timestamp_ms(id).unwrap_or(previous),
+            None => {
+                let back = if options.disorder_ms > 0 && i % 5 == 3 {
+                    options.disorder_ms
+                } else {
+                    0
+                };
+                base + i * options.step_ms - back
+            }
+        };
+        previous = timestamp;
+        recorded.captured.push(id.clone());
+        let id = id.unwrap_or_else(|| {
+            serde_json::json!([{ "topic": options.topic, "partition": 0, "timestamp": timestamp }])
+                .to_string()
+        });
+        recorded.starts.push(frames.len());
+        recorded.timestamps.push(timestamp);
+        frames.push_str(
+            &Event::default()
+                .event("message")
+                .id(id)
+                .data(data)
+                .to_string(),
         );
     }
-    let base = lines
-        .iter()
-        .find_map(|l| crate::event::inspect(l).ok().map(|h| h.time_ms))
-        .unwrap_or(0);
-    Ok(lines
-        .into_iter()
-        .enumerate()
-        .map(|(i, data)| {
-            let i = i as i64;
-            let back = if options.disorder_ms > 0 && i % 5 == 3 {
-                options.disorder_ms
-            } else {
-                0
-            };
-            Recorded {
-                timestamp: base + i * options.step_ms - back,
-                data,
-            }
-        })
-        .collect())
+    recorded.starts.push(frames.len());
+    recorded.frames = bytes::Bytes::from(frames);
+    Ok(recorded)
 }
 
 fn respond(
@@ -260,10 +326,24 @@ fn respond(
             sent: 0,
             connection,
             next_at: tokio::time::Instant::now(),
+            progress: crate::progress::Progress::events(
+                &format!("replay connection {connection}"),
+                Some(state.events.len().saturating_sub(start) as u64),
+            ),
         },
-        next_event,
+        next_chunk,
     );
-    warp::sse::reply(stream).into_response()
+    let mut response = warp::reply::stream(stream).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        warp::http::header::CONTENT_TYPE,
+        warp::http::HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(
+        warp::http::header::CACHE_CONTROL,
+        warp::http::HeaderValue::from_static("no-cache"),
+    );
+    response
 }
 
 fn start_index(
@@ -274,8 +354,9 @@ fn start_index(
     let first_at = |t: i64| {
         state
             .events
+            .timestamps
             .iter()
-            .position(|e| e.timestamp >= t)
+            .position(|e| *e >= t)
             .unwrap_or(state.events.len())
     };
     if let Some(id) = last_event_id.filter(|id| !id.is_empty()) {
@@ -292,7 +373,16 @@ fn start_index(
             .and_then(|o| o.as_i64())
             .filter(|o| *o >= 0)
         {
-            return Ok((offset as usize + 1).min(state.events.len()));
+            let topic = ours.get("topic").and_then(|t| t.as_str()).unwrap_or("");
+            match captured_offset(state, topic, offset) {
+                // The frame after the one whose id names this position.
+                Some(at) => return Ok((at + 1).min(state.events.len())),
+                // Made-up ids count offsets from the first event served.
+                None if state.events.captured.iter().all(Option::is_none) => {
+                    return Ok((offset as usize + 1).min(state.events.len()))
+                }
+                None => {}
+            }
         }
         if let Some(ts) = ours.get("timestamp").and_then(|t| t.as_i64()) {
             return Ok(first_at(ts));
@@ -307,52 +397,88 @@ fn start_index(
     Ok(0)
 }
 
+/// The index of the captured frame whose id holds `offset` for `topic`.
+fn captured_offset(state: &State, topic: &str, offset: i64) -> Option<usize> {
+    state.events.captured.iter().rposition(|id| {
+        let Some(id) = id else { return false };
+        serde_json::from_str::<Vec<serde_json::Value>>(id).is_ok_and(|positions| {
+            positions.iter().any(|p| {
+                p.get("topic").and_then(|t| t.as_str()) == Some(topic)
+                    && p.get("offset").and_then(|o| o.as_i64()) == Some(offset)
+            })
+        })
+    })
+}
+
 struct Cursor {
     state: Arc<State>,
     index: usize,
     sent: u64,
     connection: u64,
     next_at: tokio::time::Instant,
+    /// Events sent on this connection, out of those it has to send.
+    progress: crate::progress::Progress,
 }
 
-async fn next_event(mut c: Cursor) -> Option<(Result<Event, Infallible>, Cursor)> {
+/// The next piece of the body: a heartbeat once every event is sent, one frame when the
+/// stream is paced, otherwise as many frames as fit in [`CHUNK_BYTES`] (never past a cut or a
+/// stall).
+async fn next_chunk(mut c: Cursor) -> Option<(Result<bytes::Bytes, Infallible>, Cursor)> {
     let o = &c.state.options;
     if c.state.shutdown.is_cancelled() || o.cut_after.is_some_and(|n| c.sent >= n) {
         return None;
     }
-    if c.connection < o.stall_connections && o.stall_after.is_some_and(|n| c.sent >= n) {
+    let stalls = c.connection < o.stall_connections;
+    if stalls && o.stall_after.is_some_and(|n| c.sent >= n) {
         // Silent but open: only the client's stall watchdog can get it out of here.
         c.state.shutdown.cancelled().await;
         return None;
     }
-    let Some(event) = c.state.events.get(c.index) else {
+    let events = &c.state.events;
+    if c.index >= events.len() {
+        // Everything was sent: what follows is heartbeats until the client goes.
+        c.progress.finish();
         tokio::select! {
             _ = c.state.shutdown.cancelled() => return None,
             _ = tokio::time::sleep(o.heartbeat) => {}
         }
-        return Some((Ok(Event::default().comment("")), c));
-    };
-    if let Some(rate) = o.rate.filter(|r| *r > 0.0 && o.live) {
+        return Some((Ok(bytes::Bytes::from_static(b":\n\n")), c));
+    }
+    let paced = o.rate.filter(|r| *r > 0.0);
+    if let Some(rate) = paced.filter(|_| o.live) {
         let due = c.state.started + Duration::from_secs_f64(c.index as f64 / rate);
         tokio::select! {
             _ = c.state.shutdown.cancelled() => return None,
             _ = tokio::time::sleep_until(due) => {}
         }
-    } else if let Some(rate) = o.rate.filter(|r| *r > 0.0) {
+    } else if let Some(rate) = paced {
         tokio::time::sleep_until(c.next_at).await;
         c.next_at = c
             .next_at
             .max(tokio::time::Instant::now() - Duration::from_secs(1))
             + Duration::from_secs_f64(1.0 / rate);
     }
-    let id =
-        serde_json::json!([{ "topic": o.topic, "partition": 0, "timestamp": event.timestamp }])
-            .to_string();
-    let frame = Event::default()
-        .event("message")
-        .id(id)
-        .data(event.data.clone());
-    c.index += 1;
-    c.sent += 1;
-    Some((Ok(frame), c))
+    // How many frames this piece may hold: one when paced, and never past the cut or the
+    // stall of this connection.
+    let mut most = if paced.is_some() { 1 } else { u64::MAX };
+    if let Some(n) = o.cut_after {
+        most = most.min(n - c.sent);
+    }
+    if let Some(n) = o.stall_after.filter(|_| stalls) {
+        most = most.min(n - c.sent);
+    }
+    let last = events.len().min(
+        c.index
+            .saturating_add(usize::try_from(most).unwrap_or(usize::MAX)),
+    );
+    let from = c.index;
+    let mut to = from + 1;
+    while to < last && events.starts[to + 1] - events.starts[from] <= CHUNK_BYTES {
+        to += 1;
+    }
+    let chunk = events.frames(from, to);
+    c.index = to;
+    c.sent += (to - from) as u64;
+    c.progress.inc((to - from) as u64);
+    Some((Ok(chunk), c))
 }

@@ -7,7 +7,12 @@ const DAY_SECONDS = 86400;
 const TREND_DAYS = 366;
 const $ = (id) => document.getElementById(id);
 const fmt = new Intl.NumberFormat();
-const state = { today: null, selected: null, live: null, days: [], feed: null };
+const state = {
+  today: null, selected: null, live: null, days: [], feed: null,
+  // Without Wikidata: every panel leaves it out (see withoutWikidata and the API's exclude).
+  noWikidata: false, counters: {}, hours: null, range: [], panels: 0, panelsLoaded: 0,
+};
+const WIKIDATA = "pleiades_wikidata_";
 
 const FAMILIES = [
   ["Wikidata", /^wikidatawiki$/], ["Commons", /^commonswiki$/], ["Wiktionary", /wiktionary$/],
@@ -60,8 +65,16 @@ function renderBars(list, rows, colorOf) {
     li.dataset.value = String(row.value);
     const name = document.createElement("span");
     name.className = "name";
-    name.textContent = row.label || row.name;
     name.title = row.title || row.label || row.name;
+    if (row.href) {
+      const link = document.createElement("a");
+      link.href = row.href;
+      link.rel = "noopener noreferrer";
+      link.textContent = row.label || row.name;
+      name.append(link);
+    } else {
+      name.textContent = row.label || row.name;
+    }
     const track = document.createElement("span");
     track.className = "track";
     const fill = document.createElement("span");
@@ -72,14 +85,71 @@ function renderBars(list, rows, colorOf) {
     track.append(fill);
     const num = document.createElement("span");
     num.className = "num";
-    num.textContent = fmt.format(row.value);
+    num.textContent = `${row.bound ? "≤ " : ""}${fmt.format(row.value)}`;
+    if (row.bound) num.title = "an upper bound: the sketch could not tell this count exactly";
     li.append(name, track, num);
     li.setAttribute("aria-label", `${row.label || row.name}: ${fmt.format(row.value)}`);
     return li;
   }));
 }
 
-function render(counters) {
+// The counters of a day without Wikidata: each counter less its Wikidata share
+// (pleiades_wikidata_<x> of pleiades_<x>); the total less pleiades_family_wikidata; the
+// Wikidata wiki and family left out. Counters without a share (languages) have none there.
+function withoutWikidata(counters) {
+  const out = {};
+  for (const [name, value] of Object.entries(counters)) {
+    if (name.startsWith(WIKIDATA) || name === "pleiades_family_wikidata") continue;
+    if (name.startsWith("pleiades_wiki_")) {
+      if (family(name.slice("pleiades_wiki_".length)) !== "Wikidata") out[name] = value;
+      continue;
+    }
+    const share = name === "pleiades_total"
+      ? counters.pleiades_family_wikidata
+      : counters[WIKIDATA + name.slice("pleiades_".length)];
+    out[name] = value - (share || 0);
+  }
+  return out;
+}
+
+function shown(counters) {
+  return state.noWikidata ? withoutWikidata(counters) : counters;
+}
+
+const FAMILY_LABELS = {
+  wikipedia: "Wikipedia", wiktionary: "Wiktionary", wikibooks: "Wikibooks", wikinews: "Wikinews",
+  wikiquote: "Wikiquote", wikisource: "Wikisource", wikiversity: "Wikiversity", wikivoyage: "Wikivoyage",
+  wikidata: "Wikidata", commons: "Commons", wikifunctions: "Wikifunctions", mediawiki: "MediaWiki",
+  meta: "Meta-Wiki", species: "Wikispecies", incubator: "Incubator", wikimedia: "Wikimedia",
+  test: "Test wikis", other: "Other",
+};
+
+const NAMESPACES = {
+  "-2": "Media", "-1": "Special", 0: "Articles (main)", 1: "Talk", 2: "User", 3: "User talk",
+  4: "Project", 5: "Project talk", 6: "File", 7: "File talk", 8: "MediaWiki", 9: "MediaWiki talk",
+  10: "Template", 11: "Template talk", 12: "Help", 13: "Help talk", 14: "Category",
+  15: "Category talk", 100: "Portal", 118: "Draft", 120: "Property (Wikidata)",
+  146: "Lexeme (Wikidata)", 828: "Module", 829: "Module talk", 2600: "Topic",
+};
+
+const USER_CLASSES = {
+  registered: "Registered", temporary: "Temporary", anonymous: "Anonymous (IP)", bot: "Bots",
+};
+
+function prefixed(counters, prefix, label) {
+  const rows = [];
+  for (const [name, value] of Object.entries(counters)) {
+    if (name.startsWith(prefix) && value > 0) {
+      const key = name.slice(prefix.length);
+      rows.push({ name, label: label(key), title: `${label(key)} (${name})`, value });
+    }
+  }
+  return rows;
+}
+
+function render(raw) {
+  state.counters = raw;
+  const counters = shown(raw);
   const total = counters.pleiades_total || 0;
   const pct = (n) => (total ? `${((100 * n) / total).toFixed(1)} %` : "–");
   setStat("stat-total", total, fmt.format(total));
@@ -102,16 +172,137 @@ function render(counters) {
     }
   }
   const byValue = (a, b) => b.value - a.value || a.name.localeCompare(b.name);
-  renderBars($("families"), Object.entries(families).map(([name, value]) => ({ name, value })).sort(byValue), (r) => familyColor(r.name));
+  // The stored family counters where the day has them; days counted before them get the
+  // families the page derives from the wikis' names.
+  const counted = prefixed(counters, "pleiades_family_", (f) => FAMILY_LABELS[f] || f);
+  const familyRows = counted.length
+    ? counted
+    : Object.entries(families).map(([name, value]) => ({ name, value }));
+  renderBars($("families"), familyRows.sort(byValue), (r) => familyColor(r.label || r.name));
   renderBars($("wikis"), wikis.sort(byValue).slice(0, 15), (r) => familyColor(r.family));
   renderBars($("types"), types.sort(byValue));
+  const languages = prefixed(counters, "pleiades_language_", (key) => {
+    const cut = key.indexOf("_");
+    return `${key.slice(cut + 1)} · ${FAMILY_LABELS[key.slice(0, cut)] || key.slice(0, cut)}`;
+  });
+  renderBars($("languages"), languages.sort(byValue).slice(0, 15));
+  renderBars($("namespaces"), prefixed(counters, "pleiades_namespace_", (n) => NAMESPACES[n] || `Namespace ${n}`).sort(byValue).slice(0, 12));
+  renderBars($("users"), prefixed(counters, "pleiades_user_", (c) => USER_CLASSES[c] || c).sort(byValue));
+  const added = counters.pleiades_bytes_added || 0;
+  const removed = counters.pleiades_bytes_removed || 0;
+  setStat("stat-added", added, `+${fmt.format(added)}`);
+  setStat("stat-removed", removed, `−${fmt.format(removed)}`);
+}
+
+// The day by hour: humans and bots stacked, drawn at the box's own width so that its text
+// stays readable on a phone. Each hour carries its numbers in data attributes.
+function hourValues(hours) {
+  const sub = (c, who) => (c[`pleiades_${who}`] || 0) - (state.noWikidata ? (c[`${WIKIDATA}${who}`] || 0) : 0);
+  return hours.map((h) => ({ hour: h.hour, human: sub(h.counters, "human"), bot: sub(h.counters, "bot") }));
+}
+
+function readout(v) {
+  const hh = String(v.hour).padStart(2, "0");
+  return `${hh}:00–${hh}:59 UTC: ${fmt.format(v.human + v.bot)} events, ${fmt.format(v.human)} by humans, ${fmt.format(v.bot)} by bots`;
+}
+
+function renderHours() {
+  const box = $("hours");
+  const hours = state.hours;
+  if (!hours) { box.textContent = "No events by hour for this day."; box.dataset.values = "[]"; return; }
+  const values = hourValues(hours);
+  box.dataset.values = JSON.stringify(values);
+  const ns = "http://www.w3.org/2000/svg";
+  const w = Math.max(280, box.clientWidth || 800), h = box.clientWidth < 480 ? 170 : 200;
+  const left = 44, right = 6, top = 8, bottom = 22;
+  const max = Math.max(1, ...values.map((v) => v.human + v.bot));
+  const slot = (w - left - right) / 24;
+  const y = (v) => top + (h - top - bottom) * (1 - v / max);
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
+  svg.setAttribute("role", "img");
+  svg.setAttribute("aria-label", `Events by hour on ${dayLabel(state.selected)}, humans and bots`);
+  const el = (name, attrs) => {
+    const node = document.createElementNS(ns, name);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+    return node;
+  };
+  for (const frac of [0, 0.5, 1]) {
+    const v = Math.round(max * frac);
+    svg.append(el("line", { class: "grid-line", x1: left, x2: w - right, y1: y(v), y2: y(v) }));
+    const label = el("text", { class: "axis", x: left - 4, y: y(v) + 4, "text-anchor": "end" });
+    label.textContent = fmt.format(v);
+    svg.append(label);
+  }
+  for (const v of values) {
+    const x = left + v.hour * slot;
+    const g = el("g", { class: "hour" });
+    g.dataset.hour = String(v.hour);
+    g.dataset.human = String(v.human);
+    g.dataset.bot = String(v.bot);
+    const bar = Math.max(1, slot - 2);
+    g.append(el("rect", { class: "hit", x, y: top, width: slot, height: h - top - bottom }));
+    g.append(el("rect", { class: "human", x: x + 1, y: y(v.human), width: bar, height: Math.max(0, y(0) - y(v.human)) }));
+    g.append(el("rect", { class: "bot", x: x + 1, y: y(v.human + v.bot), width: bar, height: Math.max(0, y(v.human) - y(v.human + v.bot)) }));
+    const title = el("title", {});
+    title.textContent = readout(v);
+    g.append(title);
+    const show = () => {
+      for (const other of svg.querySelectorAll("g.hour.sel")) other.classList.remove("sel");
+      g.classList.add("sel");
+      $("hours-readout").textContent = readout(v);
+    };
+    g.addEventListener("pointerenter", show);
+    g.addEventListener("click", show);
+    svg.append(g);
+    if (v.hour % (slot < 22 ? 6 : 3) === 0) {
+      const label = el("text", { class: "axis", x: x + slot / 2, y: h - 6, "text-anchor": "middle" });
+      label.textContent = String(v.hour).padStart(2, "0");
+      svg.append(label);
+    }
+  }
+  box.replaceChildren(svg);
+}
+
+function topRows(top) {
+  return (top ? top.entries : []).map((e) => ({
+    name: e.key,
+    label: e.title !== undefined ? e.title : e.key,
+    title: e.title !== undefined ? `${e.title} (${e.wiki})` : `${e.key}${e.server ? ` (${e.server})` : ""}`,
+    href: e.url,
+    value: e.count,
+    bound: !e.exact,
+  }));
+}
+
+// The panels built from a day's sketches and per-hour counters; the API leaves Wikidata out
+// of the sketches (exclude=wikidata), since an editor or a page cannot be subtracted.
+async function loadPanels(day) {
+  const ask = ++state.panels;
+  const exclude = state.noWikidata ? "&exclude=wikidata" : "";
+  const [hours, editors, pages, people] = await Promise.all([
+    getJSON(`/api/hours/${day}`),
+    getJSON(`/api/editors/${day}?${exclude.slice(1)}`),
+    getJSON(`/api/top/${day}?what=pages&limit=15${exclude}`),
+    getJSON(`/api/top/${day}?what=editors&limit=15${exclude}`),
+  ]);
+  if (ask !== state.panels) return; // a later request (another day, the toggle) wins
+  state.hours = hours ? hours.hours : null;
+  renderHours();
+  const count = editors ? editors.editors : 0;
+  setStat("stat-editors", count, fmt.format(count));
+  $("stat-editors").title = editors ? `estimated within ±${(100 * editors.standard_error).toFixed(2)} % (one standard error)` : "";
+  renderBars($("top-pages"), topRows(pages));
+  renderBars($("top-editors"), topRows(people));
+  state.panelsLoaded = Date.now();
+  document.body.dataset.panels = `${day}:${state.noWikidata ? "without" : "with"}-wikidata`;
 }
 
 function renderTrend(days) {
   const box = $("trend");
   if (!days.length) { box.textContent = "No days yet."; return; }
   const w = 800, h = 180, pad = 28;
-  const values = days.map((d) => d.counters.pleiades_total || 0);
+  const values = days.map((d) => (d.counters.pleiades_total || 0) - (state.noWikidata ? (d.counters.pleiades_family_wikidata || 0) : 0));
   const max = Math.max(1, ...values);
   const x = (i) => pad + (days.length === 1 ? (w - 2 * pad) / 2 : (i * (w - 2 * pad)) / (days.length - 1));
   const y = (v) => h - pad - (v * (h - 2 * pad)) / max;
@@ -134,7 +325,7 @@ function renderTrend(days) {
     dot.dataset.day = d.day; dot.dataset.value = String(values[i]);
     if (d.day === state.selected) dot.setAttribute("class", "sel");
     const title = document.createElementNS(ns, "title");
-    title.textContent = `${dayLabel(d.day)}: ${fmt.format(values[i])} events`;
+    title.textContent = `${dayLabel(d.day)}: ${fmt.format(values[i])} events${state.noWikidata ? " without Wikidata" : ""}`;
     dot.append(title);
     svg.append(dot);
   });
@@ -160,6 +351,7 @@ async function loadDay(day) {
   const stats = await getJSON(`/api/stats/${day}`);
   showMessage(stats ? "" : `No events counted for ${dayLabel(day)} yet.`);
   render(toMap(stats));
+  await loadPanels(day);
   document.body.dataset.loadedDay = day;
 }
 
@@ -182,10 +374,11 @@ async function loadDays() {
     const last = Number(days[days.length - 1]);
     const from = Math.max(Number(days[0]), last - TREND_DAYS + 1);
     const range = await getJSON(`/api/range?from=${from}&to=${last}`);
-    renderTrend(range || []);
+    state.range = range || [];
   } else {
-    renderTrend([]);
+    state.range = [];
   }
+  renderTrend(state.range);
 }
 
 async function loadTotals() {
@@ -205,6 +398,7 @@ function follow() {
     if (state.selected === update.day && Object.keys(update.counters).length) {
       showMessage("");
       render(update.counters);
+      if (Date.now() - state.panelsLoaded > 15000) loadPanels(state.selected).catch(() => {});
       document.body.dataset.liveUpdates = String(Number(document.body.dataset.liveUpdates || 0) + 1);
     }
     if (!state.days.includes(update.day) && Object.keys(update.counters).length) loadDays();
@@ -271,6 +465,16 @@ async function main() {
   const requested = new URLSearchParams(location.search).get("day");
   state.selected = requested || state.today;
   $("day").addEventListener("change", (e) => loadDay(e.target.value).then(loadDays).catch((err) => showMessage(String(err))));
+  state.noWikidata = $("no-wikidata").checked;
+  $("no-wikidata").addEventListener("change", (e) => {
+    state.noWikidata = e.target.checked;
+    render(state.counters);
+    renderHours();
+    renderTrend(state.range);
+    loadPanels(state.selected).catch((err) => showMessage(String(err)));
+  });
+  let resized = null;
+  window.addEventListener("resize", () => { clearTimeout(resized); resized = setTimeout(renderHours, 150); });
   try {
     await loadDays();
     if (!requested && !state.days.includes(state.today) && state.days.length) state.selected = state.days[state.days.length - 1];

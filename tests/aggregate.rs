@@ -70,6 +70,12 @@ async fn read_store(scope: &TestScope, choice: &StoreChoice) -> Expected {
     stored(&open_store(&choice.settings(scope)).await).await
 }
 
+/// Checks the further dimensions of `choice` against the oracle and one clean pass.
+async fn check_dimensions(scope: &TestScope, choice: &StoreChoice, lines: &[String]) {
+    let store = open_store(&choice.settings(scope)).await;
+    dimensions::check(&store, lines, &scope.path("clean-pass.db")).await;
+}
+
 /// Counts the mixed events through the whole pipeline into `choice` and compares with the
 /// oracle; returns the scope (with its configuration and logs) and the metrics port.
 async fn whole_pipeline(choice: StoreChoice) -> (TestScope, u16) {
@@ -98,6 +104,7 @@ async fn whole_pipeline(choice: StoreChoice) -> (TestScope, u16) {
     );
     let found = read_store(&scope, &choice).await;
     assert_counters_equal(&found, &expected);
+    check_dimensions(&scope, &choice, &lines).await;
     let segments = bus_segment_count(&scope.path("events"));
     assert!(
         segments >= 2,
@@ -195,6 +202,7 @@ async fn crash_repeatedly(choice: StoreChoice, mut redis_crash: Option<&mut Redi
     );
     let found = read_store(&scope, &choice).await;
     assert_counters_equal(&found, &expected);
+    check_dimensions(&scope, &choice, &lines).await;
     println!(
         "{kills} kills: {} events counted exactly once",
         found.events
@@ -283,6 +291,7 @@ async fn redis_commands_per_event_stay_under_budget() {
     );
     let found = read_store(&scope, &StoreChoice::Redis(redis.url())).await;
     assert_counters_equal(&found, &expected);
+    check_dimensions(&scope, &StoreChoice::Redis(redis.url()), &events).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -360,7 +369,6 @@ async fn redis_counters_stay_exact_beyond_2_53_and_saturate_like_the_embedded_st
     for (n, step) in steps.iter().enumerate() {
         let mut tally = Tally::default();
         for (name, delta) in step.iter() {
-            tally.all_time.insert((*name).to_owned(), *delta);
             tally
                 .days
                 .entry(20_000)

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use pleiades::config::{StoreConfig, StoreKind, StoreSettings, WebConfig};
-use pleiades::counters::{Deltas, Scratch, Tally};
+use pleiades::counters::{CountScratch, Tally};
 use pleiades::health::Readiness;
 use pleiades::metrics::{Component, Metrics, StoreRead};
 use pleiades::store::{Batch, Store};
@@ -29,8 +29,17 @@ async fn filled_store(scope: &TestScope, metrics: &Metrics, lines: &[String]) ->
     )
     .await
     .expect("the store opens");
+    store
+        .apply(&batch_of(lines, 0))
+        .await
+        .expect("the batch applies");
+    store
+}
+
+/// `lines` counted once into one batch at bus position `start`, as an aggregator counts them.
+fn batch_of(lines: &[String], start: u64) -> Batch {
     let mut tally = Tally::default();
-    let mut name = String::new();
+    let mut reuse = CountScratch::default();
     let mut seen = std::collections::HashSet::new();
     for line in lines {
         let Ok(head) = pleiades::event::inspect(line) else {
@@ -44,17 +53,14 @@ async fn filled_store(scope: &TestScope, metrics: &Metrics, lines: &[String]) ->
         {
             continue;
         }
-        let mut scratch = Scratch::default();
-        tally.add(&Deltas::of(&head, &mut scratch), &mut name);
+        tally.count(&head, true, &mut reuse);
     }
-    let batch = Batch {
+    Batch {
         source: "test".into(),
-        start: 0,
-        end: 1,
+        start,
+        end: start + 1,
         tally,
-    };
-    store.apply(&batch).await.expect("the batch applies");
-    store
+    }
 }
 
 struct Harness {
@@ -202,6 +208,302 @@ async fn every_route_answers_what_the_store_holds() {
     assert!(text.contains("pleiades_web_http_response_total{path=\"/api/days\",status=\"200\"} 1"));
 }
 
+/// Requests the day, editor and top-list routes refuse, with the status and a word the error
+/// must name.
+const SKETCH_ERRORS: &[(&str, u16, &str)] = &[
+    ("/api/hours/abc", 400, "abc"),
+    ("/api/hours/1", 404, "1"),
+    ("/api/editors/x1", 400, "x1"),
+    ("/api/editors/DAY?family=wikipdia", 400, "wikipdia"),
+    ("/api/editors/DAY?exclude=wikidata,Commons", 400, "Commons"),
+    ("/api/top/1.5?what=pages", 400, "1.5"),
+    ("/api/top/DAY", 400, "what"),
+    ("/api/top/DAY?what=wikis", 400, "wikis"),
+    ("/api/top/DAY?what=pages&limit=51", 400, "51"),
+    ("/api/top/DAY?what=pages&limit=0", 400, "limit"),
+    ("/api/top/DAY?what=editors&family=nope", 400, "nope"),
+];
+
+/// Percent-decodes a URL path (the test's own reading of RFC 3986, not the library's encoder).
+fn percent_decoded(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 3 <= bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).expect("ascii");
+            out.push(u8::from_str_radix(hex, 16).expect("two hex digits"));
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).expect("UTF-8")
+}
+
+#[tokio::test]
+async fn hours_editors_and_top_lists_answer_what_the_events_say() {
+    let scope = TestScope::new();
+    let lines = recorded_lines();
+    let expected = oracle(&lines);
+    let h = Harness::new(&scope, &lines, Duration::from_secs(1)).await;
+    let routes = pleiades::web::routes(&h.ctx, h.parts.clone());
+    // The servers each page and editor was seen on, from the events themselves.
+    let mut servers: std::collections::HashMap<String, std::collections::HashSet<String>> =
+        Default::default();
+    for line in delivered(&lines) {
+        let v: Value = serde_json::from_str(&line).expect("JSON");
+        let server = v["server_name"].as_str().unwrap_or("").to_owned();
+        if let (Some(wiki), Some(title)) = (v["wiki"].as_str(), v["title"].as_str()) {
+            servers
+                .entry(format!("{wiki}\t{title}"))
+                .or_default()
+                .insert(server.clone());
+        }
+        if let Some(user) = v["user"].as_str() {
+            servers.entry(user.to_owned()).or_default().insert(server);
+        }
+    }
+
+    let (mut hours_checked, mut entries_checked, mut links_checked) = (0, 0, 0);
+    for (day, hours) in &expected.hours {
+        let (status, kind, body) = get(&routes, &format!("/api/hours/{day}")).await;
+        assert_eq!((status, kind.as_str()), (200, "application/json"), "{body}");
+        assert_eq!(body["day"], Value::String(day.to_string()));
+        assert_eq!(body["since"], serde_json::json!(day * 86_400));
+        let list = body["hours"].as_array().expect("a list of hours");
+        assert_eq!(list.len(), 24);
+        for (hour, entry) in list.iter().enumerate() {
+            assert_eq!(entry["hour"], serde_json::json!(hour));
+            assert_eq!(
+                entry["since"],
+                serde_json::json!(day * 86_400 + hour as i64 * 3600)
+            );
+            let prefix = format!("{hour:02}:");
+            let want: serde_json::Map<String, Value> = hours
+                .iter()
+                .filter_map(|(name, value)| {
+                    Some((name.strip_prefix(&prefix)?.to_owned(), Value::from(*value)))
+                })
+                .collect();
+            assert_eq!(
+                entry["counters"],
+                Value::Object(want),
+                "day {day} hour {hour}"
+            );
+            hours_checked += usize::from(!want_is_empty(&entry["counters"]));
+        }
+
+        // Distinct editors: all families merged, and without Wikidata, against the exact sets.
+        for (query, left_out) in [("", None), ("?exclude=wikidata", Some("wikidata"))] {
+            let (status, _, body) = get(&routes, &format!("/api/editors/{day}{query}")).await;
+            assert_eq!(status, 200, "{body}");
+            let mut exact = std::collections::BTreeSet::new();
+            let mut families = std::collections::BTreeSet::new();
+            for ((d, family), names) in &expected.editors {
+                if d == day && Some(family.as_str()) != left_out {
+                    exact.extend(names.iter().cloned());
+                    families.insert(family.clone());
+                }
+            }
+            let count = body["editors"].as_f64().expect("a number");
+            let exact = exact.len() as f64;
+            let error = body["standard_error"].as_f64().expect("the standard error");
+            assert!(
+                (count - exact).abs() <= (3.0 * error * exact).max(1.0),
+                "day {day}{query}: {count} editors for {exact} exact"
+            );
+            let listed: std::collections::BTreeSet<String> = body["families"]
+                .as_object()
+                .expect("families")
+                .keys()
+                .cloned()
+                .collect();
+            assert_eq!(listed, families, "day {day}{query}");
+        }
+
+        // The busiest pages and editors without Wikidata, against the exact counts.
+        for what in ["pages", "editors"] {
+            let path = format!("/api/top/{day}?what={what}&exclude=wikidata&limit=20");
+            let (status, _, body) = get(&routes, &path).await;
+            assert_eq!(status, 200, "{path}: {body}");
+            assert_eq!(body["what"], what);
+            assert_eq!(body["family"], "all");
+            let mut truth: std::collections::BTreeMap<&str, i64> = Default::default();
+            for ((d, family, list), counts) in &expected.top {
+                if d == day && list == what && family != "wikidata" {
+                    for (key, n) in counts {
+                        *truth.entry(key.as_str()).or_default() += n;
+                    }
+                }
+            }
+            let entries = body["entries"].as_array().expect("entries");
+            assert!(entries.len() <= 20);
+            assert_eq!(entries.len(), truth.len().min(20), "{path}");
+            let mut previous = i64::MAX;
+            for entry in entries {
+                let key = entry["key"].as_str().expect("a key");
+                let count = entry["count"].as_i64().expect("a count");
+                let want = truth.get(key).copied().unwrap_or(0);
+                assert!(
+                    count >= want && count <= previous,
+                    "{path}: {entry} for {want}"
+                );
+                previous = count;
+                if entry["exact"] == true {
+                    assert_eq!(count, want, "{path}: {entry} is marked exact");
+                }
+                let server = entry["server"].as_str().expect("a server");
+                assert!(
+                    servers.get(key).is_some_and(|s| s.contains(server)),
+                    "{path}: {entry} was never seen on {server:?}"
+                );
+                if what == "pages" {
+                    let (wiki, title) = key.split_once('\t').expect("wiki and title");
+                    assert_eq!(
+                        (entry["wiki"].as_str(), entry["title"].as_str()),
+                        (Some(wiki), Some(title))
+                    );
+                    if !server.is_empty() {
+                        let url = entry["url"].as_str().expect("a link");
+                        let path = url
+                            .strip_prefix(&format!("https://{server}/wiki/"))
+                            .unwrap_or_else(|| panic!("{url} is not on {server}"));
+                        assert!(!path.contains([' ', '?', '#', '"', '&']), "{url}");
+                        assert_eq!(percent_decoded(path), title.replace(' ', "_"));
+                        links_checked += 1;
+                    }
+                } else {
+                    assert!(entry.get("url").is_none(), "{entry}");
+                }
+                entries_checked += 1;
+            }
+            let busiest = truth.iter().max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)));
+            if let Some((key, n)) = busiest.filter(|(_, n)| **n >= 3) {
+                assert!(
+                    entries.iter().any(|e| e["key"] == *key),
+                    "{path}: the busiest {key:?} ({n}) is missing"
+                );
+            }
+        }
+    }
+    assert!(hours_checked > 0 && entries_checked > 0 && links_checked > 0);
+
+    // One family: its own sketch, named in the answer.
+    let day = *expected.days.keys().last().expect("a day");
+    let (status, _, body) = get(
+        &routes,
+        &format!("/api/top/{day}?what=pages&family=wikidata"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["family"], "wikidata");
+    for entry in body["entries"].as_array().expect("entries") {
+        assert!(
+            entry["key"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("wikidatawiki\t")),
+            "{entry}"
+        );
+    }
+
+    for &(path, want, named) in SKETCH_ERRORS {
+        let path = path.replace("DAY", &day.to_string());
+        let (status, kind, body) = get(&routes, &path).await;
+        assert_eq!(
+            (status, kind.as_str()),
+            (want, "application/json"),
+            "{path}: {body}"
+        );
+        let error = body["error"].as_str().unwrap_or("");
+        assert!(error.contains(named), "{path}: {body}");
+    }
+    let text = h.metrics.render();
+    for route in ["hours", "editors", "top"] {
+        assert!(
+            text.contains(&format!(
+                "pleiades_web_http_response_total{{path=\"/api/{route}/{{day}}\",status=\"200\"}}"
+            )),
+            "{route}: {text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_batch_of_the_day_refreshes_its_hours_editors_and_top_lists_at_once() {
+    let scope = TestScope::new();
+    let lines = recorded_lines();
+    let expected = oracle(&lines);
+    // An hour long cache: only the batch can make the answers change.
+    let h = Harness::new(&scope, &lines, Duration::from_secs(3600)).await;
+    let routes = pleiades::web::routes(&h.ctx, h.parts.clone());
+    let day = *expected.days.keys().last().expect("a day");
+    let paths = [
+        format!("/api/hours/{day}"),
+        format!("/api/editors/{day}?exclude=wikidata"),
+        format!("/api/top/{day}?what=editors&limit=1"),
+    ];
+    let mut before = Vec::new();
+    for path in &paths {
+        before.push(get(&routes, path).await.2);
+    }
+    let reads =
+        |h: &Harness| [StoreRead::Hours, StoreRead::Editors, StoreRead::Top].map(|r| h.reads(r));
+    let read_once = reads(&h);
+    for (path, body) in paths.iter().zip(&before) {
+        assert_eq!(&get(&routes, path).await.2, body, "{path} from the cache");
+    }
+    assert_eq!(reads(&h), read_once, "answered from the cache");
+
+    // 300 edits at 05:xx by 150 new editors, one of whom makes half of them.
+    let date = chrono::DateTime::from_timestamp(day * 86_400 + 5 * 3600, 0).expect("a time");
+    let more: Vec<String> = (0..300)
+        .map(|i| {
+            let user = if i % 2 == 0 { "Cache tester".to_owned() } else { format!("Cache tester {i}") };
+            serde_json::json!({
+                "meta": {"id": format!("cache-{i}"), "dt": date.to_rfc3339(), "domain": "en.wikipedia.org"},
+                "wiki": "enwiki", "server_name": "en.wikipedia.org", "type": "edit",
+                "title": "Cache", "user": user, "bot": false, "namespace": 0,
+            })
+            .to_string()
+        })
+        .collect();
+    h.store
+        .apply(&batch_of(&more, 1))
+        .await
+        .expect("the batch applies");
+    let after: Vec<Value> = {
+        let mut out = Vec::new();
+        for path in &paths {
+            out.push(get(&routes, path).await.2);
+        }
+        out
+    };
+    let humans = |body: &Value| {
+        body["hours"][5]["counters"]["pleiades_human"]
+            .as_i64()
+            .unwrap_or(0)
+    };
+    assert_eq!(humans(&after[0]), humans(&before[0]) + 300);
+    let editors = |body: &Value| body["editors"].as_f64().unwrap_or(0.0);
+    let added = editors(&after[1]) - editors(&before[1]);
+    assert!(
+        (140.0..=160.0).contains(&added),
+        "{added} editors more for 151"
+    );
+    assert_eq!(
+        after[2]["entries"][0]["key"], "Cache tester",
+        "{}",
+        after[2]
+    );
+    assert_eq!(after[2]["entries"][0]["count"], 150);
+}
+
+fn want_is_empty(counters: &Value) -> bool {
+    counters.as_object().is_none_or(|o| o.is_empty())
+}
+
 /// What the dashboard asks for when it loads: its files, the days, a bounded trend, the
 /// selected day and the all-time numbers.
 async fn dashboard_load(
@@ -275,8 +577,7 @@ async fn fifty_dashboards_loading_at_once_read_the_store_once_per_cache_period()
     let mut tally = Tally::default();
     let event = &lines[0];
     let head = pleiades::event::inspect(event).expect("valid");
-    let mut scratch = Scratch::default();
-    tally.add(&Deltas::of(&head, &mut scratch), &mut String::new());
+    tally.count(&head, false, &mut CountScratch::default());
     let touched = head.time_ms.div_euclid(86_400_000);
     assert_ne!(
         touched, last,

@@ -1,7 +1,9 @@
 //! The dashboard in a real browser: Debian's headless Chromium, driven through chromedriver over
 //! the WebDriver protocol, loads the page the daemon serves, shows the stored numbers, receives
 //! live updates without a reload, follows the relay's live feed (the browser's own EventSource)
-//! with a wiki filter, and leaves a screenshot in `target/test-artifacts/`.
+//! with a wiki filter, and leaves a screenshot in `target/test-artifacts/`. On past days it
+//! draws the day by hour, the busiest pages and the distinct editors the API answers, with and
+//! without Wikidata, at desktop and at phone width.
 
 mod common;
 
@@ -109,6 +111,16 @@ impl Browser {
             (!value.is_null() && value != json!(false)).then_some(value)
         })
         .await
+    }
+
+    /// Sets the browser window's size in CSS pixels.
+    async fn resize(&self, width: u32, height: u32) {
+        self.command(
+            reqwest::Method::POST,
+            "window/rect",
+            json!({ "width": width, "height": height }),
+        )
+        .await;
     }
 
     async fn screenshot(&self, name: &str) -> std::path::PathBuf {
@@ -345,4 +357,240 @@ async fn the_dashboard_shows_the_stored_numbers_and_updates_live() {
         .map(|m| m.len() > 10_000)
         .unwrap_or(false));
     println!("dashboard screenshot: {}", path.display());
+}
+
+/// Recorded events moved to two past days (`first`, `first + 1`, alternately): event `i` at
+/// hour `(i / 2 * 7) % 24` of its day, so every hour has some; a fifth are the recorded Wikidata edits
+/// (bots and humans). Each keeps its own fields and gets a new id.
+fn events_on_past_days(first: i64) -> Vec<String> {
+    let recorded = delivered(&recorded_lines());
+    let (wikidata, others): (Vec<&String>, Vec<&String>) = recorded
+        .iter()
+        .partition(|l| l.contains("\"wikidatawiki\""));
+    let picked: Vec<&String> = others
+        .iter()
+        .take(480)
+        .chain(wikidata.iter().take(120))
+        .copied()
+        .collect();
+    picked
+        .iter()
+        .enumerate()
+        .map(|(i, line)| {
+            let mut v: Value = serde_json::from_str(line).expect("JSON");
+            let day = first + (i % 2) as i64;
+            let at = day * 86_400 + ((i / 2 * 7) % 24) as i64 * 3600 + (i % 3600) as i64;
+            let dt = chrono::DateTime::from_timestamp(at, 0).expect("a time");
+            v["meta"]["id"] = json!(format!("past-{i}"));
+            v["meta"]["dt"] = json!(dt.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+            v.to_string()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "service-tests"),
+    ignore = "needs chromium and chromium-driver (scripts/test)"
+)]
+async fn a_past_day_without_wikidata_shows_what_the_api_answers() {
+    let scope = TestScope::new();
+    let today = chrono::Utc::now().timestamp().div_euclid(86_400);
+    let (first, second) = (today - 3, today - 2);
+    let lines = events_on_past_days(first);
+    let expected = oracle(&lines);
+    assert_eq!(
+        expected.days.keys().copied().collect::<Vec<_>>(),
+        vec![first, second]
+    );
+    let store = common::dimensions::clean_pass(&scope.path("counters.db"), &lines).await;
+
+    // The web role in-process on a loopback port, serving the filled store.
+    let metrics = std::sync::Arc::new(pleiades::metrics::Metrics::new(1).expect("metrics"));
+    let (_live_tx, live) = tokio::sync::watch::channel(String::new());
+    let ctx = pleiades::ComponentContext {
+        config: pleiades::config::WebConfig {
+            listen: loopback(0),
+            ..pleiades::config::WebConfig::default()
+        },
+        metrics,
+        shutdown: tokio_util::sync::CancellationToken::new(),
+    };
+    let shutdown = ctx.shutdown.clone();
+    let parts = pleiades::web::WebParts {
+        store: store.clone(),
+        readiness: pleiades::health::Readiness::default(),
+        live,
+        relay: None,
+    };
+    let (addr, _server) = pleiades::web::serve(ctx, parts)
+        .await
+        .expect("the web role");
+    let base = format!("http://{addr}");
+
+    let browser = Browser::start(&scope).await;
+    browser.open(&format!("{base}/")).await;
+    // Without today's data the page opens on the last day on record; pick the one before.
+    browser
+        .wait_for(
+            "the last day to load",
+            &format!("return document.body.dataset.panels === '{second}:with-wikidata'"),
+            Duration::from_secs(30),
+        )
+        .await;
+    let options = browser
+        .eval("return [...document.getElementById('day').options].map(o => o.value)")
+        .await;
+    assert!(
+        options
+            .as_array()
+            .is_some_and(|o| o.contains(&json!(first.to_string()))),
+        "the picker offers {first}: {options}"
+    );
+    browser
+        .eval(&format!("const s = document.getElementById('day'); s.value = '{first}'; s.dispatchEvent(new Event('change')); return true"))
+        .await;
+    browser
+        .wait_for(
+            "the picked day",
+            &format!("return document.body.dataset.panels === '{first}:with-wikidata' && document.body.dataset.loadedDay === '{first}'"),
+            Duration::from_secs(30),
+        )
+        .await;
+    let with_wikidata = browser
+        .eval("return Number(document.getElementById('stat-total').dataset.value)")
+        .await;
+    assert_eq!(
+        with_wikidata.as_i64(),
+        expected.days[&first].get("pleiades_total").copied()
+    );
+    browser
+        .eval("document.getElementById('no-wikidata').click(); return true")
+        .await;
+    browser
+        .wait_for(
+            "the panels without Wikidata",
+            &format!("return document.body.dataset.panels === '{first}:without-wikidata'"),
+            Duration::from_secs(30),
+        )
+        .await;
+
+    // The key numbers: the day's counters less their Wikidata share.
+    let stats = api(&base, &format!("/api/stats/{first}")).await;
+    let wikidata_events = counter(&stats, "pleiades_family_wikidata");
+    assert!(wikidata_events > 0, "the day has Wikidata edits");
+    let numbers = browser
+        .eval("return ['total', 'bot', 'added', 'removed', 'editors'].map(n => Number(document.getElementById('stat-' + n).dataset.value))")
+        .await;
+    let numbers: Vec<i64> = numbers
+        .as_array()
+        .expect("numbers")
+        .iter()
+        .map(|v| v.as_i64().expect("a number"))
+        .collect();
+    let share = |name: &str| {
+        counter(&stats, name)
+            - counter(
+                &stats,
+                &format!("pleiades_wikidata_{}", &name["pleiades_".len()..]),
+            )
+    };
+    assert_eq!(
+        numbers[0],
+        counter(&stats, "pleiades_total") - wikidata_events
+    );
+    assert_eq!(numbers[1], share("pleiades_bot"));
+    assert_eq!(numbers[2], share("pleiades_bytes_added"));
+    assert_eq!(numbers[3], share("pleiades_bytes_removed"));
+
+    // The by-hour chart: what it draws, hour by hour, against the API and the events.
+    let hours = api(&base, &format!("/api/hours/{first}")).await;
+    let drawn = browser
+        .eval("return [...document.querySelectorAll('#hours g.hour')].map(g => [Number(g.dataset.hour), Number(g.dataset.human), Number(g.dataset.bot)])")
+        .await;
+    let drawn: Vec<(i64, i64, i64)> = serde_json::from_value(drawn).expect("24 hours of numbers");
+    assert_eq!(drawn.len(), 24);
+    let by_events = &expected.hours[&first];
+    let mut events_drawn = 0;
+    for (hour, human, bot) in &drawn {
+        let c = &hours["hours"][*hour as usize]["counters"];
+        let value = |name: &str| c[name].as_i64().unwrap_or(0);
+        let from_api = (
+            value("pleiades_human") - value("pleiades_wikidata_human"),
+            value("pleiades_bot") - value("pleiades_wikidata_bot"),
+        );
+        assert_eq!((*human, *bot), from_api, "hour {hour}");
+        let exact = |name: &str| {
+            by_events
+                .get(&format!("{hour:02}:{name}"))
+                .copied()
+                .unwrap_or(0)
+        };
+        let from_events = (
+            exact("pleiades_human") - exact("pleiades_wikidata_human"),
+            exact("pleiades_bot") - exact("pleiades_wikidata_bot"),
+        );
+        assert_eq!((*human, *bot), from_events, "hour {hour}");
+        events_drawn += human + bot;
+    }
+    assert_eq!(events_drawn, numbers[0], "the hours add up to the day");
+    assert!(
+        drawn.iter().all(|(_, h, b)| h + b > 0),
+        "every hour has events"
+    );
+
+    // The busiest pages: the API's list without Wikidata, each linking to its page.
+    let top = api(
+        &base,
+        &format!("/api/top/{first}?what=pages&limit=15&exclude=wikidata"),
+    )
+    .await;
+    let want: Vec<(String, i64, String)> = top["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| {
+            (
+                e["key"].as_str().expect("a key").to_owned(),
+                e["count"].as_i64().expect("a count"),
+                e["url"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    assert!(want.len() >= 10, "{top}");
+    assert!(want
+        .iter()
+        .all(|(key, _, _)| !key.starts_with("wikidatawiki\t")));
+    let listed = browser
+        .eval("return [...document.querySelectorAll('#top-pages li')].map(li => [li.dataset.name, Number(li.dataset.value), (li.querySelector('a') || {href: ''}).href])")
+        .await;
+    let listed: Vec<(String, i64, String)> = serde_json::from_value(listed).expect("rows");
+    assert_eq!(listed, want);
+
+    // The distinct editors, as the API counts them without Wikidata.
+    let editors = api(&base, &format!("/api/editors/{first}?exclude=wikidata")).await;
+    assert_eq!(Some(numbers[4]), editors["editors"].as_i64(), "{editors}");
+    let with_all = api(&base, &format!("/api/editors/{first}")).await;
+    assert!(with_all["editors"].as_i64() > editors["editors"].as_i64());
+
+    // Desktop and phone width: nothing wider than the screen, the chart redrawn to fit.
+    let clean = browser
+        .eval("return document.getElementById('message').hidden")
+        .await;
+    assert_eq!(clean, Value::Bool(true), "the dashboard shows an error");
+    let desktop = browser.screenshot("dashboard-past-day-desktop.png").await;
+    browser.resize(390, 2400).await;
+    browser
+        .wait_for(
+            "the chart at phone width",
+            "const svg = document.querySelector('#hours svg'); return window.innerWidth <= 390 && svg && svg.viewBox.baseVal.width <= window.innerWidth && document.documentElement.scrollWidth <= window.innerWidth",
+            Duration::from_secs(10),
+        )
+        .await;
+    let phone = browser.screenshot("dashboard-past-day-phone.png").await;
+    for path in [&desktop, &phone] {
+        assert!(std::fs::metadata(path).is_ok_and(|m| m.len() > 10_000));
+        println!("dashboard screenshot: {}", path.display());
+    }
+    shutdown.cancel();
 }

@@ -85,6 +85,14 @@ async fn wait_on_topic_and_counted_once(
     assert_topic_exactly_once(&topic, lines);
     let (found, _) = stored_state(url).await;
     assert_counters_equal(&found, &expected);
+    // The per-hour counters, the distinct-editor sketches and the top lists too.
+    let store = open_store(&StoreSettings::Redis(RedisConfig {
+        url: url.to_owned(),
+        ..RedisConfig::default()
+    }))
+    .await;
+    let clean = tempfile::tempdir().expect("a directory for the clean pass");
+    dimensions::check(&store, lines, &clean.path().join("clean-pass.db")).await;
     (expected, found, topic)
 }
 
@@ -408,6 +416,7 @@ async fn a_broker_outage_costs_time_not_memory_or_events() {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    let outage_peak = peak_rss;
     broker.start_again().await;
     let upstream_during_outage = (60.0 * RATE) as usize * bytes / lines.len();
 
@@ -430,11 +439,12 @@ async fn a_broker_outage_costs_time_not_memory_or_events() {
     let m = scrape(port).await.expect("scrape");
     let waited = m["pleiades_kafka_publish_wait_time_seconds_sum"];
     println!(
-        "outage: 60 s at {RATE} events/s ({} MiB arrived upstream meanwhile); cap {} MiB; peak buffered {:.2} MiB; RSS {:.1} MiB before, peak {:.1} MiB (+{:.1} MiB); reading paused {waited:.1} s; all {} events on the topic exactly once {:.1} s after the outage began",
+        "outage: 60 s at {RATE} events/s ({} MiB arrived upstream meanwhile); cap {} MiB; peak buffered {:.2} MiB; RSS {:.1} MiB before, peak {:.1} MiB during the outage, {:.1} MiB in all (+{:.1} MiB); reading paused {waited:.1} s; all {} events on the topic exactly once {:.1} s after the outage began",
         upstream_during_outage / (1 << 20),
         CAP >> 20,
         peak_buffered / (1u64 << 20) as f64,
         baseline as f64 / (1u64 << 20) as f64,
+        outage_peak as f64 / (1u64 << 20) as f64,
         peak_rss as f64 / (1u64 << 20) as f64,
         (peak_rss - baseline) as f64 / (1u64 << 20) as f64,
         topic.len(),

@@ -17,9 +17,10 @@ use tokio_util::sync::CancellationToken;
 /// upstream sends them: slow enough that both failovers land while it sends.
 const FILE_EVENTS: usize = 20_000;
 const FILE_RATE: f64 = 800.0;
-/// The same through Kafka, more slowly: the test broker's reads slow down as its database
-/// grows.
-const KAFKA_EVENTS: usize = 20_000;
+/// The same through Kafka, more slowly and fewer: the test broker's reads slow down as its
+/// database grows, and a read from a position left behind (a failover moves the partitions
+/// back) takes it seconds, more on a busy machine, so that a partition falls further behind.
+const KAFKA_EVENTS: usize = 12_000;
 const KAFKA_RATE: f64 = 400.0;
 
 /// `count` recorded events, each with a new `meta.id` and a `meta.dt` of today (in the last ten
@@ -118,12 +119,17 @@ fn metric(metrics: &std::collections::HashMap<String, f64>, name: &str) -> f64 {
     metrics.get(name).copied().unwrap_or(0.0)
 }
 
+/// The two failover runs take turns: each keeps a broker or a file bus, five Redis processes
+/// and the daemon busy, and together on two cores they made each other's failovers slow.
+static ONE_FAILOVER_RUN_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Counts `count` events of today, `rate` a second, through `bus` into Redis behind three
 /// sentinels while the master is killed three times: with the replica in step, with the replica
 /// three batches behind, and with it behind by the last batches once everything is counted.
 /// Then checks the counters against a clean pass, the public API during the failovers, and the
 /// metrics.
 async fn count_through_failovers(bus: BusKind, count: usize, rate: f64) {
+    let _turn = ONE_FAILOVER_RUN_AT_A_TIME.lock().await;
     let mut scope = TestScope::new();
     let started = Instant::now();
     let mut group = SentinelGroup::start(&scope, 3, true).await;
@@ -244,8 +250,20 @@ async fn count_through_failovers(bus: BusKind, count: usize, rate: f64) {
         },
     )
     .await;
+    // The lost batches are counted again by one of two paths: a batch built on a lost position
+    // is refused, or an aggregator that notices the new connection first reads its positions
+    // again from the new master. Which one comes first is a race between the failover and the
+    // workers (an idle worker always takes the second), but one of them must have happened.
     let rewound = metric(&scraped, "pleiades_aggregator_rewound_batches_total");
-    assert!(rewound >= 1.0, "no batch refused after the lost writes");
+    let message = match bus {
+        BusKind::File => "new store connection; every segment's position is read again",
+        _ => "new store connection; every partition is read again from its stored position",
+    };
+    let read_again = scope.logs().matches(message).count();
+    assert!(
+        rewound >= 1.0 || read_again >= 2,
+        "after the lost writes, no batch was refused and no worker read its positions again"
+    );
     println!(
         "{} events exact through 3 failovers in {:?} ({:?} bus): failovers took {:?}, {:?} and \
          {:?}; lost by the lagging ones {:?} and {:?}; {rewound} \

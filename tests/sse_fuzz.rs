@@ -175,7 +175,7 @@ fn view_promises(events: &[SseEvent]) -> Result<(), TestCaseError> {
         let mut scratch = Scratch::default();
         tally.add(&Deltas::of(&head, &mut scratch), &mut name);
     }
-    let counted = tally.all_time.get(GROWTH).copied().unwrap_or(0) as i128;
+    let counted = tally.all_time().get(GROWTH).copied().unwrap_or(0) as i128;
     prop_assert_eq!(counted, exact);
     Ok(())
 }

@@ -4,8 +4,8 @@
 
 use super::AggregateError;
 use crate::bus::{Quarantine, QuarantineRecord, Record, Source};
-use crate::config::AggregateConfig;
-use crate::counters::{Deltas, Scratch, Tally};
+use crate::config::{AggregateConfig, Statistics};
+use crate::counters::{CountScratch, Tally};
 use crate::event::RejectReason;
 use crate::metrics::{AggregateMetrics, Skip};
 use crate::store::{Applied, Batch, Store, StoreError};
@@ -87,8 +87,8 @@ pub struct Counting {
     store: Store,
     metrics: AggregateMetrics,
     quarantine: Quarantine,
-    name: String,
-    scratch: Scratch,
+    reuse: CountScratch,
+    statistics: Statistics,
 }
 
 impl Counting {
@@ -97,9 +97,15 @@ impl Counting {
             store,
             metrics,
             quarantine,
-            name: String::new(),
-            scratch: Scratch::default(),
+            reuse: CountScratch::default(),
+            statistics: Statistics::Full,
         }
+    }
+
+    /// Counts what `statistics` says (`aggregate.statistics`; the default is everything).
+    pub fn with_statistics(mut self, statistics: Statistics) -> Self {
+        self.statistics = statistics;
+        self
     }
 
     /// The store, for position lookups.
@@ -130,8 +136,8 @@ impl Counting {
                     self.metrics
                         .lag_ms
                         .observe((now_ms - head.time_ms).max(0) as f64);
-                    let deltas = Deltas::of(&head, &mut self.scratch);
-                    pending.batch.tally.add(&deltas, &mut self.name);
+                    let full = self.statistics == Statistics::Full;
+                    pending.batch.tally.count(&head, full, &mut self.reuse);
                     None
                 }
                 Err(invalid) => Some((invalid.reason(), invalid.to_string(), *data)),

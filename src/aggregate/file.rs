@@ -50,7 +50,8 @@ impl FileAggregator {
         let metrics = ctx.metrics.aggregate.clone();
         let quarantine = Quarantine::for_aggregator(&ctx.config.bus, index);
         FileAggregator {
-            counting: Counting::new(store, metrics.clone(), quarantine),
+            counting: Counting::new(store, metrics.clone(), quarantine)
+                .with_statistics(ctx.config.aggregate.statistics),
             policy: BatchPolicy::of(&ctx.config.aggregate),
             files,
             metrics,

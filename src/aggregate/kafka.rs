@@ -47,7 +47,8 @@ impl KafkaAggregator {
         let epoch = store.epoch().await;
         Ok(KafkaAggregator {
             epoch,
-            counting: Counting::new(store, ctx.metrics.aggregate.clone(), quarantine),
+            counting: Counting::new(store, ctx.metrics.aggregate.clone(), quarantine)
+                .with_statistics(ctx.config.aggregate.statistics),
             policy: BatchPolicy::of(&ctx.config.aggregate),
             kafka_metrics: ctx.metrics.kafka.clone(),
             reader,

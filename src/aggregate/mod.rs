@@ -8,6 +8,7 @@
 pub mod batch;
 pub mod file;
 pub mod kafka;
+pub mod rebuild;
 pub mod retention;
 
 use crate::bus::BusError;

@@ -99,11 +99,40 @@ async fn pass(
         target,
         chrono::Utc::now().timestamp_millis(),
     );
+    // A rebuild in progress (`pleiades reaggregate`) still has to read what its own space has
+    // not counted: such segments wait for it, and for the live positions it takes over.
+    let held = if decided.delete.is_empty() {
+        None
+    } else {
+        Some(
+            store
+                .rebuild_hold(chrono::Utc::now().timestamp_millis())
+                .await,
+        )
+    };
+    let (mut kept, mut kept_bytes) = (0, 0);
     for (number, why) in &decided.delete {
         let Some(path) = paths.get(number) else {
             continue;
         };
         let state = states.iter().find(|s| s.number == *number);
+        if let Some(hold) = &held {
+            let needed = match hold {
+                Ok(Some(rebuilt)) => {
+                    let length = state.map_or(u64::MAX, |s| s.content_len);
+                    rebuilt.get(&source_key(*number)).copied().unwrap_or(0) < length
+                }
+                Ok(None) => false,
+                // What cannot be proven unneeded is kept.
+                Err(_) => true,
+            };
+            if needed {
+                tracing::debug!(segment = %path.display(), "kept for the rebuild in progress");
+                kept += 1;
+                kept_bytes += state.map_or(0, |s| s.disk_bytes);
+                continue;
+            }
+        }
         let bytes = state.map_or(0, |s| s.disk_bytes);
         tokio::task::block_in_place(|| delete(path))?;
         let reason = match why {
@@ -123,10 +152,12 @@ async fn pass(
             "deleted a counted event segment"
         );
     }
-    metrics.bus_bytes.set(decided.bytes_after as i64);
+    metrics
+        .bus_bytes
+        .set(decided.bytes_after.saturating_add(kept_bytes) as i64);
     metrics
         .segments
-        .set((states.len() - decided.delete.len()) as i64);
+        .set((states.len() + kept - decided.delete.len()) as i64);
     if let Some(oldest) = decided.oldest_kept_event_ms {
         metrics.oldest_event.set(oldest as f64 / 1000.0);
     }

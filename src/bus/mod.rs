@@ -180,11 +180,16 @@ impl Publisher {
     /// The most upstream bytes the ingester groups into one publication when a backlog has
     /// arrived: enough to make a backlog cheap (one sync or one round of acknowledgements per
     /// group), few enough events to hold in memory. A group never straddles event segments, so
-    /// on files it is an eighth of a segment at most, which keeps segments near their size.
+    /// on files it is an eighth of a segment at most, which keeps segments near their size. On
+    /// Kafka a group is held while it waits for room under `kafka.buffer_bytes`, on top of
+    /// them, so it is a quarter of that cap at most: the ingester's memory stays near the cap
+    /// the operator chose, even while a backlog arrives after a broker outage.
     pub fn group_bytes(&self) -> usize {
         match self {
             Publisher::File(writer) => writer.segment_bytes().div_ceil(8).min(GROUP_BYTES),
-            Publisher::Kafka(_) => GROUP_BYTES,
+            Publisher::Kafka(publisher) => usize::try_from(publisher.buffer_bytes() / 4)
+                .unwrap_or(usize::MAX)
+                .min(GROUP_BYTES),
         }
     }
 
@@ -231,6 +236,20 @@ pub enum Quarantine {
 }
 
 impl Quarantine {
+    /// The quarantine of a rebuild (`pleiades reaggregate`) on this bus.
+    pub fn for_rebuild(settings: &BusSettings) -> Quarantine {
+        match settings {
+            BusSettings::File(config) => Quarantine::File(file::QuarantineFile::new(
+                &config.dir,
+                "reaggregate.jsonl",
+                file::QuarantinePolicy::of(config),
+            )),
+            BusSettings::Kafka(config) => {
+                Quarantine::Kafka(kafka::QuarantineProducer::new(config.clone()))
+            }
+        }
+    }
+
     /// The quarantine of aggregator `worker` on this bus.
     pub fn for_aggregator(settings: &BusSettings, worker: usize) -> Quarantine {
         match settings {

@@ -148,7 +148,8 @@ pub fn default_user_agent() -> String {
 #[serde(rename_all = "lowercase")]
 pub enum FsyncPolicy {
     /// After every batch of lines written (the safest; the default). A backlog is written in
-    /// groups of whatever has already arrived, up to an eighth of a segment, one sync each.
+    /// groups of whatever arrives without a pause of 2 ms, for at most 50 ms and up to 4 MiB
+    /// (an eighth of a segment when that is less), one sync each.
     Batch,
     /// At most once per `file.fsync_interval`.
     Interval,
@@ -219,7 +220,8 @@ pub struct KafkaConfig {
     pub group: String,
     /// The most event data the ingester holds in memory waiting for the brokers. When it is
     /// full, reading from upstream pauses until the brokers catch up (backpressure), so a broker
-    /// outage costs time, never memory or events.
+    /// outage costs time, never memory or events. What the ingester has read from upstream and
+    /// not yet handed over, at most a quarter of this, comes on top.
     pub buffer_bytes: u64,
     /// The ingester's transactional producer id; empty (the default) publishes without
     /// transactions. With an id, an ingester that starts fences the one that held it (that one
@@ -283,6 +285,22 @@ pub struct AggregateConfig {
     /// How often an idle aggregator looks for new events.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// `"full"`: the original counters and the further ones (families, languages, namespaces,
+    /// user classes, log actions, patrolling, bytes, hours, distinct editors, busiest pages and
+    /// editors). `"original"`: only the original counters. Every aggregator sharing a store
+    /// should say the same: a day counted partly with `"original"` lacks those events in the
+    /// further statistics.
+    pub statistics: Statistics,
+}
+
+/// What the aggregators count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Statistics {
+    /// The original counters and the further dimensions.
+    Full,
+    /// The original counters only (SPEC §5).
+    Original,
 }
 
 impl Default for AggregateConfig {
@@ -291,9 +309,10 @@ impl Default for AggregateConfig {
             enabled: true,
             source: None,
             workers: 2,
-            batch_events: 2000,
+            batch_events: 20_000,
             batch_delay: Duration::from_millis(500),
             poll_interval: Duration::from_millis(100),
+            statistics: Statistics::Full,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! the cursor. Any interruption ends in a reconnect from the cursor, with a rewind whose overlap
 //! the dedupe window drops.
 
+pub mod backfill;
 pub mod client;
 pub mod cursor;
 pub mod sse;
@@ -42,6 +43,13 @@ pub enum IngestError {
     #[error(transparent)]
     Schema(#[from] crate::schema::CompileError),
 }
+
+/// The longest pause between two reads of upstream that still joins them in one group: a
+/// backlog arrives faster than this, a live stream's events further apart.
+const GROUP_GAP: Duration = Duration::from_millis(2);
+
+/// The longest time a group gathers what arrives before it is published.
+const GROUP_TIME: Duration = Duration::from_millis(50);
 
 /// How long a paused ingester waits before it tries the bus again.
 const WRITE_RETRY: Duration = Duration::from_secs(1);
@@ -101,6 +109,8 @@ pub struct Ingester {
     validation: Validation,
     /// Events posted to the intake of this host, published between upstream chunks.
     intake: Option<OwnedMutexGuard<mpsc::Receiver<Submission>>>,
+    /// Shown while the stream is read from the past (a `since` start, a long resume).
+    backfill: backfill::Backfill,
 }
 
 impl Ingester {
@@ -147,6 +157,7 @@ impl Ingester {
             write_blocked,
             validation,
             intake: None,
+            backfill: backfill::Backfill::default(),
         })
     }
 
@@ -440,6 +451,7 @@ impl Ingester {
             let mut chunk = chunk;
             let mut grouped = 0;
             let mut ending = None;
+            let group_started = tokio::time::Instant::now();
             loop {
                 match chunk {
                     None => ending = Some(false),
@@ -456,10 +468,25 @@ impl Ingester {
                 if ending.is_some() || grouped >= group_bytes {
                     break;
                 }
-                match body.next().now_or_never() {
-                    Some(next) => chunk = next,
-                    None => break,
-                }
+                chunk = match body.next().now_or_never() {
+                    Some(next) => next,
+                    // Nothing more has arrived yet. A backlog keeps arriving within a moment,
+                    // faster than a sync: wait that long for it, up to `GROUP_TIME` after the
+                    // group began, so that its groups grow to `group_bytes` while a live stream,
+                    // whose events come one at a time, is published no more than a gap later.
+                    None => {
+                        let left = GROUP_TIME.saturating_sub(group_started.elapsed());
+                        if left.is_zero() {
+                            break;
+                        }
+                        // A read that completes is kept; one cut short by the gap lost nothing
+                        // (the stream is read again from where it was).
+                        match tokio::time::timeout(GROUP_GAP.min(left), body.next()).await {
+                            Ok(next) => next,
+                            Err(_) => break,
+                        }
+                    }
+                };
             }
             match ending {
                 Some(false) if grouped == 0 => return Ok(Ended::Closed { delivered }),
@@ -608,6 +635,7 @@ impl Ingester {
             .max();
         if let Some(newest_ms) = newest_ms {
             self.metrics.delivered_event_time(newest_ms.min(now_ms));
+            self.backfill.advance(published.events, newest_ms, now_ms);
         }
         self.metrics
             .dedupe_window

@@ -5,9 +5,15 @@
 //! to run and nothing to build from C. Tables: counters keyed by (day, name), all-time totals,
 //! the set of days (so listing days reads an index, not the counters), and source positions.
 
+use super::SketchKind;
 use super::{Applied, Batch, Counters, StoreError};
+use crate::counters::Tally;
+use crate::project::Family;
+use crate::sketch::hll::{HyperLogLog, CHUNK};
+use crate::sketch::top::{Bucket, TopSketch};
 use prometheus::IntCounter;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -16,6 +22,38 @@ const COUNTERS: TableDefinition<(i64, &str), i64> = TableDefinition::new("counte
 const ALL_TIME: TableDefinition<&str, i64> = TableDefinition::new("all_time");
 const DAYS: TableDefinition<i64, u64> = TableDefinition::new("days");
 const POSITIONS: TableDefinition<&str, u64> = TableDefinition::new("positions");
+
+/// The tables of one counter space: the live one, or the one a rebuild fills before it takes
+/// the live one's place (`super::space`).
+#[derive(Clone, Copy)]
+pub(super) struct Tables {
+    pub counters: TableDefinition<'static, (i64, &'static str), i64>,
+    pub all_time: TableDefinition<'static, &'static str, i64>,
+    pub days: TableDefinition<'static, i64, u64>,
+    pub positions: TableDefinition<'static, &'static str, u64>,
+    /// Whether the per-hour counters and the sketches are written too. They have one space,
+    /// the live one: a rebuild recounts the counters and leaves them as the aggregators keep
+    /// them, so that nothing counts into them twice.
+    pub dimensions: bool,
+}
+
+/// The space every reader and the daemon's aggregators use.
+pub(super) const LIVE: Tables = Tables {
+    counters: COUNTERS,
+    all_time: ALL_TIME,
+    days: DAYS,
+    positions: POSITIONS,
+    dimensions: true,
+};
+
+/// The space a rebuild counts into.
+pub(super) const REBUILD: Tables = Tables {
+    counters: TableDefinition::new("rebuild_counters"),
+    all_time: TableDefinition::new("rebuild_all_time"),
+    days: TableDefinition::new("rebuild_days"),
+    positions: TableDefinition::new("rebuild_positions"),
+    dimensions: false,
+};
 
 /// How soon after a failed reopen the store tries again.
 const REOPEN_INTERVAL: Duration = Duration::from_millis(500);
@@ -33,6 +71,10 @@ pub struct EmbeddedStore {
     path: Arc<PathBuf>,
     last_reopen: Arc<Mutex<Option<Instant>>>,
     reopens: IntCounter,
+    /// Sketches of recent days, decoded ([`SketchCache`]).
+    sketches: Arc<Mutex<SketchCache>>,
+    /// The counter space this handle reads and writes.
+    pub(super) tables: Tables,
 }
 
 /// True for errors after which redb refuses every call until the database is opened again.
@@ -82,6 +124,8 @@ impl EmbeddedStore {
             path: Arc::new(path.to_owned()),
             last_reopen: Arc::new(Mutex::new(None)),
             reopens,
+            sketches: Arc::new(Mutex::new(SketchCache::default())),
+            tables: LIVE,
         })
     }
 
@@ -141,7 +185,7 @@ impl EmbeddedStore {
         }
     }
 
-    async fn blocking<T: Send + 'static>(
+    pub(super) async fn blocking<T: Send + 'static>(
         &self,
         work: impl FnOnce(&Database) -> Result<T, redb::Error> + Send + 'static,
     ) -> Result<T, StoreError> {
@@ -173,9 +217,10 @@ impl EmbeddedStore {
 
     pub async fn position(&self, source: &str) -> Result<u64, StoreError> {
         let source = source.to_owned();
+        let tables = self.tables;
         self.blocking(move |db| {
             let txn = db.begin_read()?;
-            let table = txn.open_table(POSITIONS)?;
+            let table = txn.open_table(tables.positions)?;
             Ok(table.get(source.as_str())?.map_or(0, |v| v.value()))
         })
         .await
@@ -183,10 +228,13 @@ impl EmbeddedStore {
 
     pub async fn apply(&self, batch: &Batch) -> Result<Applied, StoreError> {
         let batch = batch.clone();
+        let sketches = self.sketches.clone();
+        let tables = self.tables;
         self.blocking(move |db| {
             let txn = db.begin_write()?;
+            let mut cache;
             {
-                let mut positions = txn.open_table(POSITIONS)?;
+                let mut positions = txn.open_table(tables.positions)?;
                 let stored = positions
                     .get(batch.source.as_str())?
                     .map_or(0, |v| v.value());
@@ -196,8 +244,8 @@ impl EmbeddedStore {
                     return Ok(Applied::Stale { stored });
                 }
                 positions.insert(batch.source.as_str(), batch.end)?;
-                let mut counters = txn.open_table(COUNTERS)?;
-                let mut days = txn.open_table(DAYS)?;
+                let mut counters = txn.open_table(tables.counters)?;
+                let mut days = txn.open_table(tables.days)?;
                 for (day, values) in &batch.tally.days {
                     let mut events = 0;
                     for (name, delta) in values {
@@ -211,22 +259,39 @@ impl EmbeddedStore {
                     let seen = days.get(*day)?.map_or(0, |v| v.value());
                     days.insert(*day, seen.saturating_add(events.max(0) as u64))?;
                 }
-                let mut all_time = txn.open_table(ALL_TIME)?;
-                for (name, delta) in &batch.tally.all_time {
+                let mut all_time = txn.open_table(tables.all_time)?;
+                for (name, delta) in &batch.tally.all_time() {
                     let current = all_time.get(name.as_str())?.map_or(0, |v| v.value());
                     all_time.insert(name.as_str(), current.saturating_add(*delta))?;
                 }
+                let Ok(guard) = sketches.lock() else {
+                    return Err(redb::Error::DatabaseClosed);
+                };
+                cache = guard;
+                let written = match tables.dimensions {
+                    true => write_dimensions(&txn, &batch.tally, &mut cache),
+                    false => Ok(()),
+                };
+                if let Err(e) = written {
+                    // Nothing of this batch reaches the file: neither may it stay in the cache.
+                    *cache = SketchCache::default();
+                    return Err(e);
+                }
             }
-            txn.commit()?;
+            if let Err(e) = txn.commit() {
+                *cache = SketchCache::default();
+                return Err(e.into());
+            }
             Ok(Applied::Counted)
         })
         .await
     }
 
     pub async fn days(&self) -> Result<Vec<i64>, StoreError> {
-        self.blocking(|db| {
+        let tables = self.tables;
+        self.blocking(move |db| {
             let txn = db.begin_read()?;
-            let table = txn.open_table(DAYS)?;
+            let table = txn.open_table(tables.days)?;
             let mut days = Vec::new();
             for entry in table.iter()? {
                 days.push(entry?.0.value());
@@ -237,9 +302,10 @@ impl EmbeddedStore {
     }
 
     pub async fn day(&self, day: i64) -> Result<Option<Counters>, StoreError> {
+        let tables = self.tables;
         self.blocking(move |db| {
             let txn = db.begin_read()?;
-            let table = txn.open_table(COUNTERS)?;
+            let table = txn.open_table(tables.counters)?;
             let mut counters = Counters::new();
             // Keys sort by day first, so one day is one contiguous range.
             for entry in table.range((day, "")..(day.saturating_add(1), ""))? {
@@ -252,9 +318,10 @@ impl EmbeddedStore {
     }
 
     pub async fn range(&self, from: i64, to: i64) -> Result<Vec<(i64, Counters)>, StoreError> {
+        let tables = self.tables;
         self.blocking(move |db| {
             let txn = db.begin_read()?;
-            let table = txn.open_table(COUNTERS)?;
+            let table = txn.open_table(tables.counters)?;
             let mut days: Vec<(i64, Counters)> = Vec::new();
             for entry in table.range((from, "")..(to.saturating_add(1), ""))? {
                 let (key, value) = entry?;
@@ -272,15 +339,282 @@ impl EmbeddedStore {
     }
 
     pub async fn all_time(&self) -> Result<Counters, StoreError> {
-        self.blocking(|db| {
+        let tables = self.tables;
+        self.blocking(move |db| {
             let txn = db.begin_read()?;
-            let table = txn.open_table(ALL_TIME)?;
+            let table = txn.open_table(tables.all_time)?;
             let mut counters = Counters::new();
             for entry in table.iter()? {
                 let (key, value) = entry?;
                 counters.insert(key.value().to_owned(), value.value());
             }
             Ok(counters)
+        })
+        .await
+    }
+}
+
+// The further dimensions: per-hour counters and sketches, written in the batch's transaction.
+// Their tables are created by the first write; a reader that finds one missing reads nothing.
+
+/// Per-hour counters by (day, `HH:<counter>`).
+const HOURS: TableDefinition<(i64, &str), i64> = TableDefinition::new("hours");
+/// Sketches by (day, kind, family, page): a page holds [`PAGE_PARTS`] parts (chunks of 32
+/// HyperLogLog registers, or top-list buckets) as (part number, part) pairs, so a batch writes
+/// only the pages its events touch, however large the day's sketch has grown.
+const SKETCH_PAGES: TableDefinition<(i64, &str, &str, u32), &[u8]> =
+    TableDefinition::new("sketch_pages");
+/// Parts per page.
+const PAGE_PARTS: u32 = 64;
+/// Parts (buckets, register chunks) the store keeps decoded in memory, about 100 bytes each,
+/// so that a batch merges into them instead of decoding what it stored before: the sketches of
+/// the last days counted. A day beyond them is read again from its pages when a late event
+/// touches it.
+const CACHED_PARTS: usize = 300_000;
+
+/// A decoded sketch.
+#[derive(Debug, Clone)]
+enum Decoded {
+    Distinct(HyperLogLog),
+    Top(TopSketch),
+}
+
+impl Decoded {
+    fn parts(&self) -> usize {
+        match self {
+            Decoded::Distinct(hll) => hll.chunks().count(),
+            Decoded::Top(top) => top.len(),
+        }
+    }
+}
+
+/// Which sketch: (day, kind, family).
+type SketchKey = (i64, SketchKind, Family);
+
+/// The sketches of recent days as the store holds them, decoded. It is changed only inside a
+/// write transaction and dropped whole when that transaction does not commit, so it never
+/// holds anything the file does not.
+#[derive(Debug, Default)]
+pub struct SketchCache {
+    sketches: HashMap<SketchKey, Decoded>,
+}
+
+impl SketchCache {
+    /// Keeps the cache within [`CACHED_PARTS`] by dropping the oldest days first (never the
+    /// newest day).
+    fn trim(&mut self) {
+        while self.sketches.values().map(Decoded::parts).sum::<usize>() > CACHED_PARTS {
+            let days: BTreeSet<i64> = self.sketches.keys().map(|k| k.0).collect();
+            if days.len() < 2 {
+                return;
+            }
+            let Some(oldest) = days.first().copied() else {
+                return;
+            };
+            self.sketches.retain(|key, _| key.0 != oldest);
+        }
+    }
+}
+
+/// Merges the batch's further dimensions: counters add (saturating), each sketch merges into
+/// its decoded form (the transaction is the only writer, so the merge happens here, in Rust,
+/// through the sketches' own merge rules) and the pages the batch touched are written.
+fn write_dimensions(
+    txn: &redb::WriteTransaction,
+    tally: &Tally,
+    cache: &mut SketchCache,
+) -> Result<(), redb::Error> {
+    if !tally.hours.is_empty() {
+        let mut hours = txn.open_table(HOURS)?;
+        for (day, counters) in &tally.hours {
+            for (name, delta) in counters {
+                let key = (*day, name.as_str());
+                let current = hours.get(key)?.map_or(0, |v| v.value());
+                hours.insert(key, current.saturating_add(*delta))?;
+            }
+        }
+    }
+    if tally.editors.is_empty() && tally.top.is_empty() {
+        return Ok(());
+    }
+    let mut pages = txn.open_table(SKETCH_PAGES)?;
+    for ((day, family), delta) in &tally.editors {
+        let key = (*day, SketchKind::Distinct, *family);
+        let touched: BTreeSet<u32> = delta
+            .chunks()
+            .map(|(index, _)| u32::from(index) / PAGE_PARTS)
+            .collect();
+        let sketch = cached(&pages, cache, key)?;
+        if let Decoded::Distinct(sketch) = sketch {
+            sketch.merge(delta);
+        }
+        write_pages(&mut pages, key, sketch, &touched)?;
+    }
+    for ((day, family, list), delta) in &tally.top {
+        let key = (*day, SketchKind::Top(*list), *family);
+        let touched: BTreeSet<u32> = delta.buckets().map(|(id, _)| id / PAGE_PARTS).collect();
+        let sketch = cached(&pages, cache, key)?;
+        if let Decoded::Top(sketch) = sketch {
+            sketch.merge(delta);
+        }
+        write_pages(&mut pages, key, sketch, &touched)?;
+    }
+    cache.trim();
+    Ok(())
+}
+
+/// The decoded sketch `key` from the cache, read from its pages first when it is not there.
+fn cached<'c>(
+    pages: &impl ReadableTable<(i64, &'static str, &'static str, u32), &'static [u8]>,
+    cache: &'c mut SketchCache,
+    key: SketchKey,
+) -> Result<&'c mut Decoded, redb::Error> {
+    use std::collections::hash_map::Entry;
+    Ok(match cache.sketches.entry(key) {
+        Entry::Occupied(entry) => entry.into_mut(),
+        Entry::Vacant(entry) => entry.insert(assemble(pages, key)?),
+    })
+}
+
+fn empty(kind: SketchKind) -> Decoded {
+    match kind {
+        SketchKind::Distinct => Decoded::Distinct(HyperLogLog::default()),
+        SketchKind::Top(_) => Decoded::Top(TopSketch::default()),
+    }
+}
+
+/// Writes the pages `touched` of `sketch`.
+fn write_pages(
+    pages: &mut redb::Table<(i64, &'static str, &'static str, u32), &'static [u8]>,
+    (day, kind, family): SketchKey,
+    sketch: &Decoded,
+    touched: &BTreeSet<u32>,
+) -> Result<(), redb::Error> {
+    let mut page = Vec::new();
+    for number in touched {
+        page.clear();
+        let parts = number * PAGE_PARTS..(number + 1) * PAGE_PARTS;
+        match sketch {
+            Decoded::Distinct(hll) => {
+                for (index, chunk) in hll.chunks() {
+                    if parts.contains(&u32::from(index)) {
+                        page.extend_from_slice(&u32::from(index).to_le_bytes());
+                        page.extend_from_slice(chunk);
+                    }
+                }
+            }
+            Decoded::Top(top) => {
+                for id in parts {
+                    if let Some(bucket) = top.bucket(id) {
+                        page.extend_from_slice(&id.to_le_bytes());
+                        page.extend_from_slice(&bucket.to_bytes());
+                    }
+                }
+            }
+        }
+        pages.insert(
+            (day, kind.as_str(), family.as_str(), *number),
+            page.as_slice(),
+        )?;
+    }
+    Ok(())
+}
+
+/// One day's `kind` sketch of `family` put together from its pages (empty when it has none).
+/// A part that does not read back is left out, with a warning: the stores never write one.
+fn assemble(
+    pages: &impl ReadableTable<(i64, &'static str, &'static str, u32), &'static [u8]>,
+    (day, kind, family): SketchKey,
+) -> Result<Decoded, redb::Error> {
+    let (name, family_name) = (kind.as_str(), family.as_str());
+    let mut sketch = empty(kind);
+    for entry in pages.range((day, name, family_name, 0)..=(day, name, family_name, u32::MAX))? {
+        let (_, value) = entry?;
+        let mut page = value.value();
+        while page.len() >= 4 {
+            let part = u32::from_le_bytes([page[0], page[1], page[2], page[3]]);
+            let rest = &page[4..];
+            let used = match &mut sketch {
+                Decoded::Distinct(hll) => match (u16::try_from(part), rest.get(..CHUNK)) {
+                    (Ok(index), Some(chunk)) => {
+                        let mut registers = [0u8; CHUNK];
+                        registers.copy_from_slice(chunk);
+                        hll.merge_chunk(index, &registers);
+                        Some(CHUNK)
+                    }
+                    _ => None,
+                },
+                Decoded::Top(top) => Bucket::read(rest).map(|(bucket, used)| {
+                    top.merge_bucket(part, &bucket);
+                    used
+                }),
+            };
+            let Some(used) = used else {
+                tracing::warn!(
+                    day,
+                    kind = name,
+                    family = family_name,
+                    "a stored sketch page is unreadable; the rest of it is left out"
+                );
+                break;
+            };
+            page = &rest[used..];
+        }
+    }
+    Ok(sketch)
+}
+
+/// Opens a table of the further dimensions for reading; `None` when nothing created it yet.
+fn readable<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &redb::ReadTransaction,
+    table: TableDefinition<'static, K, V>,
+) -> Result<Option<redb::ReadOnlyTable<K, V>>, redb::Error> {
+    match txn.open_table(table) {
+        Ok(table) => Ok(Some(table)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl EmbeddedStore {
+    pub async fn hours(&self, day: i64) -> Result<Counters, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let mut hours = Counters::new();
+            let Some(table) = readable(&txn, HOURS)? else {
+                return Ok(hours);
+            };
+            for entry in table.range((day, "")..(day.saturating_add(1), ""))? {
+                let (key, value) = entry?;
+                hours.insert(key.value().1.to_owned(), value.value());
+            }
+            Ok(hours)
+        })
+        .await
+    }
+
+    pub async fn sketches(
+        &self,
+        day: i64,
+        kind: SketchKind,
+        families: &[Family],
+    ) -> Result<Vec<(Family, Vec<u8>)>, StoreError> {
+        let families = families.to_vec();
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let mut found = Vec::new();
+            let Some(table) = readable(&txn, SKETCH_PAGES)? else {
+                return Ok(found);
+            };
+            for family in families {
+                let bytes = match assemble(&table, (day, kind, family))? {
+                    Decoded::Distinct(hll) if !hll.is_empty() => hll.to_bytes(),
+                    Decoded::Top(top) if !top.is_empty() => top.to_bytes(),
+                    _ => continue,
+                };
+                found.push((family, bytes));
+            }
+            Ok(found)
         })
         .await
     }

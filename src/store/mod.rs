@@ -10,10 +10,14 @@
 pub mod embedded;
 pub mod redis;
 pub mod redis_link;
+pub mod space;
 
 use crate::config::StoreSettings;
-use crate::counters::Tally;
+use crate::counters::{Tally, TopList};
 use crate::metrics::{StoreMetrics, StoreRead};
+use crate::project::Family;
+use crate::sketch::hll::HyperLogLog;
+use crate::sketch::top::TopSketch;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
@@ -30,6 +34,74 @@ pub struct Batch {
     pub start: u64,
     pub end: u64,
     pub tally: Tally,
+}
+
+/// What a sketch of the further dimensions is, as both stores name it: each day has one of
+/// each kind per family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SketchKind {
+    /// Distinct editors (`sketch::hll`).
+    Distinct,
+    /// A top list (`sketch::top`).
+    Top(TopList),
+}
+
+impl SketchKind {
+    pub const ALL: [SketchKind; 3] = [
+        SketchKind::Distinct,
+        SketchKind::Top(TopList::Pages),
+        SketchKind::Top(TopList::Editors),
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SketchKind::Distinct => "distinct",
+            SketchKind::Top(list) => list.as_str(),
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<SketchKind> {
+        SketchKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+/// Every sketch of a batch in its stored form: (day, kind, family, bytes).
+fn sketch_deltas(tally: &Tally) -> Vec<(i64, SketchKind, Family, Vec<u8>)> {
+    let mut deltas: Vec<(i64, SketchKind, Family, Vec<u8>)> = tally
+        .editors
+        .iter()
+        .map(|((day, family), hll)| (*day, SketchKind::Distinct, *family, hll.to_bytes()))
+        .collect();
+    deltas.extend(
+        tally.top.iter().map(|((day, family, list), top)| {
+            (*day, SketchKind::Top(*list), *family, top.to_bytes())
+        }),
+    );
+    deltas
+}
+
+/// Merges stored forms of one kind of sketch into one stored form; `None` when one of them is
+/// unreadable (the stores never write such bytes).
+fn merge_stored<'b>(
+    kind: SketchKind,
+    parts: impl IntoIterator<Item = &'b [u8]>,
+) -> Option<Vec<u8>> {
+    match kind {
+        SketchKind::Distinct => {
+            let mut merged = HyperLogLog::default();
+            for part in parts {
+                merged.merge(&HyperLogLog::from_bytes(part)?);
+            }
+            Some(merged.to_bytes())
+        }
+        SketchKind::Top(_) => {
+            let mut merged = TopSketch::default();
+            for part in parts {
+                merged.merge(&TopSketch::from_bytes(part)?);
+            }
+            Some(merged.to_bytes())
+        }
+    }
 }
 
 /// The outcome of applying a batch.
@@ -138,7 +210,17 @@ impl Store {
     pub async fn apply(&self, batch: &Batch) -> Result<Applied, StoreError> {
         let applied = match &self.backend {
             Backend::Embedded(s) => s.apply(batch).await?,
-            Backend::Redis(s) => s.apply(batch).await?,
+            Backend::Redis(s) => {
+                let (applied, due) = s.apply(batch).await?;
+                if !due.is_empty() {
+                    // The batch is counted whatever happens here: sketches whose merge fails
+                    // still report deltas waiting on a later batch, and readers merge deltas.
+                    if let Err(error) = s.compact(&due).await {
+                        tracing::warn!(%error, sketches = due.len(), "merging sketch deltas failed; a later batch merges them");
+                    }
+                }
+                applied
+            }
         };
         if applied == Applied::Counted && !batch.tally.is_empty() {
             self.changes
@@ -192,6 +274,144 @@ impl Store {
             Backend::Embedded(s) => s.all_time().await,
             Backend::Redis(s) => s.all_time().await,
         }
+    }
+
+    /// One day's per-hour counters (`HH:<counter>` names); `None` when the day has none.
+    pub async fn hours(&self, day: i64) -> Result<Option<Counters>, StoreError> {
+        self.metrics.reads.inc(StoreRead::Hours);
+        let hours = match &self.backend {
+            Backend::Embedded(s) => s.hours(day).await?,
+            Backend::Redis(s) => s.hours(day).await?,
+        };
+        Ok((!hours.is_empty()).then_some(hours))
+    }
+
+    /// One day's distinct-editor sketches of `families` (those without editors are left out).
+    pub async fn editors(
+        &self,
+        day: i64,
+        families: &[Family],
+    ) -> Result<BTreeMap<Family, HyperLogLog>, StoreError> {
+        self.metrics.reads.inc(StoreRead::Editors);
+        let mut sketches = BTreeMap::new();
+        for (family, bytes) in self.sketches(day, SketchKind::Distinct, families).await? {
+            sketches.insert(family, HyperLogLog::from_bytes(&bytes).unwrap_or_default());
+        }
+        Ok(sketches)
+    }
+
+    /// One day's `list` sketches of `families` (those without data are left out).
+    pub async fn top(
+        &self,
+        day: i64,
+        list: TopList,
+        families: &[Family],
+    ) -> Result<BTreeMap<Family, TopSketch>, StoreError> {
+        self.metrics.reads.inc(StoreRead::Top);
+        let mut sketches = BTreeMap::new();
+        for (family, bytes) in self.sketches(day, SketchKind::Top(list), families).await? {
+            sketches.insert(family, TopSketch::from_bytes(&bytes).unwrap_or_default());
+        }
+        Ok(sketches)
+    }
+
+    /// The stored form of one day's `kind` sketch of each of `families` that has one.
+    async fn sketches(
+        &self,
+        day: i64,
+        kind: SketchKind,
+        families: &[Family],
+    ) -> Result<Vec<(Family, Vec<u8>)>, StoreError> {
+        match &self.backend {
+            Backend::Embedded(s) => s.sketches(day, kind, families).await,
+            Backend::Redis(s) => s.sketches(day, kind, families).await,
+        }
+    }
+
+    /// A handle on the rebuild's counter space of the same store (`space`): it reads and applies
+    /// like the live one, and nothing reads it until it takes the live one's place.
+    pub fn rebuild_space(&self) -> Store {
+        let backend = match &self.backend {
+            Backend::Embedded(s) => Backend::Embedded(s.rebuild_space()),
+            Backend::Redis(s) => Backend::Redis(s.rebuild_space()),
+        };
+        Store {
+            backend,
+            changes: Arc::default(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    /// Every source's position in this handle's space.
+    pub async fn positions(&self) -> Result<space::Positions, StoreError> {
+        self.metrics.reads.inc(StoreRead::Position);
+        match &self.backend {
+            Backend::Embedded(s) => s.positions().await,
+            Backend::Redis(s) => s.positions().await,
+        }
+    }
+
+    /// Takes the rebuild lease (for [`space::LEASE`]) and empties the rebuild space, unless
+    /// another rebuild holds the lease.
+    pub async fn begin_rebuild(&self, now_ms: i64) -> Result<space::Lease, StoreError> {
+        match &self.backend {
+            Backend::Embedded(s) => s.begin_rebuild(now_ms).await,
+            Backend::Redis(s) => s.begin_rebuild().await,
+        }
+    }
+
+    /// Renews the rebuild lease for another [`space::LEASE`].
+    pub async fn renew_lease(&self, now_ms: i64) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Embedded(s) => s.renew_lease(now_ms).await,
+            Backend::Redis(s) => s.renew_lease().await,
+        }
+    }
+
+    /// Gives up a rebuild that will not switch: the lease goes (on Redis the space is emptied by
+    /// the next rebuild; in the embedded store at once).
+    pub async fn end_rebuild(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Embedded(s) => s.end_rebuild().await,
+            Backend::Redis(s) => s.end_rebuild().await,
+        }
+    }
+
+    /// The rebuild space's positions while a rebuild holds the lease: what retention must not
+    /// delete from under it.
+    pub async fn rebuild_hold(&self, now_ms: i64) -> Result<Option<space::Positions>, StoreError> {
+        self.metrics.reads.inc(StoreRead::Position);
+        match &self.backend {
+            Backend::Embedded(s) => s.rebuild_hold(now_ms).await,
+            Backend::Redis(s) => s.rebuild_hold().await,
+        }
+    }
+
+    /// Makes the rebuild space the live one, atomically, when every live position equals the
+    /// rebuilt one (the sources in `lost`, which the bus no longer holds, take the live
+    /// position). The days `kept` names keep their live counters. Otherwise nothing changes
+    /// and the answer lists the sources that differ.
+    pub async fn switch_to_rebuild(
+        &self,
+        kept: space::Kept,
+        lost: &[String],
+    ) -> Result<space::Switch, StoreError> {
+        let switched = match &self.backend {
+            Backend::Embedded(s) => s.switch(kept, lost).await?,
+            Backend::Redis(s) => s.switch(kept, lost).await?,
+        };
+        if switched == space::Switch::Switched {
+            // Every day may have changed: readers in this process read again.
+            self.changes
+                .batches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Ok(mut days) = self.changes.days.lock() {
+                for generation in days.values_mut() {
+                    *generation += 1;
+                }
+            }
+        }
+        Ok(switched)
     }
 
     /// Checks that the store answers: a real read (the embedded store's read transaction,

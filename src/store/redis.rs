@@ -5,11 +5,24 @@
 //! Redis Cluster. Layout: `{pleiades}:day:<day>` hash (counter → value), `{pleiades}:all` hash,
 //! `{pleiades}:days` sorted set (the index of days with data), `{pleiades}:positions` hash
 //! (source → next position). Readers use HGETALL and ZRANGE on known keys: nothing scans.
+//!
+//! The further dimensions live in two hashes that hold every day, so that a batch costs the
+//! same handful of commands however many days it touches: `{pleiades}:hours`
+//! (`<day>:<HH>:<counter>` → value) and `{pleiades}:sketches`. There each sketch (one per day,
+//! kind and family, `<day>:<kind>:<family>`) is a `:base` in its stored form, and the deltas of
+//! the batches since (`:<n>`, numbered from `:done` to `:next`). A batch only appends its
+//! deltas, a copy of bytes for Redis; merging them into the base is Rust's work (the
+//! sketches' merge rules exist once), done by the aggregator that sees [`COMPACT_AFTER`] deltas
+//! waiting, in one script call that checks `:done` did not move meanwhile. A merge is a sum, a
+//! minimum or a maximum, so when and by whom it happens changes nothing. Readers get a base
+//! and its deltas in one script call, and merge them.
 
 use super::redis_link::{RedisLink, Request, Topology};
-use super::{Applied, Batch, Counters, StoreError};
+use super::{Applied, Batch, Counters, SketchKind, StoreError};
 use crate::config::RedisConfig;
+use crate::counters::hour_counter;
 use crate::metrics::StoreMetrics;
+use crate::project::Family;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -20,29 +33,72 @@ pub const HASH_TAG: &str = "{pleiades}";
 const POSITIONS: &str = "{pleiades}:positions";
 const DAYS: &str = "{pleiades}:days";
 const ALL_TIME: &str = "{pleiades}:all";
+const HOURS: &str = "{pleiades}:hours";
+const SKETCHES: &str = "{pleiades}:sketches";
+
+/// Deltas a sketch holds before the aggregator that appended the last one merges them into its
+/// base: the bound on what a reader merges, and on the deltas' share of the store.
+pub const COMPACT_AFTER: u32 = 8;
 
 fn day_key(day: i64) -> String {
     format!("{HASH_TAG}:day:{day}")
 }
 
+/// The keys of one counter space: the live one, or the one a rebuild fills before it takes the
+/// live one's place (`super::space`). Both carry the hash tag, so they share one slot.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Keys {
+    pub positions: &'static str,
+    pub days: &'static str,
+    pub all_time: &'static str,
+    /// A day's hash is this prefix followed by the day.
+    pub day_prefix: &'static str,
+    /// Whether the per-hour counters and the sketches are written too (the live space only).
+    pub dimensions: bool,
+}
+
+impl Keys {
+    pub fn day(&self, day: i64) -> String {
+        format!("{}{day}", self.day_prefix)
+    }
+}
+
+/// The space every reader and the daemon's aggregators use.
+pub(super) const LIVE: Keys = Keys {
+    positions: POSITIONS,
+    days: DAYS,
+    all_time: ALL_TIME,
+    day_prefix: "{pleiades}:day:",
+    dimensions: true,
+};
+
+/// The space a rebuild counts into.
+pub(super) const REBUILD: Keys = Keys {
+    positions: "{pleiades}:rebuild:positions",
+    days: "{pleiades}:rebuild:days",
+    all_time: "{pleiades}:rebuild:all",
+    day_prefix: "{pleiades}:rebuild:day:",
+    dimensions: false,
+};
+
 /// The keys the store writes for the days `days`: what a test of their slots checks.
 pub fn keys_for(days: &[i64]) -> Vec<String> {
-    let mut keys = vec![POSITIONS.to_owned(), DAYS.to_owned(), ALL_TIME.to_owned()];
+    let mut keys = vec![
+        POSITIONS.to_owned(),
+        DAYS.to_owned(),
+        ALL_TIME.to_owned(),
+        HOURS.to_owned(),
+        SKETCHES.to_owned(),
+    ];
     keys.extend(days.iter().map(|day| day_key(*day)));
     keys
 }
 
-/// Applies a batch. Counters are read with HMGET and written with one HSET per hash (in chunks
-/// of 500 fields) instead of one HINCRBY per counter, so a batch costs a handful of commands
-/// however many counters it touches.
-///
-/// Lua numbers are doubles, exact only up to 2^53, so values and deltas travel as decimal
-/// strings and are added as such: below 10^15 with Lua numbers (exact there), beyond with
-/// digit-by-digit arithmetic, saturating at the bounds of a signed 64-bit integer as the
-/// embedded store does. This keeps the stored values plain decimal integers (what HGETALL
-/// readers and HINCRBY expect) and the command count unchanged. Positions are compared as the
-/// strings they were written as.
-const APPLY: &str = r"
+/// Lua functions that add signed decimal strings exactly, saturating at the bounds of i64;
+/// the apply script and the rebuild's switch (`super::space`) share them.
+macro_rules! decimal_lua {
+    () => {
+        r"
 local MAX, MIN_MAG = '9223372036854775807', '9223372036854775808'
 local function cmp_mag(a, b)
   if #a ~= #b then return #a < #b and -1 or 1 end
@@ -91,37 +147,170 @@ local function add(x, y)
   if cmp_mag(mag, MIN_MAG) > 0 then mag = MIN_MAG end
   return '-' .. mag
 end
+"
+    };
+}
+pub(super) use decimal_lua;
+
+/// Applies a batch. Counters are read with HMGET and written with one HSET per hash (in chunks
+/// of 3,500 fields) instead of one HINCRBY per counter, so a batch costs a handful of commands
+/// however many counters it touches. The further dimensions merge the same way, each with its
+/// own rule: per-hour counters add; sketches get the batch's delta appended, for
+/// [`RedisStore::compact`] to merge in Rust.
+///
+/// Lua numbers are doubles, exact only up to 2^53, so values and deltas travel as decimal
+/// strings and are added as such: below 10^15 with Lua numbers (exact there), beyond with
+/// digit-by-digit arithmetic, saturating at the bounds of a signed 64-bit integer as the
+/// embedded store does. This keeps the stored values plain decimal integers (what HGETALL
+/// readers and HINCRBY expect) and the command count unchanged. Positions are compared as the
+/// strings they were written as.
+const APPLY: &str = concat!(
+    "local COMPACT_AFTER = 8\n",
+    decimal_lua!(),
+    r"
 local stored = redis.call('HGET', KEYS[1], ARGV[1]) or '0'
 if stored ~= ARGV[2] then return {0, stored} end
 local i = 4
-local function merge(key)
+-- Merges the next section of ARGV (a count, then field/value pairs) into the hash `key`, in
+-- chunks of 3500 fields (HSET gets twice as many arguments, under Lua's unpack limit of 8000).
+local function merge(key, combine)
   local n = tonumber(ARGV[i]); i = i + 1
   local done = 0
   while done < n do
-    local m = math.min(n - done, 500)
+    local m = math.min(n - done, 3500)
     local fields, deltas = {}, {}
     for j = 1, m do fields[j] = ARGV[i]; deltas[j] = ARGV[i + 1]; i = i + 2 end
     local current = redis.call('HMGET', key, unpack(fields))
     local values = {}
     for j = 1, m do
       values[2 * j - 1] = fields[j]
-      values[2 * j] = add(current[j] or '0', deltas[j])
+      values[2 * j] = combine(current[j], deltas[j])
     end
     redis.call('HSET', key, unpack(values))
     done = done + m
   end
 end
-merge(KEYS[3])
+local function sum(current, delta) return add(current or '0', delta) end
+merge(KEYS[3], sum)
+merge(KEYS[4], sum)
+-- Sketch deltas (a count, then sketch/delta pairs): each becomes the field `<sketch>:<next>`
+-- and `<sketch>:next` moves on. The sketches with COMPACT_AFTER or more deltas waiting are
+-- returned, for the caller to merge into their bases.
+local due = {}
+local sketches = tonumber(ARGV[i]); i = i + 1
+local appended = 0
+while appended < sketches do
+  local m = math.min(sketches - appended, 1000)
+  local names, blobs, fields = {}, {}, {}
+  for j = 1, m do
+    names[j] = ARGV[i]; blobs[j] = ARGV[i + 1]; i = i + 2
+    fields[2 * j - 1] = names[j] .. ':next'
+    fields[2 * j] = names[j] .. ':done'
+  end
+  local counters = redis.call('HMGET', KEYS[5], unpack(fields))
+  local values = {}
+  for j = 1, m do
+    local next = tonumber(counters[2 * j - 1] or '0')
+    local first = tonumber(counters[2 * j] or '0')
+    values[#values + 1] = names[j] .. ':' .. string.format('%d', next)
+    values[#values + 1] = blobs[j]
+    values[#values + 1] = names[j] .. ':next'
+    values[#values + 1] = string.format('%d', next + 1)
+    if next + 1 - first >= COMPACT_AFTER then due[#due + 1] = names[j] end
+  end
+  redis.call('HSET', KEYS[5], unpack(values))
+  appended = appended + m
+end
 local zadd = {}
-for k = 4, #KEYS do
+for k = 6, #KEYS do
   local day = ARGV[i]; i = i + 1
   zadd[#zadd + 1] = day
   zadd[#zadd + 1] = day
-  merge(KEYS[k])
+  merge(KEYS[k], sum)
 end
 if #zadd > 0 then redis.call('ZADD', KEYS[2], unpack(zadd)) end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-return {1, ARGV[3]}
+local reply = {1, ARGV[3]}
+for _, name in ipairs(due) do reply[#reply + 1] = name end
+return reply
+",
+);
+
+/// Merges sketch deltas into their bases: ARGV is a count, then per sketch its name, the
+/// `:done` the caller read, the `:next` it read and the merged base. A sketch whose `:done`
+/// moved meanwhile (another aggregator merged it first) is left alone; the others get their
+/// new base, `:done` moves to the `:next` read, and the merged deltas are deleted. Returns how
+/// many sketches were merged.
+const COMPACT: &str = r"
+local n = tonumber(ARGV[1])
+local fields = {}
+for j = 1, n do fields[j] = ARGV[2 + 4 * (j - 1)] .. ':done' end
+local current = redis.call('HMGET', KEYS[1], unpack(fields))
+local sets, dels, merged = {}, {}, 0
+local function flush(command, list)
+  if #list > 0 then redis.call(command, KEYS[1], unpack(list)) end
+end
+for j = 1, n do
+  local k = 2 + 4 * (j - 1)
+  local name, first, upto, base = ARGV[k], ARGV[k + 1], ARGV[k + 2], ARGV[k + 3]
+  if (current[j] or '0') == first then
+    merged = merged + 1
+    sets[#sets + 1] = name .. ':base'; sets[#sets + 1] = base
+    sets[#sets + 1] = name .. ':done'; sets[#sets + 1] = upto
+    for d = tonumber(first), tonumber(upto) - 1 do
+      dels[#dels + 1] = name .. ':' .. string.format('%d', d)
+      if #dels >= 7000 then flush('HDEL', dels); dels = {} end
+    end
+    if #sets >= 7000 then flush('HSET', sets); sets = {} end
+  end
+end
+flush('HSET', sets)
+flush('HDEL', dels)
+return merged
+";
+
+/// Reads sketches with their deltas, in one step so that no merge slips between the two: ARGV
+/// are sketch names; the reply is, per sketch, its `:done`, its `:next`, its base and then its
+/// deltas. The fields of every sketch are read together (one HMGET per 2,000 fields), so a
+/// read of many sketches costs a few commands, not two per sketch.
+const READ_SKETCHES: &str = r"
+local function read(fields)
+  local out, at = {}, 1
+  while at <= #fields do
+    local last = math.min(#fields, at + 1999)
+    local got = redis.call('HMGET', KEYS[1], unpack(fields, at, last))
+    for k = 1, #got do out[#out + 1] = got[k] end
+    at = last + 1
+  end
+  return out
+end
+local heads = {}
+for j = 1, #ARGV do
+  heads[#heads + 1] = ARGV[j] .. ':done'
+  heads[#heads + 1] = ARGV[j] .. ':next'
+  heads[#heads + 1] = ARGV[j] .. ':base'
+end
+heads = read(heads)
+local wanted, spans = {}, {}
+for j = 1, #ARGV do
+  local first = tonumber(heads[3 * j - 2] or '0')
+  local next = tonumber(heads[3 * j - 1] or '0')
+  spans[j] = {first, next}
+  for d = first, next - 1 do wanted[#wanted + 1] = ARGV[j] .. ':' .. string.format('%d', d) end
+end
+local deltas = read(wanted)
+local reply, at = {}, 1
+for j = 1, #ARGV do
+  local first, next = spans[j][1], spans[j][2]
+  reply[#reply + 1] = first
+  reply[#reply + 1] = next
+  reply[#reply + 1] = heads[3 * j] or ''
+  for d = first, next - 1 do
+    reply[#reply + 1] = deltas[at] or ''
+    at = at + 1
+  end
+end
+return reply
 ";
 
 /// Why the Redis settings cannot be used; never repeats the URL (it may hold a password).
@@ -172,9 +361,40 @@ pub fn connection_info(
 /// The Redis store; cheap to clone (one link to Redis underneath, shared by every clone).
 #[derive(Clone)]
 pub struct RedisStore {
-    link: Arc<RedisLink>,
-    /// The apply script's SHA1, for `EVALSHA`.
-    script_hash: Arc<str>,
+    pub(super) link: Arc<RedisLink>,
+    /// The scripts, each with its SHA1 for `EVALSHA`.
+    apply: Arc<StoredScript>,
+    compact: Arc<StoredScript>,
+    read_sketches: Arc<StoredScript>,
+    /// The counter space this handle reads and writes.
+    pub(super) keys: Keys,
+}
+
+/// A Lua script's body and hash.
+struct StoredScript {
+    body: String,
+    hash: String,
+}
+
+impl StoredScript {
+    fn new(body: String) -> Self {
+        let hash = redis::Script::new(&body).get_hash().to_owned();
+        StoredScript { body, hash }
+    }
+
+    /// The call of the script on `keys` with `args`: by hash, and with the body for a server
+    /// that does not know the hash yet.
+    fn call<K: redis::ToRedisArgs, A: redis::ToRedisArgs>(&self, keys: &[K], args: A) -> Request {
+        let call = |verb: &str, script: &str| {
+            let mut cmd = redis::cmd(verb);
+            cmd.arg(script).arg(keys.len()).arg(keys).arg(&args);
+            cmd
+        };
+        Request::Script {
+            by_hash: call("EVALSHA", &self.hash),
+            with_body: call("EVAL", &self.body),
+        }
+    }
 }
 
 impl RedisStore {
@@ -198,7 +418,13 @@ impl RedisStore {
                 config.timeout,
                 metrics,
             )),
-            script_hash: redis::Script::new(APPLY).get_hash().into(),
+            apply: Arc::new(StoredScript::new(APPLY.replace(
+                "COMPACT_AFTER = 8",
+                &format!("COMPACT_AFTER = {COMPACT_AFTER}"),
+            ))),
+            compact: Arc::new(StoredScript::new(COMPACT.to_owned())),
+            read_sketches: Arc::new(StoredScript::new(READ_SKETCHES.to_owned())),
+            keys: LIVE,
         })
     }
 
@@ -209,12 +435,18 @@ impl RedisStore {
     }
 
     /// Sends one command and decodes its reply.
-    async fn one<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, StoreError> {
+    pub(super) async fn one<T: redis::FromRedisValue>(
+        &self,
+        cmd: redis::Cmd,
+    ) -> Result<T, StoreError> {
         let mut replies = self.link.send(&Request::one(cmd)).await?;
         self.decode(replies.pop().unwrap_or(redis::Value::Nil))
     }
 
-    fn decode<T: redis::FromRedisValue>(&self, value: redis::Value) -> Result<T, StoreError> {
+    pub(super) fn decode<T: redis::FromRedisValue>(
+        &self,
+        value: redis::Value,
+    ) -> Result<T, StoreError> {
         redis::from_redis_value(value).map_err(|e| self.link.error(e))
     }
 
@@ -224,67 +456,223 @@ impl RedisStore {
 
     pub async fn position(&self, source: &str) -> Result<u64, StoreError> {
         let mut cmd = redis::cmd("HGET");
-        cmd.arg(POSITIONS).arg(source);
+        cmd.arg(self.keys.positions).arg(source);
         let value: Option<u64> = self.one(cmd).await?;
         Ok(value.unwrap_or(0))
     }
 
-    pub async fn apply(&self, batch: &Batch) -> Result<Applied, StoreError> {
-        let mut keys = vec![POSITIONS.to_owned(), DAYS.to_owned(), ALL_TIME.to_owned()];
-        let mut args = vec![
-            batch.source.clone(),
-            batch.start.to_string(),
-            batch.end.to_string(),
-            batch.tally.all_time.len().to_string(),
+    /// Applies a batch; also returns the sketches that now have [`COMPACT_AFTER`] deltas
+    /// waiting, for [`RedisStore::compact`].
+    pub async fn apply(&self, batch: &Batch) -> Result<(Applied, Vec<String>), StoreError> {
+        let space = self.keys;
+        let mut keys = vec![
+            space.positions.to_owned(),
+            space.days.to_owned(),
+            space.all_time.to_owned(),
+            HOURS.to_owned(),
+            SKETCHES.to_owned(),
         ];
-        for (name, delta) in &batch.tally.all_time {
-            args.push(name.clone());
-            args.push(delta.to_string());
+        let tally = &batch.tally;
+        let mut args: Vec<Vec<u8>> = Vec::new();
+        let text = |args: &mut Vec<Vec<u8>>, value: String| args.push(value.into_bytes());
+        text(&mut args, batch.source.clone());
+        text(&mut args, batch.start.to_string());
+        text(&mut args, batch.end.to_string());
+        let all_time = tally.all_time();
+        text(&mut args, all_time.len().to_string());
+        for (name, delta) in all_time {
+            text(&mut args, name);
+            text(&mut args, delta.to_string());
         }
-        for (day, counters) in &batch.tally.days {
-            keys.push(day_key(*day));
-            args.push(day.to_string());
-            args.push(counters.len().to_string());
+        // The per-hour counters and the sketches have one space, the live one: a rebuild
+        // recounts the counters and leaves them as the aggregators keep them.
+        let no_hours = crate::counters::FastMap::default();
+        let hours = if space.dimensions {
+            &tally.hours
+        } else {
+            &no_hours
+        };
+        text(
+            &mut args,
+            hours.values().map(|c| c.len()).sum::<usize>().to_string(),
+        );
+        for (day, counters) in hours {
             for (name, delta) in counters {
-                args.push(name.clone());
-                args.push(delta.to_string());
+                text(&mut args, format!("{day}:{name}"));
+                text(&mut args, delta.to_string());
             }
         }
-        let call = |verb: &str, script: &str| {
-            let mut cmd = redis::cmd(verb);
-            cmd.arg(script).arg(keys.len()).arg(&keys).arg(&args);
-            cmd
-        };
-        let request = Request::Script {
-            by_hash: call("EVALSHA", &self.script_hash),
-            with_body: call("EVAL", APPLY),
-        };
-        let mut replies = self.link.send(&request).await?;
-        let (counted, stored): (i64, u64) =
-            self.decode(replies.pop().unwrap_or(redis::Value::Nil))?;
-        Ok(if counted == 1 {
-            Applied::Counted
+        let deltas = if space.dimensions {
+            super::sketch_deltas(tally)
         } else {
-            Applied::Stale { stored }
-        })
+            Vec::new()
+        };
+        text(&mut args, deltas.len().to_string());
+        for (day, kind, family, bytes) in deltas {
+            text(&mut args, sketch_name(day, kind, family));
+            args.push(bytes);
+        }
+        for (day, counters) in &tally.days {
+            keys.push(space.day(*day));
+            text(&mut args, day.to_string());
+            text(&mut args, counters.len().to_string());
+            for (name, delta) in counters {
+                text(&mut args, name.clone());
+                text(&mut args, delta.to_string());
+            }
+        }
+        let reply: Vec<redis::Value> = self.first(self.apply.call(&keys, args)).await?;
+        let number = |value: Option<&redis::Value>| -> Option<u64> {
+            match value? {
+                redis::Value::Int(n) => u64::try_from(*n).ok(),
+                redis::Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+                _ => None,
+            }
+        };
+        let (Some(counted), Some(stored)) = (number(reply.first()), number(reply.get(1))) else {
+            return Err(self
+                .link
+                .error(format!("the apply script answered {reply:?}")));
+        };
+        if counted != 1 {
+            return Ok((Applied::Stale { stored }, Vec::new()));
+        }
+        let due: Vec<String> = reply[2..]
+            .iter()
+            .filter_map(|v| match v {
+                redis::Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+                _ => None,
+            })
+            .collect();
+        Ok((Applied::Counted, due))
+    }
+
+    /// Sends `request` and decodes its first reply.
+    async fn first<T: redis::FromRedisValue>(&self, request: Request) -> Result<T, StoreError> {
+        let mut replies = self.link.send(&request).await?;
+        if replies.is_empty() {
+            return self.decode(redis::Value::Nil);
+        }
+        self.decode(replies.swap_remove(0))
+    }
+
+    /// Merges the deltas of the sketches `names` into their bases.
+    pub async fn compact(&self, names: &[String]) -> Result<(), StoreError> {
+        let read = self.read(names).await?;
+        let mut count = 0;
+        let mut args = Vec::new();
+        for (name, stored) in names.iter().zip(read) {
+            let Some(kind) = name.split(':').nth(1).and_then(SketchKind::parse) else {
+                continue;
+            };
+            let parts = std::iter::once(stored.base.as_slice())
+                .chain(stored.deltas.iter().map(Vec::as_slice))
+                .filter(|part| !part.is_empty());
+            let Some(merged) = super::merge_stored(kind, parts) else {
+                tracing::warn!(sketch = %name, "a stored sketch or delta is unreadable; it is left as it is");
+                continue;
+            };
+            args.push((name, stored.done, stored.next, merged));
+            count += 1;
+        }
+        if count == 0 {
+            return Ok(());
+        }
+        let mut argv: Vec<Vec<u8>> = vec![count.to_string().into_bytes()];
+        for (name, done, next, merged) in args {
+            argv.push(name.clone().into_bytes());
+            argv.push(done.to_string().into_bytes());
+            argv.push(next.to_string().into_bytes());
+            argv.push(merged);
+        }
+        let _: i64 = self.first(self.compact.call(&[SKETCHES], argv)).await?;
+        Ok(())
+    }
+
+    /// Each sketch's base and deltas, read in one step.
+    async fn read(&self, names: &[String]) -> Result<Vec<StoredSketch>, StoreError> {
+        let reply: Vec<redis::Value> = self
+            .first(self.read_sketches.call(&[SKETCHES], names))
+            .await?;
+        let bad = || {
+            self.link
+                .error("the sketch read script answered something else than sketches")
+        };
+        let mut values = reply.into_iter();
+        let mut sketches = Vec::with_capacity(names.len());
+        for _ in names {
+            let (Some(redis::Value::Int(done)), Some(redis::Value::Int(next))) =
+                (values.next(), values.next())
+            else {
+                return Err(bad());
+            };
+            let mut blob = || match values.next() {
+                Some(redis::Value::BulkString(b)) => Ok(b),
+                _ => Err(bad()),
+            };
+            let base = blob()?;
+            let mut deltas = Vec::new();
+            for _ in done..next.max(done) {
+                deltas.push(blob()?);
+            }
+            sketches.push(StoredSketch {
+                done,
+                next,
+                base,
+                deltas,
+            });
+        }
+        Ok(sketches)
+    }
+
+    /// The stored form of one day's `kind` sketch of each of `families` that has one: its base
+    /// and deltas merged.
+    pub async fn sketches(
+        &self,
+        day: i64,
+        kind: SketchKind,
+        families: &[Family],
+    ) -> Result<Vec<(Family, Vec<u8>)>, StoreError> {
+        let names: Vec<String> = families
+            .iter()
+            .map(|family| sketch_name(day, kind, *family))
+            .collect();
+        let mut found = Vec::new();
+        for (family, stored) in families.iter().zip(self.read(&names).await?) {
+            let parts: Vec<&[u8]> = std::iter::once(stored.base.as_slice())
+                .chain(stored.deltas.iter().map(Vec::as_slice))
+                .filter(|part| !part.is_empty())
+                .collect();
+            if parts.is_empty() {
+                continue;
+            }
+            let merged = super::merge_stored(kind, parts).ok_or_else(|| {
+                self.link.error(format!(
+                    "{SKETCHES} {}: an unreadable sketch",
+                    sketch_name(day, kind, *family)
+                ))
+            })?;
+            found.push((*family, merged));
+        }
+        Ok(found)
     }
 
     pub async fn days(&self) -> Result<Vec<i64>, StoreError> {
         let mut cmd = redis::cmd("ZRANGE");
-        cmd.arg(DAYS).arg(0).arg(-1);
+        cmd.arg(self.keys.days).arg(0).arg(-1);
         self.one(cmd).await
     }
 
     pub async fn day(&self, day: i64) -> Result<Option<Counters>, StoreError> {
         let mut cmd = redis::cmd("HGETALL");
-        cmd.arg(day_key(day));
+        cmd.arg(self.keys.day(day));
         let values: HashMap<String, i64> = self.one(cmd).await?;
         Ok((!values.is_empty()).then(|| values.into_iter().collect()))
     }
 
     pub async fn range(&self, from: i64, to: i64) -> Result<Vec<(i64, Counters)>, StoreError> {
         let mut cmd = redis::cmd("ZRANGEBYSCORE");
-        cmd.arg(DAYS).arg(from).arg(to);
+        cmd.arg(self.keys.days).arg(from).arg(to);
         let days: Vec<i64> = self.one(cmd).await?;
         if days.is_empty() {
             return Ok(Vec::new());
@@ -294,7 +682,7 @@ impl RedisStore {
             .iter()
             .map(|day| {
                 let mut cmd = redis::cmd("HGETALL");
-                cmd.arg(day_key(*day));
+                cmd.arg(self.keys.day(*day));
                 cmd
             })
             .collect();
@@ -309,10 +697,63 @@ impl RedisStore {
 
     pub async fn all_time(&self) -> Result<Counters, StoreError> {
         let mut cmd = redis::cmd("HGETALL");
-        cmd.arg(ALL_TIME);
+        cmd.arg(self.keys.all_time);
         let values: HashMap<String, i64> = self.one(cmd).await?;
         Ok(values.into_iter().collect())
     }
+
+    /// HMGET of `fields` of `key`, the values that are set, by field index.
+    async fn fields(
+        &self,
+        key: &str,
+        fields: &[String],
+    ) -> Result<Vec<(usize, Vec<u8>)>, StoreError> {
+        if fields.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(key).arg(fields);
+        let values: Vec<Option<Vec<u8>>> = self.one(cmd).await?;
+        Ok(values
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, v)| v.map(|v| (i, v)))
+            .collect())
+    }
+
+    pub async fn hours(&self, day: i64) -> Result<Counters, StoreError> {
+        let names: Vec<String> = (0..24)
+            .flat_map(|hour| {
+                crate::counters::hourly_counters()
+                    .into_iter()
+                    .map(move |counter| hour_counter(hour, &counter))
+            })
+            .collect();
+        let fields: Vec<String> = names.iter().map(|n| format!("{day}:{n}")).collect();
+        let mut hours = Counters::new();
+        for (i, value) in self.fields(HOURS, &fields).await? {
+            let value = String::from_utf8_lossy(&value);
+            let value = value.parse::<i64>().map_err(|_| {
+                self.link
+                    .error(format!("{HOURS} {} is not an integer", fields[i]))
+            })?;
+            hours.insert(names[i].clone(), value);
+        }
+        Ok(hours)
+    }
+}
+
+/// A sketch's base, its deltas, and where its deltas begin and end.
+struct StoredSketch {
+    done: i64,
+    next: i64,
+    base: Vec<u8>,
+    deltas: Vec<Vec<u8>>,
+}
+
+/// A sketch's name in `{pleiades}:sketches`: `<day>:<kind>:<family>`.
+fn sketch_name(day: i64, kind: SketchKind, family: Family) -> String {
+    format!("{day}:{}:{}", kind.as_str(), family.as_str())
 }
 
 #[cfg(test)]

@@ -1,14 +1,18 @@
-//! The REST API of the original, plus all-time totals and day ranges: JSON bodies built from
-//! store readers, behind one cache so that store reads do not grow with viewers.
+//! The REST API of the original, plus all-time totals, day ranges, a day by hour, its distinct
+//! editors and its busiest pages and editors: JSON bodies built from store readers, behind one
+//! cache so that store reads do not grow with viewers.
 //!
-//! Every answer (a day, all-time, the list of days, a range) is kept for at most `web.cache_ttl`,
+//! Every answer (a day, all-time, the list of days, a range, a day's hours, editors or top list)
+//! is kept for at most `web.cache_ttl`,
 //! and dropped at once when a batch counted by this process changes what it shows. A miss reads
 //! the store once however many requests wait for it: the first one reads, the others wait on the
 //! same entry and are served what it built.
 
-use crate::counters::description;
+use crate::counters::{description, split_hour_counter, TopList};
 use crate::event::DAY_MS;
 use crate::metrics::WebMetrics;
+use crate::project::{is_host_name, Family};
+use crate::sketch::{hll, top};
 use crate::store::{Counters, Store, StoreError, ALL_TIME_DAY};
 use bytes::Bytes;
 use serde::Serialize;
@@ -78,6 +82,68 @@ enum Key {
     AllTime,
     Days,
     Range(i64, i64),
+    Hours(i64),
+    /// A day and the chosen families ([`Families`]).
+    Editors(i64, Families),
+    /// A day, the list, the family asked for (its name is in the answer), the chosen families
+    /// and the number of entries.
+    Top(i64, TopList, Option<Family>, Families, usize),
+}
+
+/// A set of families, one bit each in the order of [`Family::ALL`]: small and `Copy`, so it
+/// can be part of a cache key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Families(u32);
+
+impl Families {
+    fn all() -> Families {
+        Families((1 << Family::ALL.len()) - 1)
+    }
+
+    fn bit(family: Family) -> u32 {
+        let index = Family::ALL.iter().position(|f| *f == family).unwrap_or(0);
+        1 << index
+    }
+
+    fn list(self) -> Vec<Family> {
+        Family::ALL
+            .into_iter()
+            .filter(|f| self.0 & Families::bit(*f) != 0)
+            .collect()
+    }
+
+    /// The families a request chooses: `family` (one, or all when missing) less those of
+    /// `exclude` (a comma list). An unknown name is the request's error, named.
+    pub fn chosen(family: Option<&str>, exclude: Option<&str>) -> Result<Families, String> {
+        let parse = |name: &str| {
+            Family::parse(name).ok_or_else(|| {
+                let known: Vec<&str> = Family::ALL.iter().map(|f| f.as_str()).collect();
+                format!(
+                    "unknown family {name:?}; the families are {}",
+                    known.join(", ")
+                )
+            })
+        };
+        let mut set = match family.filter(|f| !f.is_empty()) {
+            None => Families::all(),
+            Some(name) => Families(Families::bit(parse(name)?)),
+        };
+        for name in exclude.unwrap_or("").split(',').map(str::trim) {
+            if !name.is_empty() {
+                set.0 &= !Families::bit(parse(name)?);
+            }
+        }
+        Ok(set)
+    }
+}
+
+/// The query of `GET /api/editors/{day}` and `GET /api/top/{day}`, as given.
+#[derive(Debug, Default)]
+pub struct SketchQuery<'a> {
+    pub family: Option<&'a str>,
+    pub exclude: Option<&'a str>,
+    pub what: Option<&'a str>,
+    pub limit: Option<&'a str>,
 }
 
 /// An answer built from the store: 200s and 404s are kept, store failures never are.
@@ -132,13 +198,131 @@ impl Api {
 
     /// `GET /api/stats/{day}`, with `day` as given in the path.
     pub async fn stats(&self, day: &str) -> JsonReply {
-        match day.parse::<i64>() {
+        match parse_day(day) {
             Ok(day) => self.day(day).await,
-            Err(_) => JsonReply::error(
-                StatusCode::BAD_REQUEST,
-                &format!("day {day:?} is not a number of days since 1970-01-01"),
-            ),
+            Err(reply) => reply,
         }
+    }
+
+    /// `GET /api/hours/{day}`: the day's 24 hours, each with its `HH:` counters (without the
+    /// prefix; `{}` for an hour without events); 404 when the day has none.
+    pub async fn hours(&self, day: &str) -> JsonReply {
+        let day = match parse_day(day) {
+            Ok(day) => day,
+            Err(reply) => return reply,
+        };
+        self.cached(Key::Hours(day), async {
+            let Some(counters) = self.store.hours(day).await? else {
+                return Ok(JsonReply::error(
+                    StatusCode::NOT_FOUND,
+                    &format!("no data by hour for day {day}"),
+                ));
+            };
+            let mut hours: Vec<serde_json::Map<String, serde_json::Value>> =
+                vec![serde_json::Map::new(); 24];
+            for (name, value) in &counters {
+                if let Some((hour, counter)) = split_hour_counter(name) {
+                    hours[hour as usize].insert(counter.to_owned(), (*value).into());
+                }
+            }
+            let since = day.saturating_mul(86_400);
+            let hours: Vec<serde_json::Value> = hours
+                .into_iter()
+                .enumerate()
+                .map(|(hour, counters)| {
+                    serde_json::json!({
+                        "hour": hour,
+                        "since": since.saturating_add(hour as i64 * 3600),
+                        "counters": counters,
+                    })
+                })
+                .collect();
+            let view =
+                serde_json::json!({ "day": day.to_string(), "since": since, "hours": hours });
+            Ok(JsonReply::ok(Bytes::from(view.to_string())))
+        })
+        .await
+    }
+
+    /// `GET /api/editors/{day}?family=&exclude=`: the distinct editors of the chosen families
+    /// (their sketches merged: an editor of two families counts once), and of each.
+    pub async fn editors(&self, day: &str, query: &SketchQuery<'_>) -> JsonReply {
+        let (day, families) = match parse_day(day).and_then(|day| Ok((day, families(query)?))) {
+            Ok(parsed) => parsed,
+            Err(reply) => return reply,
+        };
+        self.cached(Key::Editors(day, families), async {
+            let sketches = self.store.editors(day, &families.list()).await?;
+            let mut merged = hll::HyperLogLog::default();
+            let mut each = serde_json::Map::new();
+            for (family, sketch) in &sketches {
+                merged.merge(sketch);
+                each.insert(family.as_str().to_owned(), sketch.count().into());
+            }
+            let view = serde_json::json!({
+                "day": day.to_string(),
+                "editors": merged.count(),
+                "standard_error": hll::STANDARD_ERROR,
+                "families": each,
+            });
+            Ok(JsonReply::ok(Bytes::from(view.to_string())))
+        })
+        .await
+    }
+
+    /// `GET /api/top/{day}?what=pages|editors&family=&exclude=&limit=`: the busiest pages or
+    /// editors of the chosen families, at most `limit` (default and most: 50).
+    pub async fn top(&self, day: &str, query: &SketchQuery<'_>) -> JsonReply {
+        let parsed = parse_day(day).and_then(|day| {
+            let list = query.what.and_then(TopList::parse).ok_or_else(|| {
+                JsonReply::error(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "what={:?}: ask for what=pages or what=editors",
+                        query.what.unwrap_or("")
+                    ),
+                )
+            })?;
+            let limit = match query.limit {
+                None => top::ENTRIES,
+                Some(text) => text
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=top::ENTRIES).contains(n))
+                    .ok_or_else(|| {
+                        JsonReply::error(
+                            StatusCode::BAD_REQUEST,
+                            &format!("limit={text:?}: a number from 1 to {}", top::ENTRIES),
+                        )
+                    })?,
+            };
+            Ok((day, list, families(query)?, limit))
+        });
+        let (day, list, families, limit) = match parsed {
+            Ok(parsed) => parsed,
+            Err(reply) => return reply,
+        };
+        // Known to be valid: `families` parsed it.
+        let family = query
+            .family
+            .filter(|f| !f.is_empty())
+            .and_then(Family::parse);
+        self.cached(Key::Top(day, list, family, families, limit), async {
+            let sketches = self.store.top(day, list, &families.list()).await?;
+            let sketches: Vec<&top::TopSketch> = sketches.values().collect();
+            let entries: Vec<serde_json::Value> = top::top(&sketches, limit)
+                .iter()
+                .map(|entry| entry_view(list, entry))
+                .collect();
+            let view = serde_json::json!({
+                "day": day.to_string(),
+                "what": list.as_str(),
+                "family": family.map_or("all", Family::as_str),
+                "entries": entries,
+            });
+            Ok(JsonReply::ok(Bytes::from(view.to_string())))
+        })
+        .await
     }
 
     /// `GET /api/stats/{day}` for a parsed day.
@@ -213,7 +397,9 @@ impl Api {
     /// What invalidates `key` when this process counts a batch.
     fn generation(&self, key: Key) -> u64 {
         match key {
-            Key::Day(day) => self.store.generation(day),
+            Key::Day(day) | Key::Hours(day) | Key::Editors(day, _) | Key::Top(day, ..) => {
+                self.store.generation(day)
+            }
             Key::AllTime => self.store.generation(ALL_TIME_DAY),
             Key::Days | Key::Range(..) => self.store.batches(),
         }
@@ -293,5 +479,101 @@ impl Api {
             .marshal
             .observe(started.elapsed().as_secs_f64());
         body
+    }
+}
+
+/// A day as given in a path: a number of days since 1970-01-01, else a 400 that says so.
+fn parse_day(day: &str) -> Result<i64, JsonReply> {
+    day.parse::<i64>().map_err(|_| {
+        JsonReply::error(
+            StatusCode::BAD_REQUEST,
+            &format!("day {day:?} is not a number of days since 1970-01-01"),
+        )
+    })
+}
+
+/// The families a query chooses, or a 400 naming the unknown one.
+fn families(query: &SketchQuery<'_>) -> Result<Families, JsonReply> {
+    Families::chosen(query.family, query.exclude)
+        .map_err(|message| JsonReply::error(StatusCode::BAD_REQUEST, &message))
+}
+
+/// One entry of a top list: a page's key is `wiki<TAB>title`, and it links to the page when the
+/// server it was seen on is known.
+fn entry_view(list: TopList, entry: &top::Entry) -> serde_json::Value {
+    let mut view = serde_json::json!({
+        "key": entry.key,
+        "server": entry.server,
+        "count": entry.count,
+        "exact": entry.exact,
+    });
+    if list == TopList::Pages {
+        let (wiki, title) = entry.key.split_once('\t').unwrap_or(("", &entry.key));
+        view["wiki"] = wiki.into();
+        view["title"] = title.into();
+        if is_host_name(&entry.server) {
+            view["url"] = format!("https://{}/wiki/{}", entry.server, title_path(title)).into();
+        }
+    }
+    view
+}
+
+/// A title as MediaWiki writes it in a link: spaces as underscores, and every byte outside the
+/// characters its `wfUrlencode` leaves alone percent-encoded.
+pub fn title_path(title: &str) -> String {
+    let mut out = String::with_capacity(title.len());
+    for byte in title.bytes() {
+        match byte {
+            b' ' => out.push('_'),
+            b'A'..=b'Z'
+            | b'a'..=b'z'
+            | b'0'..=b'9'
+            | b'-'
+            | b'.'
+            | b'_'
+            | b'~'
+            | b';'
+            | b':'
+            | b'@'
+            | b'$'
+            | b'!'
+            | b'*'
+            | b'('
+            | b')'
+            | b','
+            | b'/' => out.push(char::from(byte)),
+            other => out.push_str(&format!("%{other:02X}")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn titles_are_encoded_as_mediawiki_links_write_them() {
+        assert_eq!(title_path("Main Page"), "Main_Page");
+        assert_eq!(title_path("AC/DC: Live?"), "AC/DC:_Live%3F");
+        assert_eq!(title_path("Zürich #1&2"), "Z%C3%BCrich_%231%262");
+        assert_eq!(title_path("50% \"off\""), "50%25_%22off%22");
+    }
+
+    #[test]
+    fn families_are_chosen_and_unknown_ones_named() {
+        let all = Families::chosen(None, None).unwrap();
+        assert_eq!(all.list(), Family::ALL.to_vec());
+        let no_wikidata = Families::chosen(None, Some("wikidata")).unwrap();
+        assert_eq!(no_wikidata.list().len(), Family::ALL.len() - 1);
+        assert!(!no_wikidata.list().contains(&Family::Wikidata));
+        let one = Families::chosen(Some("commons"), Some("wikidata, test")).unwrap();
+        assert_eq!(one.list(), vec![Family::Commons]);
+        let none = Families::chosen(Some("wikidata"), Some("wikidata")).unwrap();
+        assert!(none.list().is_empty());
+        let error = Families::chosen(None, Some("wikidata,wikipdia")).unwrap_err();
+        assert!(error.contains("\"wikipdia\""), "{error}");
+        let error = Families::chosen(Some("Wikipedia"), None).unwrap_err();
+        assert!(error.contains("\"Wikipedia\""), "{error}");
     }
 }

@@ -108,6 +108,25 @@ pub fn routes(
                 .await,
             )
         });
+    let hours = warp::path!("api" / "hours" / String)
+        .and(with_api.clone())
+        .then(|day: String, api: Arc<Api>| async move { json(api.hours(&day).await) });
+    let editors = warp::path!("api" / "editors" / String)
+        .and(warp::query::<HashMap<String, String>>())
+        .and(with_api.clone())
+        .then(
+            |day: String, q: HashMap<String, String>, api: Arc<Api>| async move {
+                json(api.editors(&day, &sketch_query(&q)).await)
+            },
+        );
+    let top = warp::path!("api" / "top" / String)
+        .and(warp::query::<HashMap<String, String>>())
+        .and(with_api.clone())
+        .then(
+            |day: String, q: HashMap<String, String>, api: Arc<Api>| async move {
+                json(api.top(&day, &sketch_query(&q)).await)
+            },
+        );
     let live_route = {
         let metrics = metrics.clone();
         let shutdown = ctx.shutdown.clone();
@@ -156,6 +175,12 @@ pub fn routes(
         .unify()
         .or(range.boxed())
         .unify()
+        .or(hours.boxed())
+        .unify()
+        .or(editors.boxed())
+        .unify()
+        .or(top.boxed())
+        .unify()
         .or(live_route.boxed())
         .unify()
         .or(relay_route)
@@ -186,6 +211,16 @@ pub fn routes(
                 info.elapsed().as_secs_f64(),
             );
         }))
+}
+
+/// The parameters of the editor and top-list routes, as given.
+fn sketch_query(q: &HashMap<String, String>) -> api::SketchQuery<'_> {
+    api::SketchQuery {
+        family: q.get("family").map(String::as_str),
+        exclude: q.get("exclude").map(String::as_str),
+        what: q.get("what").map(String::as_str),
+        limit: q.get("limit").map(String::as_str),
+    }
 }
 
 /// Headers on every answer of the web role: the dashboard loads only its own files and may not

@@ -3,6 +3,7 @@
 //! reading of the bus.
 #![allow(dead_code)]
 
+pub mod dimensions;
 pub mod hostile;
 pub mod redis_ha;
 
@@ -878,49 +879,79 @@ fn kill_child(child: &mut Option<Child>) {
     }
 }
 
-/// Counters per day and all-time, as the test computes them.
+/// Counters per day and all-time, as the test computes them; with the further dimensions'
+/// exact answers (per-hour counters, the editors of each day and family, the counts of each
+/// page and editor per day, family and list) when the oracle computed them.
 #[derive(Debug, Default, PartialEq)]
 pub struct Expected {
     pub days: std::collections::BTreeMap<i64, std::collections::BTreeMap<String, i64>>,
     pub all_time: std::collections::BTreeMap<String, i64>,
     pub events: u64,
+    pub hours: std::collections::BTreeMap<i64, std::collections::BTreeMap<String, i64>>,
+    pub editors: std::collections::BTreeMap<(i64, String), std::collections::BTreeSet<String>>,
+    pub top:
+        std::collections::BTreeMap<(i64, String, String), std::collections::BTreeMap<String, i64>>,
 }
 
-/// An independent recomputation of SPEC §5 over the events a clean pass delivers: valid,
-/// non-canary, each meta.id once. Written from the contract, not from the library's code.
+/// The events a clean pass delivers, in order: valid, non-canary, each meta.id once.
+pub fn delivered(lines: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for line in lines {
+        if let Some(v) = deliverable(line, &mut seen) {
+            if v["meta"]["domain"] != "canary" {
+                out.push(line.clone());
+            }
+        }
+    }
+    out
+}
+
+/// The event of `line` when it is valid and its meta.id was not seen before.
+fn deliverable(
+    line: &str,
+    seen: &mut std::collections::HashSet<String>,
+) -> Option<serde_json::Value> {
+    let v = serde_json::from_str::<serde_json::Value>(line).ok()?;
+    if !v.is_object() {
+        return None;
+    }
+    let dt = v["meta"]["dt"].as_str()?;
+    chrono::DateTime::parse_from_rfc3339(dt).ok()?;
+    if let Some(length) = v["length"].as_object() {
+        // A numeric side must be a page length (0 to 2^32-1), else the event is invalid.
+        let page_length = |side: &str| match length.get(side) {
+            Some(serde_json::Value::Number(n)) => n.as_u64().is_some_and(|n| n <= u32::MAX as u64),
+            _ => true,
+        };
+        if !page_length("old") || !page_length("new") {
+            return None;
+        }
+    }
+    if let Some(id) = v["meta"]["id"].as_str() {
+        if !seen.insert(id.to_owned()) {
+            return None;
+        }
+    }
+    Some(v)
+}
+
+/// An independent recomputation of SPEC §5 and of the further dimensions (README.md's rules)
+/// over the events a clean pass delivers: valid, non-canary, each meta.id once. Written from
+/// the contract, not from the library's code.
 pub fn oracle(lines: &[String]) -> Expected {
     let mut expected = Expected::default();
     let mut seen = std::collections::HashSet::new();
     for line in lines {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+        let Some(v) = deliverable(line, &mut seen) else {
             continue;
         };
-        if !v.is_object() {
-            continue;
-        }
         let Some(dt) = v["meta"]["dt"].as_str() else {
             continue;
         };
         let Ok(time) = chrono::DateTime::parse_from_rfc3339(dt) else {
             continue;
         };
-        if let Some(length) = v["length"].as_object() {
-            // A numeric side must be a page length (0 to 2^32-1), else the event is invalid.
-            let page_length = |side: &str| match length.get(side) {
-                Some(serde_json::Value::Number(n)) => {
-                    n.as_u64().is_some_and(|n| n <= u32::MAX as u64)
-                }
-                _ => true,
-            };
-            if !page_length("old") || !page_length("new") {
-                continue;
-            }
-        }
-        if let Some(id) = v["meta"]["id"].as_str() {
-            if !seen.insert(id.to_owned()) {
-                continue;
-            }
-        }
         if v["meta"]["domain"] == "canary" {
             continue;
         }
@@ -960,6 +991,7 @@ pub fn oracle(lines: &[String]) -> Expected {
             }
             add("pleiades_growth".into(), new - old);
         }
+        dimensions::add(&mut expected, &v, day, time.timestamp_millis());
         expected.events += 1;
     }
     expected

@@ -271,7 +271,7 @@ impl SentinelGroup {
                 Lag::Batches(batches) => {
                     for _ in 0..batches {
                         seen = wait_until(
-                            Duration::from_secs(30),
+                            Duration::from_secs(90),
                             "a batch acknowledged by the master alone",
                             async || progress(master).await.filter(|p| *p > seen),
                         )

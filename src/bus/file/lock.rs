@@ -37,8 +37,20 @@ impl DirLock {
             if error.raw_os_error() != Some(libc::EWOULDBLOCK) {
                 return Err(io_err("lock", &path)(error));
             }
+            // The holder writes who it is just after it takes the lock: a writer started at
+            // the same moment gives it half a second to do so, so that the refusal names it.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
             let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
+            loop {
+                holder.clear();
+                let _ = file
+                    .seek(SeekFrom::Start(0))
+                    .and_then(|_| file.read_to_string(&mut holder));
+                if !holder.trim().is_empty() || std::time::Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
             let holder = holder.trim();
             return Err(FileBusError::Locked {
                 dir: dir.to_owned(),

@@ -555,8 +555,24 @@ mod tests {
             segment_number(writer.current_segment()).unwrap()
         };
         assert!(newest > 3);
-        for (_, path) in segments(dir.path()).unwrap() {
-            std::fs::remove_file(path).unwrap();
+        // The compressor may still be replacing a closed segment by its compressed form: delete
+        // until no segment of either form is left, whichever form each one is in.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let left = segments(dir.path()).unwrap();
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "segments left: {left:?}"
+            );
+            for (_, path) in left {
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("{path:?}: {e}"),
+                    _ => {}
+                }
+            }
         }
         let writer =
             SegmentWriter::open(&config(dir.path(), 4096), metrics.file_bus.clone()).unwrap();

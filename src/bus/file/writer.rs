@@ -490,10 +490,20 @@ impl SegmentWriter {
 /// Compresses closed segments on a thread of their own, oldest first: the ingest path never
 /// waits for it. A failure leaves the segment plain (readers read both forms); the writer's
 /// next start tries again.
+/// The nice value of the thread that compresses closed segments (19 is the lowest priority).
+const COMPRESSION_NICE: libc::c_int = 10;
+
 fn spawn_compression(closed: Vec<PathBuf>, metrics: FileBusMetrics) {
     let spawned = std::thread::Builder::new()
         .name("pleiades-compress".into())
         .spawn(move || {
+            // Compressing is background work: on a busy host (a backfill keeping every core
+            // busy) it yields to ingesting and counting, which it would otherwise slow down by
+            // a core's worth. On Linux this sets the nice value of this thread alone.
+            // SAFETY: setpriority reads no memory of ours; a refusal only leaves the priority.
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, 0, COMPRESSION_NICE);
+            }
             for path in closed {
                 let started = Instant::now();
                 match compress_segment(&path, LEVEL) {

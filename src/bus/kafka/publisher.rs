@@ -261,6 +261,11 @@ impl KafkaPublisher {
         Ok(published)
     }
 
+    /// `kafka.buffer_bytes`: the most event bytes this publisher holds for the brokers.
+    pub fn buffer_bytes(&self) -> u64 {
+        self.config.buffer_bytes
+    }
+
     /// Hands one event to the producer, waiting for room when `kafka.buffer_bytes` are in flight.
     /// Returns `Ok(false)` when shutdown interrupted the wait.
     pub async fn publish(
