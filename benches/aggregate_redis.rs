@@ -2,8 +2,10 @@
 //! issues one INCRBY round trip per counter per event (the original design), on the same
 //! `redis-server` in the same run; and Pleiades with and without the further dimensions
 //! (`aggregate.statistics`), with the Redis commands each costs per event, in batches of 2,000
-//! events and in batches of the default `aggregate.batch_events` (a backfill's). Needs
-//! `redis-server` on the PATH; prints figures.
+//! events and in batches of the default `aggregate.batch_events` (a backfill's), and the
+//! counting alone without a store. Needs `redis-server` on the PATH; prints figures. For a
+//! profiler, `PROFILE_FULL=1` runs ten passes with every dimension into Redis and
+//! `PROFILE_COUNTING=1` twenty passes of the counting alone, and nothing else.
 
 use pleiades::config::Statistics;
 use pleiades::counters::{CountScratch, Deltas, Scratch, Tally};
@@ -72,7 +74,32 @@ async fn pleiades_batched(
         in_store += applying.elapsed();
         position = batch.end;
     }
-    eprintln!("    ({statistics:?}: {in_store:?} of it in the store's apply)");
+    // Sketch merges run beside the batches; the last one started belongs to this run.
+    let merged = Instant::now();
+    while store.merging() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    eprintln!(
+        "    ({statistics:?}: {in_store:?} of it in the store's apply, {:?} waiting for the last sketch merge)",
+        merged.elapsed()
+    );
+    started.elapsed()
+}
+
+/// Counting alone, into a tally per batch as the aggregators do, without a store.
+fn counting_only(events: &[String], batch_events: usize, statistics: Statistics) -> Duration {
+    let started = Instant::now();
+    let mut reuse = CountScratch::default();
+    let mut counted = 0;
+    for chunk in events.chunks(batch_events) {
+        let mut tally = Tally::default();
+        for event in chunk {
+            let head = pleiades::event::inspect(event).expect("valid");
+            tally.count(&head, statistics == Statistics::Full, &mut reuse);
+        }
+        counted += std::hint::black_box(tally).events;
+    }
+    assert_eq!(counted as usize, events.len());
     started.elapsed()
 }
 
@@ -210,8 +237,17 @@ async fn main() {
     // A backfill's batches are as large as `aggregate.batch_events` allows, where throughput
     // matters; live batches are cut by `aggregate.batch_delay` and are much smaller.
     let default_batch = pleiades::config::AggregateConfig::default().batch_events;
+    let mut count_original = Duration::MAX;
+    let mut count_full = Duration::MAX;
     let mut full_large = Duration::MAX;
     let mut original_large = Duration::MAX;
+    if std::env::var_os("PROFILE_COUNTING").is_some() {
+        for _ in 0..20 {
+            counting_only(&events, 2000, Statistics::Full);
+        }
+        let _ = server.kill();
+        return;
+    }
     if std::env::var_os("PROFILE_FULL").is_some() {
         for _ in 0..10 {
             flush(&url).await;
@@ -220,6 +256,8 @@ async fn main() {
         return;
     }
     for round in 0..3 {
+        count_original = count_original.min(counting_only(&events, 2000, Statistics::Original));
+        count_full = count_full.min(counting_only(&events, 2000, Statistics::Full));
         flush(&url).await;
         reset_stats(&url).await;
         original =
@@ -236,6 +274,7 @@ async fn main() {
         full_large = full_large
             .min(pleiades_batched(&store, &events, default_batch, Statistics::Full).await);
         base = base.min(incr_per_counter(&url, &events[..base_n]).await);
+
         println!("  round {round}: done");
     }
     let rate = |n: usize, d: Duration| n as f64 / d.as_secs_f64();
@@ -251,6 +290,11 @@ async fn main() {
     let (full_large_rate, original_large_rate) =
         (rate(ours_n, full_large), rate(ours_n, original_large));
     println!("  with batches of aggregate.batch_events = {default_batch} (a backfill): {original_large_rate:.0} events/s original, {full_large_rate:.0} with the further dimensions: they cost {:.1} % of the throughput", 100.0 * (1.0 - full_large_rate / original_large_rate));
+    println!(
+        "  counting alone (parsing included, no store): {:.0} events/s original, {:.0} with the further dimensions",
+        rate(ours_n, count_original),
+        rate(ours_n, count_full)
+    );
     println!("  baseline (one INCRBY round trip per counter per event): {base_n} events in {base:?} = {base_rate:.0} events/s");
     println!(
         "  speed-up of pleiades with every dimension over the baseline: {:.1}x",

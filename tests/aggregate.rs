@@ -396,3 +396,91 @@ async fn redis_counters_stay_exact_beyond_2_53_and_saturate_like_the_embedded_st
         assert_eq!(store.day(20_000).await.expect("a day"), Some(want.clone()));
     }
 }
+
+/// Sketch merges run beside the batches, not on their path: batches applied one after another
+/// while merges run leave every sketch identical to one clean pass, merges do happen, and the
+/// deltas waiting beside a sketch stay bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "service-tests"),
+    ignore = "needs redis-server (scripts/test)"
+)]
+async fn sketch_merges_beside_the_batches_keep_sketches_exact_and_bounded() {
+    use pleiades::counters::{CountScratch, Tally};
+    use pleiades::store::{redis::COMPACT_AFTER, Applied, Batch, Store};
+    let scope = TestScope::new();
+    let redis = RedisServer::start(&scope, false).await;
+    let metrics = pleiades::metrics::Metrics::new(1).expect("metrics");
+    let settings = StoreSettings::Redis(RedisConfig {
+        url: redis.url(),
+        ..RedisConfig::default()
+    });
+    let store = Store::open(&settings, metrics.store.clone())
+        .await
+        .expect("store");
+    let events = synthetic_events(30_000, 1);
+    let (mut whole, mut reuse) = (Tally::default(), CountScratch::default());
+    let mut position = 0;
+    for chunk in events.chunks(250) {
+        let mut tally = Tally::default();
+        for event in chunk {
+            let head = pleiades::event::inspect(event).expect("a valid event");
+            tally.count(&head, true, &mut reuse);
+            whole.count(&head, true, &mut reuse);
+        }
+        let batch = Batch {
+            source: "merges".into(),
+            start: position,
+            end: position + chunk.len() as u64,
+            tally,
+        };
+        assert_eq!(store.apply(&batch).await.expect("apply"), Applied::Counted);
+        position = batch.end;
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "the last sketch merge",
+        async || (!store.merging()).then_some(()),
+    )
+    .await;
+
+    assert!(!whole.editors.is_empty() && !whole.top.is_empty());
+    for ((day, family), sketch) in &whole.editors {
+        let stored = store.editors(*day, &[*family]).await.expect("editors");
+        assert_eq!(stored.get(family), Some(sketch), "editors of {family:?}");
+    }
+    for ((day, family, list), sketch) in &whole.top {
+        let stored = store.top(*day, *list, &[*family]).await.expect("top");
+        assert_eq!(stored.get(family), Some(sketch), "{list:?} of {family:?}");
+    }
+
+    // Fields of the sketches' hash: `<sketch>:base`, `:done`, `:next`, and `<sketch>:<n>` per
+    // delta waiting.
+    let Some(redis::Value::Array(fields)) = redis.query(&["HKEYS", "{pleiades}:sketches"]).await
+    else {
+        panic!("HKEYS answered something else than a list");
+    };
+    let mut bases = 0;
+    let mut waiting = std::collections::HashMap::<String, u32>::new();
+    for field in fields {
+        let redis::Value::BulkString(field) = field else {
+            panic!("a field that is not a string: {field:?}");
+        };
+        let field = String::from_utf8(field).expect("UTF-8");
+        let (sketch, last) = field.rsplit_once(':').expect("a sketch field");
+        if last == "base" {
+            bases += 1;
+        } else if last.parse::<u64>().is_ok() {
+            *waiting.entry(sketch.to_owned()).or_default() += 1;
+        }
+    }
+    let most = waiting.values().copied().max().unwrap_or(0);
+    println!(
+        "120 batches: {bases} sketches merged into a base, at most {most} deltas waiting beside one"
+    );
+    assert!(bases > 0, "no sketch delta was ever merged");
+    assert!(
+        most <= 2 * COMPACT_AFTER,
+        "{most} deltas wait beside one sketch"
+    );
+}

@@ -178,6 +178,38 @@ impl HyperLogLog {
     }
 }
 
+/// Merges stored sketches into the stored form of their merge, the same bytes as reading,
+/// merging and writing [`HyperLogLog`]s would give, on one flat array of registers. `None`
+/// when a part is not a sketch.
+pub fn merge_stored<'b>(parts: impl IntoIterator<Item = &'b [u8]>) -> Option<Vec<u8>> {
+    let mut registers = vec![0u8; REGISTERS];
+    for part in parts {
+        let (&version, rest) = part.split_first()?;
+        if version != FORMAT || rest.len() % (2 + CHUNK) != 0 {
+            return None;
+        }
+        for entry in rest.chunks_exact(2 + CHUNK) {
+            let index = usize::from(u16::from_le_bytes([entry[0], entry[1]]));
+            let values = &entry[2..];
+            if index >= CHUNKS || values.iter().any(|v| u32::from(*v) > Q + 1) {
+                return None;
+            }
+            let mine = &mut registers[index * CHUNK..(index + 1) * CHUNK];
+            for (slot, value) in mine.iter_mut().zip(values) {
+                *slot = (*slot).max(*value);
+            }
+        }
+    }
+    let mut out = vec![FORMAT];
+    for (index, chunk) in registers.chunks_exact(CHUNK).enumerate() {
+        if chunk.iter().any(|v| *v != 0) {
+            out.extend_from_slice(&(index as u16).to_le_bytes());
+            out.extend_from_slice(chunk);
+        }
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,8 +257,17 @@ mod tests {
             parts.merge(&sketch_of(chunk.iter().cloned()));
         }
         assert_eq!(parts, whole);
-        let reversed = sketch_of(names.into_iter().rev());
+        let reversed = sketch_of(names.clone().into_iter().rev());
         assert_eq!(reversed, whole);
+        // Stored forms merged in place give the bytes of the merged sketch.
+        let stored: Vec<Vec<u8>> = names
+            .chunks(700)
+            .map(|chunk| sketch_of(chunk.iter().cloned()).to_bytes())
+            .collect();
+        let merged = merge_stored(stored.iter().map(Vec::as_slice));
+        assert_eq!(merged, Some(whole.to_bytes()));
+        let empty = HyperLogLog::default().to_bytes();
+        assert_eq!(merge_stored([&empty[..]]), Some(empty.clone()));
     }
 
     #[test]
@@ -253,6 +294,7 @@ mod tests {
             &far_chunk,
         ] {
             assert_eq!(HyperLogLog::from_bytes(bad), None);
+            assert_eq!(merge_stored([&bytes[..], bad]), None);
         }
         // Chunks out of range are ignored rather than trusted.
         let mut ignored = HyperLogLog::default();

@@ -92,6 +92,65 @@ impl Bucket {
     }
 
     fn write(&self, out: &mut Vec<u8>) {
+        self.view().write(out);
+    }
+
+    fn view(&self) -> StoredBucket<'_> {
+        StoredBucket {
+            count: self.count,
+            key_min: self.key_min,
+            key_max: self.key_max,
+            key_sum: self.key_sum,
+            sample_hash: self.sample_hash,
+            sample: &self.sample,
+        }
+    }
+
+    /// A bucket at the start of `bytes`, and the bytes it took.
+    pub fn read(bytes: &[u8]) -> Option<(Bucket, usize)> {
+        let (view, used) = StoredBucket::read(bytes)?;
+        let bucket = Bucket {
+            count: view.count,
+            key_min: view.key_min,
+            key_max: view.key_max,
+            key_sum: view.key_sum,
+            sample_hash: view.sample_hash,
+            sample: view.sample.to_owned(),
+        };
+        Some((bucket, used))
+    }
+
+    fn is_pure(&self, fingerprint: u64) -> bool {
+        self.key_min == fingerprint && self.key_max == fingerprint
+    }
+}
+
+/// A bucket as it lies in a stored sketch, its sample borrowed from the stored bytes: what
+/// [`merge_stored`] merges without building a [`TopSketch`].
+#[derive(Debug, Clone, Copy)]
+struct StoredBucket<'a> {
+    count: i64,
+    key_min: u64,
+    key_max: u64,
+    key_sum: u64,
+    sample_hash: u64,
+    sample: &'a str,
+}
+
+impl<'a> StoredBucket<'a> {
+    /// The same rule as [`Bucket::merge`].
+    fn merge(&mut self, other: &StoredBucket<'a>) {
+        self.count = self.count.saturating_add(other.count);
+        self.key_min = self.key_min.min(other.key_min);
+        self.key_max = self.key_max.max(other.key_max);
+        self.key_sum = (self.key_sum + other.key_sum) % CHECKSUM_MODULUS;
+        if (other.sample_hash, other.sample) < (self.sample_hash, self.sample) {
+            self.sample_hash = other.sample_hash;
+            self.sample = other.sample;
+        }
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
         for number in [
             self.count as u64,
             self.key_min,
@@ -101,14 +160,12 @@ impl Bucket {
         ] {
             out.extend_from_slice(&number.to_le_bytes());
         }
-        let sample = self.sample.as_bytes();
-        let sample = &sample[..sample.len().min(usize::from(u16::MAX))];
+        let sample = cut(self.sample, usize::from(u16::MAX));
         out.extend_from_slice(&(sample.len() as u16).to_le_bytes());
-        out.extend_from_slice(sample);
+        out.extend_from_slice(sample.as_bytes());
     }
 
-    /// A bucket at the start of `bytes`, and the bytes it took.
-    pub fn read(bytes: &[u8]) -> Option<(Bucket, usize)> {
+    fn read(bytes: &'a [u8]) -> Option<(StoredBucket<'a>, usize)> {
         let mut numbers = [0u64; 5];
         for (i, number) in numbers.iter_mut().enumerate() {
             *number = u64::from_le_bytes(bytes.get(i * 8..i * 8 + 8)?.try_into().ok()?);
@@ -119,20 +176,57 @@ impl Bucket {
         if key_min > key_max {
             return None;
         }
-        let bucket = Bucket {
+        let bucket = StoredBucket {
             count: i64::try_from(count).ok()?,
             key_min,
             key_max,
             key_sum: key_sum % CHECKSUM_MODULUS,
             sample_hash,
-            sample: sample.to_owned(),
+            sample,
         };
         Some((bucket, 42 + length))
     }
+}
 
-    fn is_pure(&self, fingerprint: u64) -> bool {
-        self.key_min == fingerprint && self.key_max == fingerprint
+/// Merges stored sketches into the stored form of their merge, the same bytes as reading each
+/// with [`TopSketch::from_bytes`], merging and writing with [`TopSketch::to_bytes`] would give,
+/// without building a sketch: the buckets are read in place, sorted by id and folded, so no
+/// sample is copied but the winners' into the output. `None` when a part is not a sketch.
+/// A compaction merges a base with many deltas; this keeps it off the allocator.
+pub fn merge_stored<'b>(parts: impl IntoIterator<Item = &'b [u8]>) -> Option<Vec<u8>> {
+    let mut buckets: Vec<(u32, StoredBucket<'b>)> = Vec::new();
+    let mut bytes = 1;
+    for part in parts {
+        let (&version, mut rest) = part.split_first()?;
+        if version != FORMAT {
+            return None;
+        }
+        bytes += rest.len();
+        while !rest.is_empty() {
+            let id = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
+            let (bucket, used) = StoredBucket::read(rest.get(4..)?)?;
+            if id >= ROWS * WIDTH {
+                return None;
+            }
+            buckets.push((id, bucket));
+            rest = &rest[4 + used..];
+        }
     }
+    buckets.sort_unstable_by_key(|(id, _)| *id);
+    let mut out = Vec::with_capacity(bytes.min(1 + (ROWS * WIDTH) as usize * 100));
+    out.push(FORMAT);
+    let mut rest = buckets.as_slice();
+    while let Some(((id, first), more)) = rest.split_first() {
+        let same = more.iter().take_while(|(other, _)| other == id).count();
+        let mut merged = *first;
+        for (_, bucket) in &more[..same] {
+            merged.merge(bucket);
+        }
+        out.extend_from_slice(&id.to_le_bytes());
+        merged.write(&mut out);
+        rest = &more[same..];
+    }
+    Some(out)
 }
 
 /// What a key hashes to: its fingerprint and its bucket in each row.
@@ -602,5 +696,31 @@ mod tests {
         let bucket = sketch.buckets().next().expect("one").1.clone();
         ignored.merge_bucket(ROWS * WIDTH, &bucket);
         assert!(ignored.is_empty());
+        for bad in [
+            &b""[..],
+            &bytes[..bytes.len() - 1],
+            &wrong_version,
+            &far_bucket,
+        ] {
+            assert_eq!(merge_stored([&bytes[..], bad]), None);
+        }
+    }
+
+    #[test]
+    fn merging_stored_forms_gives_the_bytes_of_merged_sketches() {
+        let all = events(2_000);
+        // Uneven parts that share keys and buckets, as a base and its deltas do.
+        let parts: Vec<Vec<u8>> = [0..700, 700..720, 720..1_500, 1_500..1_501, 1_501..all.len()]
+            .into_iter()
+            .map(|range| sketch_of(&all[range]).to_bytes())
+            .collect();
+        let mut merged = TopSketch::default();
+        for part in &parts {
+            merged.merge(&TopSketch::from_bytes(part).expect("a sketch"));
+        }
+        let stored = merge_stored(parts.iter().map(Vec::as_slice)).expect("sketches");
+        assert_eq!(stored, merged.to_bytes());
+        assert_eq!(stored, sketch_of(&all).to_bytes());
+        assert_eq!(merge_stored([&[FORMAT][..]]), Some(vec![FORMAT]));
     }
 }

@@ -25,6 +25,7 @@ use crate::metrics::StoreMetrics;
 use crate::project::Family;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// The hash tag of every key: Redis Cluster puts all of them in the slot of `pleiades`, so
@@ -366,8 +367,19 @@ pub struct RedisStore {
     apply: Arc<StoredScript>,
     compact: Arc<StoredScript>,
     read_sketches: Arc<StoredScript>,
+    /// Whether a merge of sketch deltas is running ([`RedisStore::compact_in_background`]).
+    compacting: Arc<AtomicBool>,
     /// The counter space this handle reads and writes.
     pub(super) keys: Keys,
+}
+
+/// Clears the store's `compacting` flag when a background merge ends, however it ends.
+struct CompactingFlag(Arc<AtomicBool>);
+
+impl Drop for CompactingFlag {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// A Lua script's body and hash.
@@ -424,6 +436,7 @@ impl RedisStore {
             ))),
             compact: Arc::new(StoredScript::new(COMPACT.to_owned())),
             read_sketches: Arc::new(StoredScript::new(READ_SKETCHES.to_owned())),
+            compacting: Arc::default(),
             keys: LIVE,
         })
     }
@@ -554,6 +567,32 @@ impl RedisStore {
             return self.decode(redis::Value::Nil);
         }
         self.decode(replies.swap_remove(0))
+    }
+
+    /// Merges the deltas of the sketches `names` into their bases on a task of its own, so
+    /// that the batch that found them due does not wait for it (the merge reads and writes
+    /// every delta and base: several times the batch's own work). At most one merge runs per
+    /// store at a time; sketches found due meanwhile keep their deltas, which readers merge,
+    /// and the next batch that touches them finds them due again. A merge cut short (a
+    /// failure, a stop) changes nothing: the compact script checks that nothing merged the
+    /// same deltas first, and writes a sketch's new base, `:done` and deletions at once.
+    pub fn compact_in_background(&self, names: Vec<String>) {
+        if self.compacting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let flag = CompactingFlag(self.compacting.clone());
+        let store = self.clone();
+        tokio::spawn(async move {
+            let _flag = flag;
+            if let Err(error) = store.compact(&names).await {
+                tracing::warn!(%error, sketches = names.len(), "merging sketch deltas failed; a later batch merges them");
+            }
+        });
+    }
+
+    /// Whether a background merge is running.
+    pub fn compacting(&self) -> bool {
+        self.compacting.load(Ordering::Acquire)
     }
 
     /// Merges the deltas of the sketches `names` into their bases.
