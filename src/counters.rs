@@ -588,6 +588,7 @@ impl Tally {
 mod tests {
     use super::*;
     use crate::event::inspect;
+    use crate::event::recorded::lines as recorded;
 
     fn counts(data: &str) -> Vec<(String, i64)> {
         let head = inspect(data).unwrap();
@@ -704,15 +705,6 @@ mod tests {
         dims.for_each_hourly(&deltas, &mut String::new(), |n| hourly.push(n.to_owned()));
         hourly.sort();
         (counters, hourly)
-    }
-
-    fn recorded(file: &str) -> Vec<String> {
-        let path = format!(
-            "{}/../shared/data/events/{file}",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        let text = std::fs::read_to_string(&path).expect("recorded events");
-        text.lines().map(str::to_owned).collect()
     }
 
     /// A recorded event changed by `edit`, as JSON text.

@@ -333,6 +333,26 @@ pub fn stream_id_timestamp_ms(id: &str) -> Option<i64> {
         .max()
 }
 
+/// The recorded events of `../shared/data/events/`, for the unit tests of every module.
+#[cfg(test)]
+pub(crate) mod recorded {
+    /// Both recorded files: the current event format and the 2018 one.
+    pub const FILES: [&str; 2] = [
+        "recentchange-2022-2026.jsonl",
+        "recentchange-2018-wikidata.jsonl",
+    ];
+
+    /// The lines of the recorded file `file`.
+    pub fn lines(file: &str) -> Vec<String> {
+        let path = format!(
+            "{}/../shared/data/events/{file}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(&path).expect("recorded events");
+        text.lines().map(str::to_owned).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,16 +431,8 @@ mod tests {
 
     #[test]
     fn every_recorded_event_is_valid() {
-        for file in [
-            "recentchange-2022-2026.jsonl",
-            "recentchange-2018-wikidata.jsonl",
-        ] {
-            let path = format!(
-                "{}/../shared/data/events/{file}",
-                env!("CARGO_MANIFEST_DIR")
-            );
-            let text = std::fs::read_to_string(&path).unwrap();
-            for (n, line) in text.lines().enumerate() {
+        for file in recorded::FILES {
+            for (n, line) in recorded::lines(file).iter().enumerate() {
                 let head = inspect(line).unwrap_or_else(|e| panic!("{file}:{}: {e}", n + 1));
                 assert!(head.id.is_some(), "{file}:{} has no meta.id", n + 1);
             }

@@ -343,17 +343,9 @@ mod tests {
 
     #[test]
     fn every_recorded_event_has_the_family_of_its_host() {
-        for file in [
-            "recentchange-2022-2026.jsonl",
-            "recentchange-2018-wikidata.jsonl",
-        ] {
-            let path = format!(
-                "{}/../shared/data/events/{file}",
-                env!("CARGO_MANIFEST_DIR")
-            );
-            let text = std::fs::read_to_string(&path).expect("recorded events");
-            for line in text.lines() {
-                let v: serde_json::Value = serde_json::from_str(line).expect("JSON");
+        for file in crate::event::recorded::FILES {
+            for line in crate::event::recorded::lines(file) {
+                let v: serde_json::Value = serde_json::from_str(&line).expect("JSON");
                 let wiki = v["wiki"].as_str().expect("wiki");
                 let server = v["server_name"].as_str().expect("server_name");
                 let project = Project::of(Some(wiki), Some(server));

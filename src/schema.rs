@@ -367,17 +367,7 @@ mod tests {
         Schemas::new().unwrap()
     }
 
-    fn recorded(file: &str) -> Vec<String> {
-        let path = format!(
-            "{}/../shared/data/events/{file}",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        std::fs::read_to_string(path)
-            .unwrap()
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
+    use crate::event::recorded::lines as recorded;
 
     #[test]
     fn the_shipped_schemas_are_the_shared_ones() {
@@ -397,10 +387,7 @@ mod tests {
     fn every_recorded_event_passes() {
         let schemas = schemas();
         let mut by_version = std::collections::HashMap::new();
-        for file in [
-            "recentchange-2022-2026.jsonl",
-            "recentchange-2018-wikidata.jsonl",
-        ] {
+        for file in crate::event::recorded::FILES {
             for (n, line) in recorded(file).iter().enumerate() {
                 let version = schemas
                     .check_text(line)
