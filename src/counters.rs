@@ -4,6 +4,7 @@
 //! This is the domain layer beside `event`: the store and the web role read counter names and
 //! descriptions from here, so they never depend on the aggregate role.
 
+use crate::coverage::DayCoverage;
 use crate::event::{epoch_day, EventHead, DAY_MS};
 use crate::project::{language_label, Family, Project};
 use crate::sketch::hll::HyperLogLog;
@@ -182,6 +183,8 @@ pub struct Tally {
     pub editors: FastMap<(i64, Family), HyperLogLog>,
     /// The busiest-pages and busiest-editors sketches of each day and family.
     pub top: FastMap<(i64, Family, TopList), TopSketch>,
+    /// The upstream offsets of each day's events, canaries included (`coverage`).
+    pub coverage: FastMap<i64, DayCoverage>,
 }
 
 /// What counting an event into a [`Tally`] reuses from one event to the next: the name being
@@ -205,6 +208,16 @@ impl Tally {
         }
     }
 
+    /// Records where upstream held an event (or that it carried no position), for coverage.
+    /// Every delivered valid event is covered, canaries too: they take offsets like any other.
+    pub fn cover(&mut self, head: &EventHead<'_>) {
+        let day = self.coverage.entry(epoch_day(head.time_ms)).or_default();
+        match &head.position {
+            Some(at) => day.add(&at.topic, at.partition, at.offset, head.time_ms),
+            None => day.unpositioned = day.unpositioned.saturating_add(1),
+        }
+    }
+
     /// Adds one event's increments.
     pub fn add(&mut self, deltas: &Deltas<'_>, name: &mut String) {
         let day = self.days.entry(deltas.day).or_default();
@@ -224,8 +237,9 @@ impl Tally {
         all
     }
 
+    /// True when the tally neither counts an event nor covers one.
     pub fn is_empty(&self) -> bool {
-        self.events == 0
+        self.events == 0 && self.coverage.is_empty()
     }
 }
 

@@ -146,6 +146,44 @@ pub struct EventHead<'a> {
     pub log_type: Option<&'a RawValue>,
     pub log_action: Option<&'a RawValue>,
     pub patrolled: Option<&'a RawValue>,
+    /// Where upstream's Kafka holds the event (`meta.topic`, `meta.partition`, `meta.offset`);
+    /// `None` when one of them is missing or malformed. It never makes an event invalid: it
+    /// only decides what `coverage` can say about the event's day.
+    pub position: Option<Position<'a>>,
+}
+
+/// An event's place upstream: its topic-partition and its offset there. Within a
+/// topic-partition, offsets are consecutive, so a hole between two is events never delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position<'a> {
+    pub topic: Cow<'a, str>,
+    pub partition: i32,
+    pub offset: u64,
+}
+
+/// True for a name Kafka accepts as a topic: 1 to 249 of `[A-Za-z0-9._-]`. Checking it keeps
+/// separators and control characters out of the store's coverage keys.
+pub fn is_topic_name(topic: &str) -> bool {
+    (1..=249).contains(&topic.len())
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Reads the position from `meta`'s raw fields, leniently: anything malformed gives `None`.
+fn position<'a>(
+    topic: Option<Cow<'a, str>>,
+    partition: Option<&RawValue>,
+    offset: Option<&RawValue>,
+) -> Option<Position<'a>> {
+    let topic = topic.filter(|t| is_topic_name(t))?;
+    let partition = partition?.get().parse::<i32>().ok().filter(|p| *p >= 0)?;
+    let offset = offset?.get().parse::<u64>().ok()?;
+    Some(Position {
+        topic,
+        partition,
+        offset,
+    })
 }
 
 #[derive(Deserialize)]
@@ -233,6 +271,13 @@ struct Meta<'a> {
     dt: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     domain: Option<Cow<'a, str>>,
+    /// Raw, so that a topic of the wrong type leaves the event valid and merely unpositioned.
+    #[serde(borrow, default)]
+    topic: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    partition: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    offset: Option<&'a RawValue>,
 }
 
 /// Checks that `data` is a valid event (a JSON object with a parsable `meta.dt`, SPEC §4) and
@@ -259,6 +304,14 @@ pub fn inspect(data: &str) -> Result<EventHead<'_>, Invalid> {
         check_length(length)?;
     }
     let canary = meta.domain.as_deref() == Some("canary");
+    // A topic without escapes (every real one) is borrowed, not copied.
+    let topic = meta.topic.and_then(|raw| {
+        serde_json::from_str::<&str>(raw.get())
+            .map(Cow::Borrowed)
+            .or_else(|_| serde_json::from_str::<String>(raw.get()).map(Cow::Owned))
+            .ok()
+    });
+    let position = position(topic, meta.partition, meta.offset);
     Ok(EventHead {
         id: meta.id,
         time_ms,
@@ -275,6 +328,7 @@ pub fn inspect(data: &str) -> Result<EventHead<'_>, Invalid> {
         log_type: envelope.log_type,
         log_action: envelope.log_action,
         patrolled: envelope.patrolled,
+        position,
     })
 }
 
@@ -427,6 +481,56 @@ mod tests {
     fn recognises_canaries() {
         let data = r#"{"meta":{"id":"c","dt":"2024-01-01T00:00:00Z","domain":"canary"}}"#;
         assert!(inspect(data).unwrap().canary);
+    }
+
+    #[test]
+    fn reads_positions_leniently() {
+        let at = |meta: &str| {
+            let data = format!(r#"{{"meta":{{"dt":"2024-01-01T00:00:00Z"{meta}}}}}"#);
+            inspect(&data)
+                .unwrap()
+                .position
+                .map(|p| (p.topic.into_owned(), p.partition, p.offset))
+        };
+        let topic = r#","topic":"eqiad.mediawiki.recentchange""#;
+        assert_eq!(
+            at(&format!(r#"{topic},"partition":0,"offset":5349423871"#)),
+            Some(("eqiad.mediawiki.recentchange".into(), 0, 5349423871))
+        );
+        // Each malformed field leaves the event valid and unpositioned.
+        for bad in [
+            r#","partition":0,"offset":1"#.to_owned(),
+            format!(r#"{topic},"offset":1"#),
+            format!(r#"{topic},"partition":0"#),
+            format!(r#"{topic},"partition":0,"offset":-1"#),
+            format!(r#"{topic},"partition":0,"offset":1.5"#),
+            format!(r#"{topic},"partition":"0","offset":1"#),
+            r#","topic":"a|b","partition":0,"offset":1"#.to_owned(),
+            r#","topic":7,"partition":0,"offset":1"#.to_owned(),
+            r#","topic":"","partition":0,"offset":1"#.to_owned(),
+        ] {
+            assert_eq!(at(&bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_recorded_capture_steps_by_one_offset() {
+        let path = format!(
+            "{}/../shared/data/sse/pdm-g10_wikimedia-recentchange-sample_2026-06-20.sse.txt",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let positions: Vec<Position<'_>> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .map(|data| inspect(data).unwrap().position.expect("a position"))
+            .collect();
+        assert_eq!(positions.len(), 384);
+        for pair in positions.windows(2) {
+            assert_eq!(pair[0].topic, pair[1].topic);
+            assert_eq!(pair[0].partition, pair[1].partition);
+            assert_eq!(pair[1].offset, pair[0].offset + 1, "{:?}", pair);
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 // The domain layer: pure, no I/O (the event, its schemas, the counter rules).
 pub mod counters;
+pub mod coverage;
 pub mod event;
 pub mod project;
 pub mod schema;

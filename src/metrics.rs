@@ -292,6 +292,7 @@ label_values! {
         Hours => "hours",
         Editors => "editors",
         Top => "top",
+        Coverage => "coverage",
     }
 }
 
@@ -312,6 +313,7 @@ label_values! {
         Hours => "/api/hours/{day}",
         Top => "/api/top/{day}",
         Editors => "/api/editors/{day}",
+        Coverage => "/api/coverage",
         Relay => "/v2/stream/recentchange",
         Healthz => "/healthz",
         Readyz => "/readyz",
@@ -553,6 +555,9 @@ pub struct IngestMetrics {
     pub validated: LabelledCounter<SchemaVersion>,
     /// `pleiades_recv_schema_failures_total{rule}`: events that broke a rule of their schema.
     pub schema_failures: LabelledCounter<Rule>,
+    /// `pleiades_upstream_missed_events_total`: offsets upstream skipped within a
+    /// topic-partition while this process read it.
+    pub missed: IntCounter,
 }
 
 /// Metrics of the event-file bus.
@@ -680,6 +685,7 @@ impl IngestMetrics {
             write_pauses: counter(r, "pleiades_ingest_write_pauses_total", "Times reading from upstream paused because the bus refused writes")?,
             validated: LabelledCounter::register(r, "pleiades_recv_validated_events_total", "Events checked against the JSON Schema their $schema names, by the version checked (legacy: the 2018 format)", "schema")?,
             schema_failures: LabelledCounter::register(r, "pleiades_recv_schema_failures_total", "Events that did not match their JSON Schema, by the first rule broken", "rule")?,
+            missed: counter(r, "pleiades_upstream_missed_events_total", "Upstream events never received: holes in meta.offset within a topic-partition, seen by this process")?,
         };
         r.register(Box::new(EventAge::new(last_event_time)?))?;
         Ok(m)

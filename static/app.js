@@ -11,6 +11,8 @@ const state = {
   today: null, selected: null, live: null, days: [], feed: null,
   // Without Wikidata: every panel leaves it out (see withoutWikidata and the API's exclude).
   noWikidata: false, counters: {}, hours: null, range: [], panels: 0, panelsLoaded: 0,
+  // The coverage verdict of each day of the trend (GET /api/coverage), by day.
+  coverage: {},
 };
 const WIKIDATA = "pleiades_wikidata_";
 
@@ -323,9 +325,13 @@ function renderTrend(days) {
     const dot = document.createElementNS(ns, "circle");
     dot.setAttribute("cx", x(i)); dot.setAttribute("cy", y(values[i])); dot.setAttribute("r", 3.5);
     dot.dataset.day = d.day; dot.dataset.value = String(values[i]);
-    if (d.day === state.selected) dot.setAttribute("class", "sel");
+    const verdict = state.coverage[d.day];
+    const partial = verdict && verdict.status === "partial";
+    const classes = [d.day === state.selected ? "sel" : "", partial ? "partial" : ""].filter(Boolean);
+    if (classes.length) dot.setAttribute("class", classes.join(" "));
+    if (verdict) dot.dataset.coverage = verdict.status;
     const title = document.createElementNS(ns, "title");
-    title.textContent = `${dayLabel(d.day)}: ${fmt.format(values[i])} events${state.noWikidata ? " without Wikidata" : ""}`;
+    title.textContent = `${dayLabel(d.day)}: ${fmt.format(values[i])} events${state.noWikidata ? " without Wikidata" : ""}${partial ? ` (incomplete: ${fmt.format(verdict.missed)} upstream events missed)` : ""}`;
     dot.append(title);
     svg.append(dot);
   });
@@ -346,10 +352,23 @@ function showMessage(text) {
   el.textContent = text || "";
 }
 
+// Says, above the day's numbers, when upstream events of the day never arrived.
+function showCoverage(verdict) {
+  const el = $("coverage");
+  const partial = verdict && verdict.status === "partial";
+  el.hidden = !partial;
+  el.dataset.missed = partial ? String(verdict.missed) : "0";
+  if (!partial) { el.textContent = ""; return; }
+  const spans = verdict.gaps.slice(0, 3).map((g) => `${g.from.slice(11, 19)}–${g.to.slice(11, 19)}`);
+  const more = verdict.gaps.length + (verdict.gaps_not_listed || 0) - spans.length;
+  el.textContent = `Incomplete day: ${fmt.format(verdict.missed)} upstream events never arrived (UTC ${spans.join(", ")}${more > 0 ? ` and ${fmt.format(more)} more gaps` : ""}).`;
+}
+
 async function loadDay(day) {
   state.selected = day;
   const stats = await getJSON(`/api/stats/${day}`);
   showMessage(stats ? "" : `No events counted for ${dayLabel(day)} yet.`);
+  showCoverage(stats && stats.coverage);
   render(toMap(stats));
   await loadPanels(day);
   document.body.dataset.loadedDay = day;
@@ -358,26 +377,35 @@ async function loadDay(day) {
 async function loadDays() {
   const days = (await getJSON("/api/days")) || [];
   state.days = days;
+  if (days.length) {
+    // The trend shows at most the last year on record: the page costs the same on the first
+    // day and after ten years.
+    const last = Number(days[days.length - 1]);
+    const from = Math.max(Number(days[0]), last - TREND_DAYS + 1);
+    const [range, coverage] = await Promise.all([
+      getJSON(`/api/range?from=${from}&to=${last}`),
+      getJSON(`/api/coverage?from=${from}&to=${last}`),
+    ]);
+    state.range = range || [];
+    state.coverage = {};
+    for (const d of (coverage && coverage.days) || []) state.coverage[d.day] = d;
+  } else {
+    state.range = [];
+    state.coverage = {};
+  }
   const select = $("day");
   const options = new Set([...days, state.today]);
   const sorted = [...options].sort((a, b) => Number(b) - Number(a));
   select.replaceChildren(...sorted.map((d) => {
     const o = document.createElement("option");
     o.value = d;
-    o.textContent = d === state.today ? `${dayLabel(d)} (today, live)` : dayLabel(d);
+    const verdict = state.coverage[d];
+    const partial = verdict && verdict.status === "partial";
+    o.textContent = (d === state.today ? `${dayLabel(d)} (today, live)` : dayLabel(d)) + (partial ? " · incomplete" : "");
+    if (verdict) o.dataset.coverage = verdict.status;
     return o;
   }));
   select.value = state.selected || state.today;
-  if (days.length) {
-    // The trend shows at most the last year on record: the page costs the same on the first
-    // day and after ten years.
-    const last = Number(days[days.length - 1]);
-    const from = Math.max(Number(days[0]), last - TREND_DAYS + 1);
-    const range = await getJSON(`/api/range?from=${from}&to=${last}`);
-    state.range = range || [];
-  } else {
-    state.range = [];
-  }
   renderTrend(state.range);
 }
 

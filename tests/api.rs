@@ -145,7 +145,17 @@ async fn every_route_answers_what_the_store_holds() {
         let (status, _, body) = get(&routes, &format!("/api/stats/{day}")).await;
         assert_eq!(status, 200);
         let object = body.as_object().expect("an object");
-        assert_eq!(object.keys().collect::<Vec<_>>(), vec!["counters", "since"]);
+        // The original fields keep their shape; coverage is a new one beside them.
+        assert_eq!(
+            object.keys().collect::<Vec<_>>(),
+            vec!["counters", "coverage", "since"]
+        );
+        let status = body["coverage"]["status"].as_str().unwrap_or("");
+        assert!(
+            ["complete", "partial", "unknown"].contains(&status),
+            "{}",
+            body["coverage"]
+        );
         assert_eq!(body["since"], serde_json::json!(day * 86_400));
         let got = counters_of(&body);
         assert_eq!(&got, counters, "day {day}");
@@ -521,6 +531,7 @@ async fn dashboard_load(
         "/style.css".to_owned(),
         "/api/days".to_owned(),
         format!("/api/range?from={}&to={last}", first.max(last - 365)),
+        format!("/api/coverage?from={}&to={last}", first.max(last - 365)),
         format!("/api/stats/{last}"),
         "/api/totals".to_owned(),
     ] {
@@ -539,14 +550,15 @@ async fn fifty_dashboards_loading_at_once_read_the_store_once_per_cache_period()
     // One cache period spans the whole test; what this process counts ends a period early.
     let h = Harness::new(&scope, &lines, Duration::from_secs(600)).await;
     let routes = pleiades::web::routes(&h.ctx, h.parts.clone());
-    const SHOWN: [StoreRead; 4] = [
+    const SHOWN: [StoreRead; 5] = [
         StoreRead::Days,
         StoreRead::Range,
         StoreRead::Day,
         StoreRead::AllTime,
+        StoreRead::Coverage,
     ];
     let before: Vec<u64> = SHOWN.iter().map(|q| h.reads(*q)).collect();
-    assert_eq!(before, vec![0, 0, 0, 0]);
+    assert_eq!(before, vec![0, 0, 0, 0, 0]);
 
     let loads = |n: usize| {
         let routes = routes.clone();
@@ -564,7 +576,12 @@ async fn fifty_dashboards_loading_at_once_read_the_store_once_per_cache_period()
     };
     loads(50).await;
     let reads = |h: &Harness| -> Vec<u64> { SHOWN.iter().map(|q| h.reads(*q)).collect() };
-    assert_eq!(reads(&h), vec![1, 1, 1, 1], "one read of each per period");
+    // Coverage is read twice: for the trend's range and for the day shown.
+    assert_eq!(
+        reads(&h),
+        vec![1, 1, 1, 1, 2],
+        "one read of each per period"
+    );
     let misses = h.metrics.web.cache_misses.get();
     let hits = h.metrics.web.cache_hits.get();
     println!(
@@ -595,8 +612,8 @@ async fn fifty_dashboards_loading_at_once_read_the_store_once_per_cache_period()
     loads(50).await;
     assert_eq!(
         reads(&h),
-        vec![2, 2, 1, 2],
-        "days, range and all-time changed; the day shown did not"
+        vec![2, 2, 1, 2, 3],
+        "days, range, coverage and all-time changed; the day shown did not"
     );
 }
 

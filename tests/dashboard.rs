@@ -359,9 +359,14 @@ async fn the_dashboard_shows_the_stored_numbers_and_updates_live() {
     println!("dashboard screenshot: {}", path.display());
 }
 
+/// Upstream events of the second past day that never arrived.
+const SECOND_DAY_MISSED: u64 = 4;
+
 /// Recorded events moved to two past days (`first`, `first + 1`, alternately): event `i` at
 /// hour `(i / 2 * 7) % 24` of its day, so every hour has some; a fifth are the recorded Wikidata edits
-/// (bots and humans). Each keeps its own fields and gets a new id.
+/// (bots and humans). Each keeps its own fields and gets a new id, and an upstream position:
+/// partition 0 for the first day, without a hole; partition 1 for the second, where the 4
+/// offsets after its 100th event never arrived ([`SECOND_DAY_MISSED`]).
 fn events_on_past_days(first: i64) -> Vec<String> {
     let recorded = delivered(&recorded_lines());
     let (wikidata, others): (Vec<&String>, Vec<&String>) = recorded
@@ -383,6 +388,15 @@ fn events_on_past_days(first: i64) -> Vec<String> {
             let dt = chrono::DateTime::from_timestamp(at, 0).expect("a time");
             v["meta"]["id"] = json!(format!("past-{i}"));
             v["meta"]["dt"] = json!(dt.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+            let (partition, n) = ((i % 2) as u64, (i / 2) as u64);
+            let skipped = if partition == 1 && n >= 100 {
+                SECOND_DAY_MISSED
+            } else {
+                0
+            };
+            v["meta"]["topic"] = json!("eqiad.mediawiki.recentchange");
+            v["meta"]["partition"] = json!(partition);
+            v["meta"]["offset"] = json!(1_000 + n + skipped);
             v.to_string()
         })
         .collect()
@@ -447,6 +461,33 @@ async fn a_past_day_without_wikidata_shows_what_the_api_answers() {
             .is_some_and(|o| o.contains(&json!(first.to_string()))),
         "the picker offers {first}: {options}"
     );
+    // The second day lost events upstream: the API says so, and so do the picker, the trend
+    // and the note above the day's numbers; the first day is complete and unmarked.
+    let coverage = api(&base, &format!("/api/coverage?from={first}&to={second}")).await;
+    let statuses: Vec<&str> = coverage["days"]
+        .as_array()
+        .expect("days")
+        .iter()
+        .map(|d| d["status"].as_str().expect("a status"))
+        .collect();
+    assert_eq!(statuses, vec!["complete", "partial"], "{coverage}");
+    assert_eq!(coverage["days"][1]["missed"], json!(SECOND_DAY_MISSED));
+    let marks = browser
+        .eval(&format!("const o = d => document.querySelector(`#day option[value='${{d}}']`); const c = d => document.querySelector(`#trend circle[data-day='${{d}}']`); return [{first}, {second}].map(d => [o(d).dataset.coverage, o(d).textContent.includes('incomplete'), c(d).dataset.coverage, c(d).classList.contains('partial')])"))
+        .await;
+    assert_eq!(
+        marks,
+        json!([
+            ["complete", false, "complete", false],
+            ["partial", true, "partial", true]
+        ]),
+        "the picker and the trend mark the partial day"
+    );
+    let note = browser
+        .eval("const n = document.getElementById('coverage'); return [n.hidden, Number(n.dataset.missed), n.textContent]")
+        .await;
+    assert_eq!(note[0], json!(false), "{note}");
+    assert_eq!(note[1], json!(SECOND_DAY_MISSED), "{note}");
     browser
         .eval(&format!("const s = document.getElementById('day'); s.value = '{first}'; s.dispatchEvent(new Event('change')); return true"))
         .await;
@@ -457,6 +498,14 @@ async fn a_past_day_without_wikidata_shows_what_the_api_answers() {
             Duration::from_secs(30),
         )
         .await;
+    let note = browser
+        .eval("return document.getElementById('coverage').hidden")
+        .await;
+    assert_eq!(
+        note,
+        Value::Bool(true),
+        "a complete day has no coverage note"
+    );
     let with_wikidata = browser
         .eval("return Number(document.getElementById('stat-total').dataset.value)")
         .await;

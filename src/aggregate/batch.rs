@@ -130,9 +130,11 @@ impl Counting {
             Ok(data) => match crate::event::inspect(data) {
                 Ok(head) if head.canary => {
                     self.metrics.skipped.inc(Skip::Canary);
+                    pending.batch.tally.cover(&head);
                     None
                 }
                 Ok(head) => {
+                    pending.batch.tally.cover(&head);
                     self.metrics
                         .lag_ms
                         .observe((now_ms - head.time_ms).max(0) as f64);

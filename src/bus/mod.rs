@@ -41,6 +41,22 @@ pub struct Tail {
     pub recent_ids: Vec<String>,
     /// Records that could not be read back (reported, skipped).
     pub unreadable_lines: u64,
+    /// The newest upstream offset among the tail's events, per (topic, partition): where the
+    /// ingester's watch for holes resumes.
+    pub upstream: std::collections::BTreeMap<(String, i32), u64>,
+}
+
+impl Tail {
+    /// Notes the upstream position of an event of the tail.
+    pub fn saw(&mut self, position: Option<&crate::event::Position<'_>>) {
+        if let Some(at) = position {
+            let newest = self
+                .upstream
+                .entry((at.topic.to_string(), at.partition))
+                .or_insert(at.offset);
+            *newest = (*newest).max(at.offset);
+        }
+    }
 }
 
 /// Where a record sits: a segment of the file bus, or a partition of the topic. Positions

@@ -111,6 +111,8 @@ pub struct Ingester {
     intake: Option<OwnedMutexGuard<mpsc::Receiver<Submission>>>,
     /// Shown while the stream is read from the past (a `since` start, a long resume).
     backfill: backfill::Backfill,
+    /// The newest upstream offset of each topic-partition, to count holes as they happen.
+    watermarks: crate::coverage::Watermarks,
 }
 
 impl Ingester {
@@ -129,6 +131,7 @@ impl Ingester {
                 "unreadable records at the bus tail were skipped"
             );
         }
+        let watermarks = crate::coverage::Watermarks::from_newest(&tail.upstream);
         let cursor = Cursor::from_tail(tail, window, config.resume);
         tracing::info!(
             resume_from = cursor.last_id.as_deref().unwrap_or("(now)"),
@@ -158,6 +161,7 @@ impl Ingester {
             validation,
             intake: None,
             backfill: backfill::Backfill::default(),
+            watermarks,
         })
     }
 
@@ -548,6 +552,26 @@ impl Ingester {
         }
     }
 
+    /// Notes an upstream position: a hole is counted and logged once, a new topic logged.
+    fn watch(&mut self, topic: &str, partition: i32, offset: u64) {
+        use crate::coverage::Seen;
+        match self.watermarks.observe(topic, partition, offset) {
+            Seen::InOrder => {}
+            Seen::Missed(missed) => {
+                self.metrics.missed.inc_by(missed);
+                tracing::warn!(topic, partition, offset, missed, "upstream offsets were skipped: those events are not on the bus, and their days are marked partial");
+            }
+            Seen::First {
+                switched_from: Some(from),
+            } => {
+                tracing::info!(from = %from, to = topic, partition, offset, "upstream switched topic (a datacentre switch)");
+            }
+            Seen::First {
+                switched_from: None,
+            } => {}
+        }
+    }
+
     /// Classifies and publishes parsed events; returns how many reached the bus, or `None` when
     /// shutdown interrupted a wait for room on the bus.
     async fn deliver(
@@ -573,8 +597,14 @@ impl Ingester {
                 crate::event::check_not_future(head.time_ms, now_ms, max_future_ms)?;
                 Ok(head)
             });
-            let (time_ms, key, canary) = match checked {
-                Ok(head) => (head.time_ms, head.id.map(|id| id.into_owned()), head.canary),
+            let (time_ms, key, canary, position) = match checked {
+                Ok(head) => (
+                    head.time_ms,
+                    head.id.map(|id| id.into_owned()),
+                    head.canary,
+                    head.position
+                        .map(|at| (at.topic.into_owned(), at.partition, at.offset)),
+                ),
                 Err(invalid) => {
                     if !self
                         .quarantine(invalid.reason(), invalid.to_string(), &event, shutdown)
@@ -598,6 +628,11 @@ impl Ingester {
             }
             if canary {
                 self.metrics.canaries.inc();
+            }
+            // Only what reaches the bus is covered, so the metric counts exactly the offsets
+            // the stores' verdicts will call missed (quarantined events included).
+            if let Some((topic, partition, offset)) = &position {
+                self.watch(topic, *partition, *offset);
             }
             accepted.push((event, time_ms, key));
         }

@@ -8,12 +8,13 @@
 use super::SketchKind;
 use super::{Applied, Batch, Counters, StoreError};
 use crate::counters::Tally;
+use crate::coverage::{DayCoverage, Span, TopicPartition};
 use crate::project::Family;
 use crate::sketch::hll::{HyperLogLog, CHUNK};
 use crate::sketch::top::{Bucket, TopSketch};
 use prometheus::IntCounter;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -269,7 +270,8 @@ impl EmbeddedStore {
                 };
                 cache = guard;
                 let written = match tables.dimensions {
-                    true => write_dimensions(&txn, &batch.tally, &mut cache),
+                    true => write_dimensions(&txn, &batch.tally, &mut cache)
+                        .and_then(|()| write_coverage(&txn, &batch.tally)),
                     false => Ok(()),
                 };
                 if let Err(e) = written {
@@ -349,6 +351,79 @@ impl EmbeddedStore {
                 counters.insert(key.value().to_owned(), value.value());
             }
             Ok(counters)
+        })
+        .await
+    }
+}
+
+// Coverage: the upstream offsets each day's events came from, written in the batch's
+// transaction, in the live space only (a rebuild reads events the live space has covered, and
+// the union of offsets is the same however often an event is seen). The tables are created by
+// the first write.
+
+/// The spans of (day, `<partition>|<topic>`), as [`Span::to_bytes`] one after another.
+const COVERAGE: TableDefinition<(i64, &str), &[u8]> = TableDefinition::new("coverage");
+/// Events of a day that carried no upstream position.
+const UNPOSITIONED: TableDefinition<i64, u64> = TableDefinition::new("coverage_unpositioned");
+
+/// Joins the batch's spans to the stored ones of each day and topic-partition.
+fn write_coverage(txn: &redb::WriteTransaction, tally: &Tally) -> Result<(), redb::Error> {
+    if tally.coverage.is_empty() {
+        return Ok(());
+    }
+    let mut table = txn.open_table(COVERAGE)?;
+    let mut unpositioned = txn.open_table(UNPOSITIONED)?;
+    for (day, coverage) in &tally.coverage {
+        for (tp, spans) in &coverage.spans {
+            let key = tp.key();
+            let mut joined = table
+                .get((*day, key.as_str()))?
+                .map_or_else(Vec::new, |v| Span::from_bytes(v.value()));
+            joined.extend_from_slice(spans);
+            crate::coverage::coalesce(&mut joined);
+            let bytes: Vec<u8> = joined.iter().flat_map(|s| s.to_bytes()).collect();
+            table.insert((*day, key.as_str()), bytes.as_slice())?;
+        }
+        if coverage.unpositioned > 0 {
+            let current = unpositioned.get(*day)?.map_or(0, |v| v.value());
+            unpositioned.insert(*day, current.saturating_add(coverage.unpositioned))?;
+        }
+    }
+    Ok(())
+}
+
+impl EmbeddedStore {
+    /// The stored coverage of each of `days` that has any.
+    pub async fn coverage(&self, days: Vec<i64>) -> Result<BTreeMap<i64, DayCoverage>, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let mut out: BTreeMap<i64, DayCoverage> = BTreeMap::new();
+            let table = match txn.open_table(COVERAGE) {
+                Ok(table) => table,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(out),
+                Err(e) => return Err(e.into()),
+            };
+            let unpositioned = match txn.open_table(UNPOSITIONED) {
+                Ok(table) => Some(table),
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(e.into()),
+            };
+            for day in days {
+                let mut coverage = DayCoverage::default();
+                for entry in table.range((day, "")..(day.saturating_add(1), ""))? {
+                    let (key, value) = entry?;
+                    if let Some(tp) = TopicPartition::parse(key.value().1) {
+                        coverage.spans.insert(tp, Span::from_bytes(value.value()));
+                    }
+                }
+                if let Some(table) = &unpositioned {
+                    coverage.unpositioned = table.get(day)?.map_or(0, |v| v.value());
+                }
+                if coverage != DayCoverage::default() {
+                    out.insert(day, coverage);
+                }
+            }
+            Ok(out)
         })
         .await
     }

@@ -14,6 +14,7 @@ pub mod space;
 
 use crate::config::StoreSettings;
 use crate::counters::{Tally, TopList};
+use crate::coverage::DayCoverage;
 use crate::metrics::{StoreMetrics, StoreRead};
 use crate::project::Family;
 use crate::sketch::hll::HyperLogLog;
@@ -223,10 +224,13 @@ impl Store {
                 .batches
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if let Ok(mut days) = self.changes.days.lock() {
+                // A day's coverage changes with its own offsets and, through the holes it
+                // closes or opens, with its neighbours' verdicts (see `Store::coverage`).
                 for day in batch
                     .tally
                     .days
                     .keys()
+                    .chain(batch.tally.coverage.keys())
                     .chain(std::iter::once(&ALL_TIME_DAY))
                 {
                     *days.entry(*day).or_default() += 1;
@@ -269,6 +273,15 @@ impl Store {
         match &self.backend {
             Backend::Embedded(s) => s.all_time().await,
             Backend::Redis(s) => s.all_time().await,
+        }
+    }
+
+    /// The stored coverage of each of `days` that has any (`coverage::verdicts` judges it).
+    pub async fn coverage(&self, days: &[i64]) -> Result<BTreeMap<i64, DayCoverage>, StoreError> {
+        self.metrics.reads.inc(StoreRead::Coverage);
+        match &self.backend {
+            Backend::Embedded(s) => s.coverage(days.to_vec()).await,
+            Backend::Redis(s) => s.coverage(days).await,
         }
     }
 

@@ -21,9 +21,10 @@ use super::redis_link::{RedisLink, Request, Topology};
 use super::{Applied, Batch, Counters, SketchKind, StoreError};
 use crate::config::RedisConfig;
 use crate::counters::hour_counter;
+use crate::coverage::{DayCoverage, Span, TopicPartition};
 use crate::metrics::StoreMetrics;
 use crate::project::Family;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -36,6 +37,8 @@ const DAYS: &str = "{pleiades}:days";
 const ALL_TIME: &str = "{pleiades}:all";
 const HOURS: &str = "{pleiades}:hours";
 const SKETCHES: &str = "{pleiades}:sketches";
+/// Every day's coverage, one field per day (see the apply script's `cover`).
+const COVERAGE: &str = "{pleiades}:coverage";
 
 /// Deltas a sketch holds before the aggregator that appended the last one merges them into its
 /// base: the bound on what a reader merges, and on the deltas' share of the store.
@@ -90,6 +93,7 @@ pub fn keys_for(days: &[i64]) -> Vec<String> {
         ALL_TIME.to_owned(),
         HOURS.to_owned(),
         SKETCHES.to_owned(),
+        COVERAGE.to_owned(),
     ];
     keys.extend(days.iter().map(|day| day_key(*day)));
     keys
@@ -222,8 +226,59 @@ while appended < sketches do
   redis.call('HSET', KEYS[5], unpack(values))
   appended = appended + m
 end
+-- Coverage (a count, then day/spans pairs) joins each day's stored spans in `KEYS[6]`: two
+-- commands per batch however many days it touches. A day's value is `;`-separated entries,
+-- `<tp>,<first>,<last>,<first_ms>,<last_ms>` for a span of a topic-partition's offsets and
+-- `u,<n>` for events without a position; joined, the spans are sorted and those that overlap
+-- or touch merged, so a day holds one span per run of consecutive offsets.
+local function cover(current, delta)
+  local spans, unpositioned = {}, 0
+  local function read(text)
+    for entry in string.gmatch(text, '[^;]+') do
+      local tp, a, b, c, d = string.match(entry, '^([^,]+),([^,]+),([^,]+),([^,]+),([^,]+)$')
+      if tp then
+        local list = spans[tp]
+        if not list then list = {}; spans[tp] = list end
+        list[#list + 1] = {tonumber(a), tonumber(b), c, d}
+      else
+        local n = string.match(entry, '^u,(%d+)$')
+        if n then unpositioned = unpositioned + tonumber(n) end
+      end
+    end
+  end
+  read(current or '')
+  read(delta)
+  local tps = {}
+  for tp in pairs(spans) do tps[#tps + 1] = tp end
+  table.sort(tps)
+  local out = {}
+  local function emit(tp, span)
+    out[#out + 1] = tp .. ',' .. string.format('%d', span[1]) .. ',' ..
+      string.format('%d', span[2]) .. ',' .. span[3] .. ',' .. span[4]
+  end
+  for _, tp in ipairs(tps) do
+    local list = spans[tp]
+    table.sort(list, function(x, y)
+      if x[1] ~= y[1] then return x[1] < y[1] end
+      return x[2] < y[2]
+    end)
+    local run = nil
+    for _, span in ipairs(list) do
+      if run and span[1] <= run[2] + 1 then
+        if span[2] > run[2] then run[2] = span[2]; run[4] = span[4] end
+      else
+        if run then emit(tp, run) end
+        run = {span[1], span[2], span[3], span[4]}
+      end
+    end
+    if run then emit(tp, run) end
+  end
+  if unpositioned > 0 then out[#out + 1] = 'u,' .. string.format('%d', unpositioned) end
+  return table.concat(out, ';')
+end
+merge(KEYS[6], cover)
 local zadd = {}
-for k = 6, #KEYS do
+for k = 7, #KEYS do
   local day = ARGV[i]; i = i + 1
   zadd[#zadd + 1] = day
   zadd[#zadd + 1] = day
@@ -484,6 +539,7 @@ impl RedisStore {
             space.all_time.to_owned(),
             HOURS.to_owned(),
             SKETCHES.to_owned(),
+            COVERAGE.to_owned(),
         ];
         let tally = &batch.tally;
         let mut args: Vec<Vec<u8>> = Vec::new();
@@ -524,6 +580,19 @@ impl RedisStore {
         for (day, kind, family, bytes) in deltas {
             text(&mut args, sketch_name(day, kind, family));
             args.push(bytes);
+        }
+        // Coverage has one space, the live one, like the further dimensions: a rebuild reads
+        // events whose offsets the live space already holds.
+        let no_coverage = crate::counters::FastMap::default();
+        let coverage = if space.dimensions {
+            &tally.coverage
+        } else {
+            &no_coverage
+        };
+        text(&mut args, coverage.len().to_string());
+        for (day, day_coverage) in coverage {
+            text(&mut args, day.to_string());
+            text(&mut args, coverage_text(day_coverage));
         }
         for (day, counters) in &tally.days {
             keys.push(space.day(*day));
@@ -734,6 +803,28 @@ impl RedisStore {
         Ok(out)
     }
 
+    /// The stored coverage of each of `days` that has any: one HMGET.
+    pub async fn coverage(&self, days: &[i64]) -> Result<BTreeMap<i64, DayCoverage>, StoreError> {
+        let mut out = BTreeMap::new();
+        if days.is_empty() {
+            return Ok(out);
+        }
+        let fields: Vec<String> = days.iter().map(i64::to_string).collect();
+        for (i, value) in self.fields(COVERAGE, &fields).await? {
+            let coverage = std::str::from_utf8(&value)
+                .ok()
+                .and_then(stored_coverage)
+                .ok_or_else(|| {
+                    self.link
+                        .error(format!("{COVERAGE} {}: unreadable coverage", fields[i]))
+                })?;
+            if coverage != DayCoverage::default() {
+                out.insert(days[i], coverage);
+            }
+        }
+        Ok(out)
+    }
+
     pub async fn all_time(&self) -> Result<Counters, StoreError> {
         let mut cmd = redis::cmd("HGETALL");
         cmd.arg(self.keys.all_time);
@@ -788,6 +879,57 @@ struct StoredSketch {
     next: i64,
     base: Vec<u8>,
     deltas: Vec<Vec<u8>>,
+}
+
+/// A day's coverage as the apply script joins it: `;`-separated entries,
+/// `<partition>|<topic>,<first>,<last>,<first_ms>,<last_ms>` for a span and `u,<n>` for the
+/// events without a position. Offsets are below 2^53, where Lua's numbers are exact.
+fn coverage_text(coverage: &DayCoverage) -> String {
+    let mut coverage = coverage.clone();
+    coverage.coalesce();
+    let mut entries: Vec<String> = Vec::new();
+    for (tp, spans) in &coverage.spans {
+        let tp = tp.key();
+        for span in spans {
+            entries.push(format!(
+                "{tp},{},{},{},{}",
+                span.first, span.last, span.first_ms, span.last_ms
+            ));
+        }
+    }
+    if coverage.unpositioned > 0 {
+        entries.push(format!("u,{}", coverage.unpositioned));
+    }
+    entries.join(";")
+}
+
+/// Reads what [`coverage_text`] wrote (and the script joined); `None` when it is unreadable.
+fn stored_coverage(text: &str) -> Option<DayCoverage> {
+    let mut coverage = DayCoverage::default();
+    for entry in text.split(';').filter(|e| !e.is_empty()) {
+        let parts: Vec<&str> = entry.split(',').collect();
+        match parts.as_slice() {
+            ["u", n] => {
+                coverage.unpositioned = coverage.unpositioned.saturating_add(n.parse().ok()?)
+            }
+            [tp, first, last, first_ms, last_ms] => {
+                let span = Span {
+                    first: first.parse().ok()?,
+                    last: last.parse().ok()?,
+                    first_ms: first_ms.parse().ok()?,
+                    last_ms: last_ms.parse().ok()?,
+                };
+                coverage
+                    .spans
+                    .entry(TopicPartition::parse(tp)?)
+                    .or_default()
+                    .push(span);
+            }
+            _ => return None,
+        }
+    }
+    coverage.coalesce();
+    Some(coverage)
 }
 
 /// A sketch's name in `{pleiades}:sketches`: `<day>:<kind>:<family>`.

@@ -9,6 +9,7 @@
 //! same entry and are served what it built.
 
 use crate::counters::{description, split_hour_counter, TopList};
+use crate::coverage::{self, Verdict};
 use crate::event::DAY_MS;
 use crate::metrics::WebMetrics;
 use crate::project::{is_host_name, Family};
@@ -34,11 +35,22 @@ pub struct CounterView<'a> {
     pub value: i64,
 }
 
-/// `GET /api/stats/{day}`: `since` is the day's first second, in epoch seconds.
+/// `GET /api/stats/{day}`: `since` is the day's first second, in epoch seconds; `coverage`
+/// (a day's only, never all-time) says whether every upstream event of the day was counted.
 #[derive(Debug, Serialize)]
 pub struct StatsView<'a> {
     pub since: Option<i64>,
     pub counters: Vec<CounterView<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coverage: Option<Verdict>,
+}
+
+/// One day of `GET /api/coverage`.
+#[derive(Debug, Serialize)]
+struct CoverageDay {
+    day: String,
+    #[serde(flatten)]
+    verdict: Verdict,
 }
 
 /// What a handler answers: a status and a JSON body.
@@ -82,6 +94,7 @@ enum Key {
     AllTime,
     Days,
     Range(i64, i64),
+    Coverage(i64, i64),
     Hours(i64),
     /// A day and the chosen families ([`Families`]).
     Editors(i64, Families),
@@ -163,6 +176,16 @@ pub struct Api {
     metrics: WebMetrics,
     ttl: Duration,
     cache: Mutex<HashMap<Key, Slot>>,
+    /// The days with data, as read for `/api/days` and for every coverage verdict (which
+    /// judges a day with its neighbours): one store read per cache period for all of them.
+    day_list: tokio::sync::Mutex<Option<DayList>>,
+}
+
+/// The days with data, when read, and the batch generation they were read at.
+struct DayList {
+    days: Arc<Vec<i64>>,
+    built: Instant,
+    generation: u64,
 }
 
 /// Today's epoch day (UTC).
@@ -177,7 +200,27 @@ impl Api {
             metrics,
             ttl,
             cache: Mutex::new(HashMap::new()),
+            day_list: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// The days with data, from the store at most once per cache period (and again after a
+    /// batch of this process), however many answers need them at once.
+    async fn day_list(&self) -> Result<Arc<Vec<i64>>, StoreError> {
+        let mut list = self.day_list.lock().await;
+        if let Some(cached) = list.as_ref() {
+            if cached.built.elapsed() < self.ttl && cached.generation == self.store.batches() {
+                return Ok(cached.days.clone());
+            }
+        }
+        let generation = self.store.batches();
+        let days = Arc::new(self.store.days().await?);
+        *list = Some(DayList {
+            days: days.clone(),
+            built: Instant::now(),
+            generation,
+        });
+        Ok(days)
     }
 
     pub fn store(&self) -> &Store {
@@ -187,7 +230,7 @@ impl Api {
     /// `GET /api/days`: the days with data, as strings, ascending.
     pub async fn days(&self) -> JsonReply {
         self.cached(Key::Days, async {
-            let days = self.store.days().await?;
+            let days = self.day_list().await?;
             let days: Vec<String> = days.iter().map(i64::to_string).collect();
             Ok(JsonReply::ok(Bytes::from(
                 serde_json::to_vec(&days).unwrap_or_default(),
@@ -330,7 +373,12 @@ impl Api {
         self.cached(Key::Day(day), async {
             Ok(match self.store.day(day).await? {
                 Some(counters) => {
-                    JsonReply::ok(self.marshal(Some(day.saturating_mul(86_400)), &counters))
+                    let verdict = self.verdicts(day, day).await?.pop().map(|(_, v)| v);
+                    JsonReply::ok(self.marshal(
+                        Some(day.saturating_mul(86_400)),
+                        &counters,
+                        verdict,
+                    ))
                 }
                 None => JsonReply::error(StatusCode::NOT_FOUND, &format!("no data for day {day}")),
             })
@@ -342,36 +390,17 @@ impl Api {
     pub async fn totals(&self) -> JsonReply {
         self.cached(Key::AllTime, async {
             let counters = self.store.all_time().await?;
-            Ok(JsonReply::ok(self.marshal(None, &counters)))
+            Ok(JsonReply::ok(self.marshal(None, &counters, None)))
         })
         .await
     }
 
     /// `GET /api/range?from=D&to=D`: `[{"day": "D", "since": s, "counters": {name: value}}]`.
     pub async fn range(&self, from: Option<&str>, to: Option<&str>) -> JsonReply {
-        let parse = |value: Option<&str>, default: i64, what: &str| match value {
-            None => Ok(default),
-            Some(v) => v.parse::<i64>().map_err(|_| {
-                JsonReply::error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("{what} {v:?} is not a number of days since 1970-01-01"),
-                )
-            }),
-        };
-        let to = match parse(to, today(), "to") {
-            Ok(v) => v,
+        let (from, to) = match parse_range(from, to) {
+            Ok(range) => range,
             Err(reply) => return reply,
         };
-        let from = match parse(from, to.saturating_sub(29), "from") {
-            Ok(v) => v,
-            Err(reply) => return reply,
-        };
-        if from > to || to.saturating_sub(from) >= MAX_RANGE_DAYS {
-            return JsonReply::error(
-                StatusCode::BAD_REQUEST,
-                &format!("a range runs from a day to a later one, at most {MAX_RANGE_DAYS} days"),
-            );
-        }
         self.cached(Key::Range(from, to), async {
             let days = self.store.range(from, to).await?;
             let started = Instant::now();
@@ -394,14 +423,63 @@ impl Api {
         .await
     }
 
+    /// `GET /api/coverage?from=D&to=D`: every day of the range (30 days to today by default)
+    /// with its verdict, days without data included: a day lost whole is `partial` when the
+    /// hole around it is known, else `unknown`.
+    pub async fn coverage(&self, from: Option<&str>, to: Option<&str>) -> JsonReply {
+        let (from, to) = match parse_range(from, to) {
+            Ok(range) => range,
+            Err(reply) => return reply,
+        };
+        self.cached(Key::Coverage(from, to), async {
+            let days: Vec<CoverageDay> = self
+                .verdicts(from, to)
+                .await?
+                .into_iter()
+                .map(|(day, verdict)| CoverageDay {
+                    day: day.to_string(),
+                    verdict,
+                })
+                .collect();
+            let view = serde_json::json!({
+                "from": from.to_string(),
+                "to": to.to_string(),
+                "days": days,
+            });
+            Ok(JsonReply::ok(Bytes::from(view.to_string())))
+        })
+        .await
+    }
+
+    /// The verdicts of `from..=to`, judged with the days with data on either side, so that a
+    /// hole that starts or ends outside the range still marks the days it covers.
+    async fn verdicts(&self, from: i64, to: i64) -> Result<Vec<(i64, Verdict)>, StoreError> {
+        let days = self.day_list().await?;
+        let (start, end) = (
+            coverage::window_start(&days, from),
+            coverage::window_end(&days, to),
+        );
+        let read: Vec<i64> = days
+            .iter()
+            .copied()
+            .filter(|day| (start..=end).contains(day))
+            .collect();
+        let window = self.store.coverage(&read).await?;
+        Ok(coverage::verdicts(&window, from, to))
+    }
+
     /// What invalidates `key` when this process counts a batch.
     fn generation(&self, key: Key) -> u64 {
         match key {
-            Key::Day(day) | Key::Hours(day) | Key::Editors(day, _) | Key::Top(day, ..) => {
+            // A day's coverage also changes with the holes its neighbours open or close.
+            Key::Day(day) => (day.saturating_sub(1)..=day.saturating_add(1))
+                .map(|d| self.store.generation(d))
+                .sum(),
+            Key::Hours(day) | Key::Editors(day, _) | Key::Top(day, ..) => {
                 self.store.generation(day)
             }
             Key::AllTime => self.store.generation(ALL_TIME_DAY),
-            Key::Days | Key::Range(..) => self.store.batches(),
+            Key::Days | Key::Range(..) | Key::Coverage(..) => self.store.batches(),
         }
     }
 
@@ -461,7 +539,7 @@ impl Api {
         Some(cache.entry(key).or_default().clone())
     }
 
-    fn marshal(&self, since: Option<i64>, counters: &Counters) -> Bytes {
+    fn marshal(&self, since: Option<i64>, counters: &Counters, coverage: Option<Verdict>) -> Bytes {
         let started = Instant::now();
         let view = StatsView {
             since,
@@ -473,6 +551,7 @@ impl Api {
                     value: *value,
                 })
                 .collect(),
+            coverage,
         };
         let body = Bytes::from(serde_json::to_vec(&view).unwrap_or_default());
         self.metrics
@@ -480,6 +559,29 @@ impl Api {
             .observe(started.elapsed().as_secs_f64());
         body
     }
+}
+
+/// A range's `from` and `to` as given in a query: days since 1970-01-01, `to` today and `from`
+/// 29 days before `to` by default, at most [`MAX_RANGE_DAYS`] days; else a 400 that says why.
+fn parse_range(from: Option<&str>, to: Option<&str>) -> Result<(i64, i64), JsonReply> {
+    let parse = |value: Option<&str>, default: i64, what: &str| match value {
+        None => Ok(default),
+        Some(v) => v.parse::<i64>().map_err(|_| {
+            JsonReply::error(
+                StatusCode::BAD_REQUEST,
+                &format!("{what} {v:?} is not a number of days since 1970-01-01"),
+            )
+        }),
+    };
+    let to = parse(to, today(), "to")?;
+    let from = parse(from, to.saturating_sub(29), "from")?;
+    if from > to || to.saturating_sub(from) >= MAX_RANGE_DAYS {
+        return Err(JsonReply::error(
+            StatusCode::BAD_REQUEST,
+            &format!("a range runs from a day to a later one, at most {MAX_RANGE_DAYS} days"),
+        ));
+    }
+    Ok((from, to))
 }
 
 /// A day as given in a path: a number of days since 1970-01-01, else a 400 that says so.

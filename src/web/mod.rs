@@ -108,6 +108,18 @@ pub fn routes(
                 .await,
             )
         });
+    let coverage = warp::path!("api" / "coverage")
+        .and(warp::query::<HashMap<String, String>>())
+        .and(with_api.clone())
+        .then(|q: HashMap<String, String>, api: Arc<Api>| async move {
+            json(
+                api.coverage(
+                    q.get("from").map(String::as_str),
+                    q.get("to").map(String::as_str),
+                )
+                .await,
+            )
+        });
     let hours = warp::path!("api" / "hours" / String)
         .and(with_api.clone())
         .then(|day: String, api: Arc<Api>| async move { json(api.hours(&day).await) });
@@ -174,6 +186,8 @@ pub fn routes(
         .or(totals.boxed())
         .unify()
         .or(range.boxed())
+        .unify()
+        .or(coverage.boxed())
         .unify()
         .or(hours.boxed())
         .unify()

@@ -307,6 +307,7 @@ pub async fn clean_pass(path: &std::path::Path, lines: &[String]) -> pleiades::s
     let mut reuse = CountScratch::default();
     for line in super::delivered(lines) {
         let head = pleiades::event::inspect(&line).expect("a delivered event is valid");
+        tally.cover(&head);
         tally.count(&head, true, &mut reuse);
     }
     let batch = pleiades::store::Batch {

@@ -350,6 +350,8 @@ pub const API_ERRORS: &[(&str, u16)] = &[
     ("/api/range?from=x", 400),
     ("/api/range?from=20&to=10", 400),
     ("/api/range?from=0&to=99999", 400),
+    ("/api/coverage?to=y", 400),
+    ("/api/coverage?from=20&to=10", 400),
     ("/api/nothing", 404),
 ];
 
@@ -1052,18 +1054,30 @@ pub fn events_within(count: usize, base_ms: i64, span_ms: i64, step_ms: i64) -> 
 }
 
 /// `count` events made from the recorded ones, event `i` re-stamped with meta.id
-/// `synthetic-<i>` and meta.dt `time_ms(i)`.
+/// `synthetic-<i>` and meta.dt `time_ms(i)`. They carry upstream positions as a real stream's
+/// do: one topic-partition, offsets consecutive in the order of their times, so that a
+/// complete set of synthetic events is a complete stream.
 pub fn synthetic_events_at(count: usize, time_ms: impl Fn(usize) -> i64) -> Vec<String> {
     let recorded = recorded_lines();
+    let times: Vec<i64> = (0..count).map(time_ms).collect();
+    let mut order: Vec<usize> = (0..count).collect();
+    order.sort_by_key(|i| (times[*i], *i));
+    let mut offsets = vec![0u64; count];
+    for (offset, i) in order.into_iter().enumerate() {
+        offsets[i] = offset as u64;
+    }
     (0..count)
         .map(|i| {
             let mut v: serde_json::Value =
                 serde_json::from_str(&recorded[i % recorded.len()]).expect("recorded JSON");
-            let dt = chrono::DateTime::from_timestamp_millis(time_ms(i))
+            let dt = chrono::DateTime::from_timestamp_millis(times[i])
                 .expect("a time")
                 .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
             v["meta"]["id"] = serde_json::Value::from(format!("synthetic-{i}"));
             v["meta"]["dt"] = serde_json::Value::from(dt);
+            v["meta"]["topic"] = serde_json::Value::from("eqiad.mediawiki.recentchange");
+            v["meta"]["partition"] = serde_json::Value::from(0);
+            v["meta"]["offset"] = serde_json::Value::from(offsets[i]);
             v.to_string()
         })
         .collect()

@@ -492,6 +492,7 @@ pub fn read_tail(dir: &Path, window: usize) -> Result<Tail, FileBusError> {
                 };
                 segment_last_id = Some(record.id.clone().into_owned());
                 if let Ok(head) = crate::event::inspect(record.data.get()) {
+                    tail.saw(head.position.as_ref());
                     if let Some(id) = head.id {
                         ring.push_back(id.into_owned());
                         if ring.len() > window - found {

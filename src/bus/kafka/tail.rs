@@ -83,6 +83,11 @@ pub fn read_tail(k: &KafkaConfig, window: usize) -> Result<Tail, KafkaBusError> 
         let partition = message.partition();
         let offset = message.offset();
         let written = message.timestamp().to_millis().unwrap_or(0);
+        if let Some(Ok(data)) = message.payload().map(std::str::from_utf8) {
+            if let Ok(head) = crate::event::inspect(data) {
+                tail.saw(head.position.as_ref());
+            }
+        }
         match message.key().map(std::str::from_utf8) {
             Some(Ok(key)) => keys.push((written, partition, offset, key.to_owned())),
             Some(Err(_)) => tail.unreadable_lines += 1,
