@@ -7,7 +7,8 @@
 //!
 //! `PLEIADES_BENCH_BASELINE=/path/to/an/older/pleiades` runs the pipeline with that binary
 //! too, alternating with this build's, so that the two are compared under the same load.
-//! `BACKFILL_EVENTS` changes the number of events (300,000 by default).
+//! `BACKFILL_EVENTS` changes the number of events (300,000 by default), `BACKFILL_ROUNDS` the
+//! number of runs of this build (1 by default; each between two of the baseline's).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -237,9 +238,20 @@ async fn main() {
         ceiling_s,
         rate(total, ceiling_s)
     );
-    let mut runs: Vec<(&str, PathBuf)> = vec![("this build", this.clone())];
+    // With a baseline: baseline, this build, baseline, … (`BACKFILL_ROUNDS` times this build),
+    // so that both see the same drift of a noisy machine.
+    let rounds: usize = std::env::var("BACKFILL_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let mut runs: Vec<(&str, PathBuf)> = Vec::new();
+    for _ in 0..rounds.max(1) {
+        if let Some(old) = &baseline {
+            runs.push(("baseline", old.clone()));
+        }
+        runs.push(("this build", this.clone()));
+    }
     if let Some(old) = &baseline {
-        runs.insert(0, ("baseline", old.clone()));
         runs.push(("baseline", old.clone()));
     }
     let mut pipeline_s = f64::MAX;

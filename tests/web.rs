@@ -80,16 +80,18 @@ async fn the_api_serves_exactly_what_was_counted() {
     let want: Vec<String> = expected.days.keys().map(|d| d.to_string()).collect();
     assert_eq!(days, serde_json::json!(want));
 
-    // GET /api/stats/{day}: exactly {"since", "counters": [{"name","description","value"}]}.
+    // GET /api/stats/{day}: exactly {"since", "counters": [{"name","description","value"}]},
+    // and the day's coverage beside them (a new field).
     for (day, counters) in &expected.days {
         let (status, body) = web.get(&format!("/api/stats/{day}")).await;
         assert_eq!(status, 200);
         let object = body.as_object().expect("an object");
         assert_eq!(
             object.keys().collect::<Vec<_>>(),
-            vec!["counters", "since"],
+            vec!["counters", "coverage", "since"],
             "day {day}"
         );
+        assert!(body["coverage"]["status"].is_string(), "day {day}: {body}");
         assert_eq!(body["since"], serde_json::json!(day * 86_400));
         let list = body["counters"].as_array().expect("a list");
         assert_eq!(list.len(), counters.len(), "day {day}");
