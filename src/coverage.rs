@@ -289,8 +289,8 @@ pub fn verdicts(window: &BTreeMap<i64, DayCoverage>, from: i64, to: i64) -> Vec<
     gaps.sort_by_key(|g| (g.from_ms, g.topic.clone(), g.partition));
     let switches = switches(&topics);
     let mut out = Vec::new();
-    let mut day = from;
-    while day <= to {
+    // An inclusive range ends at `to` even when `to` is the largest day there is.
+    for day in from..=to {
         let stored = window.get(&day);
         let mut touching: Vec<&Gap> = gaps
             .iter()
@@ -321,7 +321,6 @@ pub fn verdicts(window: &BTreeMap<i64, DayCoverage>, from: i64, to: i64) -> Vec<
                 unpositioned: stored.map_or(0, |d| d.unpositioned),
             },
         ));
-        day += 1;
     }
     out
 }
@@ -596,6 +595,15 @@ mod tests {
         assert_eq!(verdict.gaps.len(), GAPS_LISTED);
         assert_eq!(verdict.gaps_not_listed, 150 - GAPS_LISTED);
         assert_eq!(verdict.gaps[0].first_offset, 1);
+    }
+
+    #[test]
+    fn the_last_day_there_is_ends_the_range() {
+        let window = BTreeMap::new();
+        let found = verdicts(&window, i64::MAX - 2, i64::MAX);
+        assert_eq!(found.len(), 3);
+        assert_eq!(found[2].0, i64::MAX);
+        assert!(found.iter().all(|(_, v)| v.status == Status::Unknown));
     }
 
     #[test]

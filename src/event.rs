@@ -170,6 +170,10 @@ pub fn is_topic_name(topic: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// The largest upstream offset taken as a position: 2^53 - 1, the largest integer a double
+/// (Lua's number, in the Redis apply script) holds exactly.
+pub const MAX_OFFSET: u64 = (1 << 53) - 1;
+
 /// Reads the position from `meta`'s raw fields, leniently: anything malformed gives `None`.
 fn position<'a>(
     topic: Option<Cow<'a, str>>,
@@ -178,7 +182,13 @@ fn position<'a>(
 ) -> Option<Position<'a>> {
     let topic = topic.filter(|t| is_topic_name(t))?;
     let partition = partition?.get().parse::<i32>().ok().filter(|p| *p >= 0)?;
-    let offset = offset?.get().parse::<u64>().ok()?;
+    // Kafka offsets are far below 2^53 in practice; above it, Redis's Lua (doubles) could not
+    // keep them exact, so such an offset is taken for no position at all.
+    let offset = offset?
+        .get()
+        .parse::<u64>()
+        .ok()
+        .filter(|o| *o <= MAX_OFFSET)?;
     Some(Position {
         topic,
         partition,
@@ -497,6 +507,12 @@ mod tests {
             at(&format!(r#"{topic},"partition":0,"offset":5349423871"#)),
             Some(("eqiad.mediawiki.recentchange".into(), 0, 5349423871))
         );
+        assert_eq!(
+            at(&format!(
+                r#"{topic},"partition":3,"offset":9007199254740991"#
+            )),
+            Some(("eqiad.mediawiki.recentchange".into(), 3, MAX_OFFSET))
+        );
         // Each malformed field leaves the event valid and unpositioned.
         for bad in [
             r#","partition":0,"offset":1"#.to_owned(),
@@ -504,6 +520,8 @@ mod tests {
             format!(r#"{topic},"partition":0"#),
             format!(r#"{topic},"partition":0,"offset":-1"#),
             format!(r#"{topic},"partition":0,"offset":1.5"#),
+            format!(r#"{topic},"partition":0,"offset":9007199254740992"#),
+            format!(r#"{topic},"partition":0,"offset":18446744073709551615"#),
             format!(r#"{topic},"partition":"0","offset":1"#),
             r#","topic":"a|b","partition":0,"offset":1"#.to_owned(),
             r#","topic":7,"partition":0,"offset":1"#.to_owned(),

@@ -353,13 +353,15 @@ function showMessage(text) {
 }
 
 // Says, above the day's numbers, when upstream events of the day never arrived.
-function showCoverage(verdict) {
+function showCoverage(verdict, day) {
   const el = $("coverage");
   const partial = verdict && verdict.status === "partial";
   el.hidden = !partial;
   el.dataset.missed = partial ? String(verdict.missed) : "0";
   if (!partial) { el.textContent = ""; return; }
-  const spans = verdict.gaps.slice(0, 3).map((g) => `${g.from.slice(11, 19)}–${g.to.slice(11, 19)}`);
+  // A time of another day (a gap over midnight) carries its date.
+  const at = (t) => (t.slice(0, 10) === dayLabel(day) ? t.slice(11, 19) : `${t.slice(0, 10)} ${t.slice(11, 19)}`);
+  const spans = verdict.gaps.slice(0, 3).map((g) => `${at(g.from)}–${at(g.to)}`);
   const more = verdict.gaps.length + (verdict.gaps_not_listed || 0) - spans.length;
   el.textContent = `Incomplete day: ${fmt.format(verdict.missed)} upstream events never arrived (UTC ${spans.join(", ")}${more > 0 ? ` and ${fmt.format(more)} more gaps` : ""}).`;
 }
@@ -368,7 +370,7 @@ async function loadDay(day) {
   state.selected = day;
   const stats = await getJSON(`/api/stats/${day}`);
   showMessage(stats ? "" : `No events counted for ${dayLabel(day)} yet.`);
-  showCoverage(stats && stats.coverage);
+  showCoverage(stats && stats.coverage, day);
   render(toMap(stats));
   await loadPanels(day);
   document.body.dataset.loadedDay = day;

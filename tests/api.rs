@@ -190,6 +190,14 @@ async fn every_route_answers_what_the_store_holds() {
             "{path}: {body}"
         );
     }
+    // The last days there are end a range like any others (no wrap-around, no endless loop).
+    let (status, _, far) = get(
+        &routes,
+        "/api/coverage?from=9223372036854775806&to=9223372036854775807",
+    )
+    .await;
+    assert_eq!(status, 200, "{far}");
+    assert_eq!(far["days"].as_array().map(Vec::len), Some(2), "{far}");
     let posted = warp::test::request()
         .method("POST")
         .path("/api/days")

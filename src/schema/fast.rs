@@ -291,10 +291,78 @@ fn is_plain_uri(text: &str) -> bool {
     part_ok(before, b"?") && fragment.is_none_or(|f| part_ok(f, b"?"))
 }
 
+/// Nesting at which the text is left to the full check (which refuses beyond 128 levels).
+const DEEP: usize = 100;
+
+/// True when the text holds nothing that the borrowed reading lets through but a full parse
+/// refuses: serde skips unconstrained values checking their syntax only, not a number's range
+/// (`1e400`, 400 digits), an escaped surrogate's pairing (`"\ud800"`) or the nesting limit.
+/// So any exponent, any run of 20 digits or more, any escaped surrogate and deep nesting send
+/// the event to the full check. One pass over the bytes, strings skipped.
+fn plain_text(data: &str) -> bool {
+    let b = data.as_bytes();
+    let (mut i, mut depth, mut digits) = (0, 0usize, 0usize);
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                digits = 0;
+                i += 1;
+                // Most of an event is string content: jump to the next quote or escape.
+                loop {
+                    let Some(k) = b
+                        .get(i..)
+                        .and_then(|rest| memchr::memchr2(b'"', b'\\', rest))
+                    else {
+                        // Unterminated: not JSON, which serde says next.
+                        i = b.len();
+                        break;
+                    };
+                    i += k;
+                    if b[i] == b'"' {
+                        break;
+                    }
+                    if b.get(i + 1) == Some(&b'u')
+                        && matches!(b.get(i + 2), Some(b'd' | b'D'))
+                        && b.get(i + 3).is_some_and(|c| b"89abcdefABCDEF".contains(c))
+                    {
+                        return false;
+                    }
+                    i += 2;
+                }
+            }
+            b'{' | b'[' => {
+                digits = 0;
+                depth += 1;
+                if depth >= DEEP {
+                    return false;
+                }
+            }
+            b'}' | b']' => {
+                digits = 0;
+                depth = depth.saturating_sub(1);
+            }
+            b'0'..=b'9' => {
+                digits += 1;
+                if digits >= 20 {
+                    return false;
+                }
+            }
+            // Outside strings a letter `e` follows a digit only as a number's exponent
+            // ("true" and "false" have it after a letter).
+            b'e' | b'E' if i > 0 && (b[i - 1].is_ascii_digit() || b[i - 1] == b'.') => {
+                return false;
+            }
+            _ => digits = 0,
+        }
+        i += 1;
+    }
+    true
+}
+
 /// The schema version `data` surely satisfies; `None` when the full check must decide.
 pub fn valid(data: &str) -> Option<SchemaVersion> {
     // serde reads a struct from a JSON array as well: the object check comes first.
-    if !data.starts_with('{') {
+    if !data.starts_with('{') || !plain_text(data) {
         return None;
     }
     let root: Root<'_> = serde_json::from_str(data).ok()?;
@@ -394,6 +462,30 @@ mod tests {
         ] {
             assert!(!is_date_time(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn what_only_a_full_parse_refuses_is_left_to_it() {
+        let base = r#"{"$schema":"/mediawiki/recentchange/1.0.0","meta":{"stream":"s","dt":"2024-01-01T00:00:00Z"}"#;
+        assert_eq!(valid(&format!("{base}}}")), Some(SchemaVersion::V1_0_0));
+        let deep = format!(r#","x":{}{}"#, "[".repeat(129), "]".repeat(129));
+        let long = format!(r#","id":1{}"#, "0".repeat(400));
+        for unsure in [
+            r#","x":1e400"#,
+            r#","x":1.5E3"#,
+            long.as_str(),
+            r#","comment":"\ud800""#,
+            r#","comment":"\uD83D\uDE00""#,
+            deep.as_str(),
+        ] {
+            assert_eq!(valid(&format!("{base}{unsure}}}")), None, "{unsure}");
+        }
+        // Letters and digits inside strings, and true/false, are no numbers.
+        let fine = r#","comment":"1e400, \"123456789012345678901\"","bot":true,"minor":false,"namespace":12"#;
+        assert_eq!(
+            valid(&format!("{base}{fine}}}")),
+            Some(SchemaVersion::V1_0_0)
+        );
     }
 
     #[test]
