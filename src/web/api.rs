@@ -373,7 +373,15 @@ impl Api {
         self.cached(Key::Day(day), async {
             Ok(match self.store.day(day).await? {
                 Some(counters) => {
-                    let verdict = self.verdicts(day, day).await?.pop().map(|(_, v)| v);
+                    // The counters are the answer; a coverage that cannot be read now leaves
+                    // them served without it rather than not at all.
+                    let verdict = match self.verdicts(day, day).await {
+                        Ok(mut verdicts) => verdicts.pop().map(|(_, v)| v),
+                        Err(error) => {
+                            tracing::warn!(%error, day, "coverage cannot be read: the day's counters are served without it");
+                            None
+                        }
+                    };
                     JsonReply::ok(self.marshal(
                         Some(day.saturating_mul(86_400)),
                         &counters,
