@@ -380,8 +380,8 @@ pub enum Seen {
     InOrder,
     /// This many offsets were skipped just before it.
     Missed(u64),
-    /// The first offset of a topic-partition; `switched_from` names the topic that was the
-    /// newest one before, if any other was seen (a datacentre switch).
+    /// The first offset of a topic-partition; `switched_from` names another topic seen
+    /// before, if there is one (a datacentre switch; the log line says which it came from).
     First { switched_from: Option<String> },
 }
 
