@@ -629,8 +629,9 @@ impl Ingester {
             if canary {
                 self.metrics.canaries.inc();
             }
-            // Only what reaches the bus is covered, so the metric counts exactly the offsets
-            // the stores' verdicts will call missed (quarantined events included).
+            // Only what reaches the bus is covered, so the metric counts the offsets the stores'
+            // verdicts will call missed (quarantined events included); an event the bus then
+            // refuses as too large is the one it does not count.
             if let Some((topic, partition, offset)) = &position {
                 self.watch(topic, *partition, *offset);
             }
