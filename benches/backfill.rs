@@ -1,9 +1,10 @@
 //! Backfill at disk speed, in one run on one machine: the transport ceiling (`pleiades replay`
 //! read by a plain HTTP client that only counts events), the single-host pipeline with the
 //! default configuration, `file.fsync = "batch"` included (replay → ingester → event files →
-//! aggregators → embedded store, until `/api/totals` shows every event), and a rebuild (the
+//! aggregators → embedded store, until `/api/totals` shows every event), a recount (the
 //! library's file aggregators counting the segments that pipeline wrote, compressed and not,
-//! into an empty embedded store, as `pleiades reaggregate` does).
+//! into an empty embedded store) and `pleiades reaggregate` of those segments into the
+//! pipeline's store.
 //!
 //! `PLEIADES_BENCH_BASELINE=/path/to/an/older/pleiades` runs the pipeline with that binary
 //! too, alternating with this build's, so that the two are compared under the same load.
@@ -144,12 +145,12 @@ async fn pipeline(binary: &Path, file: &Path, total: usize) -> (f64, TestScope) 
     (seconds, scope)
 }
 
-/// The rebuild: the library's file aggregators (as many as the default configuration runs)
-/// count the segments in `bus` into an empty embedded store. Returns the seconds until the
-/// store holds `total` events, once its all-time counters equal those of `live` (the store the
-/// pipeline filled).
-async fn rebuild(bus: &Path, scratch: &Path, live: &Path, total: usize) -> f64 {
-    let store_path = scratch.join("rebuilt.redb");
+/// The recount: the library's file aggregators (as many as the default configuration runs)
+/// count the segments in `bus` into an empty embedded store, every dimension included. Returns
+/// the seconds until the store holds `total` events, once its all-time counters equal those of
+/// `live` (the store the pipeline filled).
+async fn recount(bus: &Path, scratch: &Path, live: &Path, total: usize) -> f64 {
+    let store_path = scratch.join("recounted.redb");
     let mut config = Config::default();
     config.file.dir = bus.to_owned();
     config.store.path = store_path.clone();
@@ -205,8 +206,55 @@ async fn rebuild(bus: &Path, scratch: &Path, live: &Path, total: usize) -> f64 {
     live_config.path = live.to_owned();
     let live = open_store(&StoreSettings::Embedded(live_config)).await;
     assert_eq!(
-        store.all_time().await.expect("the rebuilt store reads"),
+        store.all_time().await.expect("the recounted store reads"),
         live.all_time().await.expect("the pipeline's store reads"),
+        "the recount counts what the pipeline counted"
+    );
+    seconds
+}
+
+/// `pleiades reaggregate`, as the command runs it: the rebuild reads the segments in `bus`
+/// into a fresh counter space of the pipeline's store (`live`, the daemon stopped) and switches
+/// to it. Returns its seconds, once the all-time counters after the switch equal those before.
+async fn reaggregate(bus: &Path, live: &Path, total: usize) -> f64 {
+    let mut config = Config::default();
+    config.file.dir = bus.to_owned();
+    config.store.path = live.to_owned();
+    let metrics = std::sync::Arc::new(pleiades::metrics::Metrics::new(1).expect("metrics"));
+    let store = pleiades::store::Store::open(
+        &StoreSettings::Embedded(config.store.clone()),
+        metrics.store.clone(),
+    )
+    .await
+    .expect("the pipeline's store opens");
+    let before = store.all_time().await.expect("the store reads");
+    let ctx = pleiades::ComponentContext {
+        config: pleiades::aggregate::AggregateSettings {
+            aggregate: config.aggregate.clone(),
+            bus: config.bus(config.aggregate_source()),
+        },
+        metrics,
+        shutdown: tokio_util::sync::CancellationToken::new(),
+    };
+    let started = Instant::now();
+    let applies = ctx.metrics.aggregate.apply_seconds.clone();
+    let report = pleiades::aggregate::rebuild::run(ctx, store.clone(), Default::default())
+        .await
+        .expect("the rebuild switches");
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "  {} rounds; {} batches written in {:.2} s",
+        report.rounds,
+        applies.get_sample_count(),
+        applies.get_sample_sum()
+    );
+    assert_eq!(
+        report.events as usize, total,
+        "the rebuild counts every event"
+    );
+    assert_eq!(
+        store.all_time().await.expect("the rebuilt store reads"),
+        before,
         "the rebuild counts what the pipeline counted"
     );
     seconds
@@ -271,9 +319,16 @@ async fn main() {
     let scope = last_scope.expect("this build ran");
     let bus = scope.path("events");
     let segments = segment_files(&bus).len();
-    let rebuild_s = rebuild(&bus, scope.dir.path(), &scope.path("pleiades.db"), total).await;
+    let live = scope.path("pleiades.db");
+    let recount_s = recount(&bus, scope.dir.path(), &live, total).await;
     println!(
-        "rebuild ({segments} segments → empty embedded store):       {:>8.2} s {:>9.0} events/s",
+        "recount ({segments} segments → empty embedded store, aggregators): {:>8.2} s {:>9.0} events/s",
+        recount_s,
+        rate(total, recount_s)
+    );
+    let rebuild_s = reaggregate(&bus, &live, total).await;
+    println!(
+        "reaggregate ({segments} segments → the pipeline's store):     {:>8.2} s {:>9.0} events/s",
         rebuild_s,
         rate(total, rebuild_s)
     );

@@ -208,6 +208,19 @@ impl Tally {
         }
     }
 
+    /// Counts one event into the day counters only, the original ones and the further
+    /// dimensions' alike, without the per-hour buckets and the sketches: what a rebuild writes
+    /// (`store::space`), which leaves those two to the aggregators that keep them.
+    pub fn count_days(&mut self, head: &EventHead<'_>, reuse: &mut CountScratch) {
+        let deltas = Deltas::of(head, &mut reuse.scratch);
+        self.add(&deltas, &mut reuse.name);
+        let dims = Dimensions::of(head, &deltas, &mut reuse.dimensions);
+        let day = self.days.entry(deltas.day).or_default();
+        dims.for_each(&deltas, &mut reuse.name, |counter, delta| {
+            bump(day, counter, delta)
+        });
+    }
+
     /// Records where upstream held an event (or that it carried no position), for coverage.
     /// Every delivered valid event is covered, canaries too: they take offsets like any other.
     pub fn cover(&mut self, head: &EventHead<'_>) {
@@ -223,6 +236,28 @@ impl Tally {
         let day = self.days.entry(deltas.day).or_default();
         deltas.for_each(name, |counter, delta| bump(day, counter, delta));
         self.events += 1;
+    }
+
+    /// Adds another tally's day counters and events to this one: for tallies that hold sums
+    /// only ([`Tally::count_days`]), where counting parts apart and adding them up is one pass.
+    /// The per-hour buckets, sketches and coverage of `other` are not taken.
+    pub fn add_sums(&mut self, other: Tally) {
+        for (day, values) in other.days {
+            let into = self.days.entry(day).or_default();
+            if into.is_empty() {
+                *into = values;
+                continue;
+            }
+            for (name, delta) in values {
+                match into.get_mut(&name) {
+                    Some(value) => *value = value.saturating_add(delta),
+                    None => {
+                        into.insert(name, delta);
+                    }
+                }
+            }
+        }
+        self.events += other.events;
     }
 
     /// The all-time increments: the sum of the days'. An event counts the same in its day and
@@ -1039,5 +1074,42 @@ mod tests {
         assert!(dimensions(before_1970)
             .1
             .contains(&"22:pleiades_total".to_owned()));
+    }
+    #[test]
+    fn a_rebuild_counts_the_same_days_without_hours_or_sketches() {
+        for file in crate::event::recorded::FILES {
+            let (mut everything, mut days) = (Tally::default(), Tally::default());
+            let mut reuse = CountScratch::default();
+            for line in recorded(file) {
+                let head = inspect(&line).unwrap();
+                if head.canary {
+                    continue;
+                }
+                everything.count(&head, true, &mut reuse);
+                days.count_days(&head, &mut reuse);
+            }
+            assert!(
+                everything.events > 0 && !everything.hours.is_empty(),
+                "{file}"
+            );
+            assert_eq!(days.days, everything.days, "{file}");
+            assert_eq!(days.events, everything.events, "{file}");
+            assert!(days.hours.is_empty() && days.editors.is_empty() && days.top.is_empty());
+            // Counted in three parts and added up, the sums are those of one pass.
+            let lines = recorded(file);
+            let mut summed = Tally::default();
+            for part in lines.chunks(lines.len().div_ceil(3)) {
+                let mut tally = Tally::default();
+                for line in part {
+                    let head = inspect(line).unwrap();
+                    if !head.canary {
+                        tally.count_days(&head, &mut reuse);
+                    }
+                }
+                summed.add_sums(tally);
+            }
+            assert_eq!(summed.days, days.days, "{file}");
+            assert_eq!(summed.events, days.events, "{file}");
+        }
     }
 }

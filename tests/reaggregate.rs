@@ -216,7 +216,14 @@ async fn a_rebuild_beside_the_running_daemon_switches_at_once_on_redis() {
 
     let started = Instant::now();
     let output = tokio::process::Command::new(binary())
-        .args(["--config", config_path.to_str().unwrap(), "reaggregate"])
+        .args([
+            "--config",
+            config_path.to_str().unwrap(),
+            // A rebuild of this size takes about a second: progress lines come more often.
+            "--progress-interval",
+            "100ms",
+            "reaggregate",
+        ])
         .current_dir(scope.path(""))
         .env_remove("RUST_LOG")
         .output()

@@ -28,6 +28,45 @@ impl BatchPolicy {
     }
 }
 
+/// The fewest records a thread of [`Counting::add_all`] counts: below this, starting a thread
+/// costs more than it saves.
+const MIN_PART: usize = 256;
+
+/// What one thread of [`Counting::add_all`] counted: the sums, and the records (by index in
+/// its part) that cannot be counted, with why.
+struct Part {
+    len: usize,
+    tally: crate::counters::Tally,
+    rejected: Vec<(usize, RejectReason, String)>,
+}
+
+/// Counts a part of a rebuild's records as a rebuild counts them (`Counting::for_rebuild`).
+fn count_part(
+    records: &[Record<'_>],
+    full: bool,
+    metrics: &AggregateMetrics,
+    reuse: &mut CountScratch,
+) -> Part {
+    let mut tally = crate::counters::Tally::default();
+    let mut rejected = Vec::new();
+    for (index, record) in records.iter().enumerate() {
+        match &record.data {
+            Ok(data) => match crate::event::inspect(data) {
+                Ok(head) if head.canary => metrics.skipped.inc(Skip::Canary),
+                Ok(head) if full => tally.count_days(&head, reuse),
+                Ok(head) => tally.count(&head, false, reuse),
+                Err(invalid) => rejected.push((index, invalid.reason(), invalid.to_string())),
+            },
+            Err(bad) => rejected.push((index, RejectReason::BadRecord, bad.error.clone())),
+        }
+    }
+    Part {
+        len: records.len(),
+        tally,
+        rejected,
+    }
+}
+
 /// The batch being built for one source (a segment, a partition).
 #[derive(Debug)]
 pub struct Pending {
@@ -89,6 +128,8 @@ pub struct Counting {
     quarantine: Quarantine,
     reuse: CountScratch,
     statistics: Statistics,
+    /// Counting for a rebuild: only what the rebuild space holds ([`Counting::for_rebuild`]).
+    rebuild: bool,
 }
 
 impl Counting {
@@ -99,12 +140,22 @@ impl Counting {
             quarantine,
             reuse: CountScratch::default(),
             statistics: Statistics::Full,
+            rebuild: false,
         }
     }
 
     /// Counts what `statistics` says (`aggregate.statistics`; the default is everything).
     pub fn with_statistics(mut self, statistics: Statistics) -> Self {
         self.statistics = statistics;
+        self
+    }
+
+    /// Counts only what a rebuild writes: the day counters. Coverage, the per-hour buckets and
+    /// the sketches have one space, the live one, which the aggregators keep; computing them
+    /// for a rebuild would only be thrown away by the store. Nor is the lag of an event read
+    /// back from history a lag worth observing.
+    pub fn for_rebuild(mut self) -> Self {
+        self.rebuild = true;
         self
     }
 
@@ -130,16 +181,26 @@ impl Counting {
             Ok(data) => match crate::event::inspect(data) {
                 Ok(head) if head.canary => {
                     self.metrics.skipped.inc(Skip::Canary);
-                    pending.batch.tally.cover(&head);
+                    if !self.rebuild {
+                        pending.batch.tally.cover(&head);
+                    }
                     None
                 }
                 Ok(head) => {
-                    pending.batch.tally.cover(&head);
-                    self.metrics
-                        .lag_ms
-                        .observe((now_ms - head.time_ms).max(0) as f64);
                     let full = self.statistics == Statistics::Full;
-                    pending.batch.tally.count(&head, full, &mut self.reuse);
+                    let tally = &mut pending.batch.tally;
+                    if self.rebuild {
+                        match full {
+                            true => tally.count_days(&head, &mut self.reuse),
+                            false => tally.count(&head, false, &mut self.reuse),
+                        }
+                    } else {
+                        tally.cover(&head);
+                        self.metrics
+                            .lag_ms
+                            .observe((now_ms - head.time_ms).max(0) as f64);
+                        tally.count(&head, full, &mut self.reuse);
+                    }
                     None
                 }
                 Err(invalid) => Some((invalid.reason(), invalid.to_string(), *data)),
@@ -147,23 +208,104 @@ impl Counting {
             Err(bad) => Some((RejectReason::BadRecord, bad.error.clone(), bad.raw.as_ref())),
         };
         if let Some((reason, error, data)) = rejected {
-            self.metrics.quarantined(reason);
-            // Bus content came from upstream: logged escaped (`?`), never verbatim.
-            tracing::warn!(
-                %reason,
-                error = ?error.chars().take(200).collect::<String>(),
-                id = ?record.sse_id.chars().take(200).collect::<String>(),
-                "an event on the bus cannot be counted; quarantined"
-            );
-            let at = match record.source {
-                Source::Segment(n) => format!("segment {n} byte {}", record.start),
-                Source::Partition(p) => format!("partition {p} offset {}", record.start),
-            };
-            // Found at a place on the bus: read again after a crash, it is kept once.
-            self.quarantine
-                .write(&QuarantineRecord::new(reason, error, &record.sse_id, data).found_at(at))
-                .await?;
+            self.quarantine_record(record, reason, error, data).await?;
         }
+        Ok(())
+    }
+
+    /// Counts `records` into `pending` as [`Counting::add`] counts each, on up to `threads`
+    /// threads at once: for a rebuild, which has nobody waiting and only sums to keep (the
+    /// day counters), so parts counted apart and added up are exactly one pass over them. The
+    /// records that cannot be counted are quarantined afterwards, in bus order. Outside a
+    /// rebuild, where sketches are counted too, this is [`Counting::add`] record by record.
+    pub async fn add_all(
+        &mut self,
+        pending: &mut Pending,
+        records: &[Record<'_>],
+        threads: usize,
+        now_ms: i64,
+    ) -> Result<(), AggregateError> {
+        let Some(last) = records.last() else {
+            return Ok(());
+        };
+        if !self.rebuild || threads <= 1 || records.len() < 2 * MIN_PART {
+            for record in records {
+                self.add(pending, record, now_ms).await?;
+            }
+            return Ok(());
+        }
+        if pending.records == 0 {
+            pending.opened = Instant::now();
+        }
+        let full = self.statistics == Statistics::Full;
+        let part_len = records.len().div_ceil(threads).max(MIN_PART);
+        let metrics = &self.metrics;
+        let reuse = &mut self.reuse;
+        let parts: Vec<Part> = tokio::task::block_in_place(|| {
+            std::thread::scope(|scope| {
+                let mut chunks = records.chunks(part_len);
+                let first = chunks.next().unwrap_or_default();
+                let others: Vec<_> = chunks
+                    .map(|chunk| {
+                        scope.spawn(move || {
+                            count_part(chunk, full, metrics, &mut CountScratch::default())
+                        })
+                    })
+                    .collect();
+                let mut parts = vec![count_part(first, full, metrics, reuse)];
+                for other in others {
+                    // Counting does not panic (no input reaches an unwrap); were it to, the
+                    // panic goes on here as it would have on this thread.
+                    match other.join() {
+                        Ok(part) => parts.push(part),
+                        Err(panic) => std::panic::resume_unwind(panic),
+                    }
+                }
+                parts
+            })
+        });
+        let mut offset = 0;
+        for part in parts {
+            pending.batch.tally.add_sums(part.tally);
+            for (index, reason, error) in part.rejected {
+                let record = &records[offset + index];
+                let data = match &record.data {
+                    Ok(data) => *data,
+                    Err(bad) => bad.raw.as_ref(),
+                };
+                self.quarantine_record(record, reason, error, data).await?;
+            }
+            offset += part.len;
+        }
+        pending.batch.end = last.end;
+        pending.records += records.len();
+        Ok(())
+    }
+
+    /// Quarantines a record that cannot be counted, naming where on the bus it was found.
+    async fn quarantine_record(
+        &mut self,
+        record: &Record<'_>,
+        reason: RejectReason,
+        error: String,
+        data: &str,
+    ) -> Result<(), AggregateError> {
+        self.metrics.quarantined(reason);
+        // Bus content came from upstream: logged escaped (`?`), never verbatim.
+        tracing::warn!(
+            %reason,
+            error = ?error.chars().take(200).collect::<String>(),
+            id = ?record.sse_id.chars().take(200).collect::<String>(),
+            "an event on the bus cannot be counted; quarantined"
+        );
+        let at = match record.source {
+            Source::Segment(n) => format!("segment {n} byte {}", record.start),
+            Source::Partition(p) => format!("partition {p} offset {}", record.start),
+        };
+        // Found at a place on the bus: read again after a crash, it is kept once.
+        self.quarantine
+            .write(&QuarantineRecord::new(reason, error, &record.sse_id, data).found_at(at))
+            .await?;
         Ok(())
     }
 

@@ -24,8 +24,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// Bytes read from a segment at a time.
-const READ_CHUNK: usize = 1 << 20;
+/// Bytes read from a segment at a time: a few thousand events, counted in parts on every core.
+const READ_CHUNK: usize = 4 << 20;
 
 /// Records per batch of the rebuild at least: a rebuild has no one waiting for its batches, so
 /// they are as large as the store takes comfortably.
@@ -135,6 +135,8 @@ struct Rebuild<'a> {
     /// Where the rebuild space is, by source (also the start of sources not read yet).
     rebuilt: Positions,
     progress: Progress,
+    /// Threads that count a chunk of a segment at once: every core.
+    threads: usize,
     renewed: Instant,
     events: u64,
     /// The newest day that keeps its live counters because the bus lost some of its events.
@@ -146,7 +148,11 @@ impl<'a> Rebuild<'a> {
         let quarantine = Quarantine::for_rebuild(&ctx.config.bus);
         let metrics = ctx.metrics.aggregate.clone();
         Rebuild {
-            counting: Counting::new(live.rebuild_space(), metrics, quarantine),
+            // The counters the aggregators keep, `aggregate.statistics` included, and nothing
+            // the rebuild space does not hold.
+            counting: Counting::new(live.rebuild_space(), metrics, quarantine)
+                .with_statistics(ctx.config.aggregate.statistics)
+                .for_rebuild(),
             policy: BatchPolicy {
                 events: ctx.config.aggregate.batch_events.max(BATCH_EVENTS),
                 delay: ctx.config.aggregate.batch_delay,
@@ -155,6 +161,7 @@ impl<'a> Rebuild<'a> {
             live,
             rebuilt: Positions::new(),
             progress: Progress::new(),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             renewed: Instant::now(),
             events: 0,
             lost_through: None,
@@ -296,27 +303,24 @@ impl<'a> Rebuild<'a> {
         let mut pending = Pending::new(source.to_owned(), from);
         while pending.end() < target {
             let now_ms = chrono::Utc::now().timestamp_millis();
-            let records = tokio::task::block_in_place(|| reader.read(READ_CHUNK))?;
-            if records.is_empty() {
-                return Err(RebuildError::ShortSource {
-                    key: source.to_owned(),
-                    length: pending.end(),
-                    live: target,
-                });
-            }
-            let mut reread = false;
-            for record in records {
-                if record.start >= target {
-                    break;
+            let refused = {
+                let records: Vec<_> = tokio::task::block_in_place(|| reader.read(READ_CHUNK))?
+                    .take_while(|record| record.start < target)
+                    .collect();
+                if records.is_empty() {
+                    return Err(RebuildError::ShortSource {
+                        key: source.to_owned(),
+                        length: pending.end(),
+                        live: target,
+                    });
                 }
-                self.counting.add(&mut pending, &record, now_ms).await?;
-                self.progress.record();
-                if pending.is_full(&self.policy) && self.apply(&mut pending).await? {
-                    reread = true;
-                    break;
-                }
-            }
-            if reread {
+                self.counting
+                    .add_all(&mut pending, &records, self.threads, now_ms)
+                    .await?;
+                self.progress.read(records.len());
+                pending.is_full(&self.policy) && self.apply(&mut pending).await?
+            };
+            if refused {
                 reader = SegmentReader::open(path, pending.end())?;
             }
         }
@@ -394,7 +398,7 @@ impl<'a> Rebuild<'a> {
             }
             let now_ms = chrono::Utc::now().timestamp_millis();
             self.counting.add(batch, &record, now_ms).await?;
-            self.progress.record();
+            self.progress.read(1);
             let done = batch.end() >= *target;
             if done || batch.is_full(&self.policy) {
                 let (mut batch_now, target) = match pending.remove(&p) {
@@ -447,8 +451,8 @@ impl Progress {
         }
     }
 
-    fn record(&mut self) {
-        self.display.inc(1);
+    fn read(&mut self, count: usize) {
+        self.display.inc(count as u64);
     }
 
     /// Records read so far.

@@ -586,26 +586,27 @@ impl Ingester {
         let now_ms = chrono::Utc::now().timestamp_millis();
         let max_future_ms =
             i64::try_from(self.config.max_future_skew.as_millis()).unwrap_or(i64::MAX);
-        for event in events.drain(..) {
+        let checks = check_all(events, &self.validation, now_ms, max_future_ms);
+        for (event, check) in events.drain(..).zip(checks) {
             self.metrics.events.inc();
             if event.event_type != "message" {
                 self.metrics.errors.inc();
                 tracing::warn!(event_type = ?shown(&event.event_type), id = ?shown(&event.id), data = ?shown(&event.data), "upstream sent a non-message event");
                 continue;
             }
-            let checked = crate::event::inspect(&event.data).and_then(|head| {
-                crate::event::check_not_future(head.time_ms, now_ms, max_future_ms)?;
-                Ok(head)
-            });
-            let (time_ms, key, canary, position) = match checked {
-                Ok(head) => (
-                    head.time_ms,
-                    head.id.map(|id| id.into_owned()),
-                    head.canary,
-                    head.position
-                        .map(|at| (at.topic.into_owned(), at.partition, at.offset)),
-                ),
-                Err(invalid) => {
+            let (
+                Head {
+                    time_ms,
+                    key,
+                    canary,
+                    position,
+                },
+                proof,
+            ) = match check {
+                Some(Ok(checked)) => checked,
+                // Not a message: answered above.
+                None => continue,
+                Some(Err(invalid)) => {
                     if !self
                         .quarantine(invalid.reason(), invalid.to_string(), &event, shutdown)
                         .await?
@@ -621,7 +622,7 @@ impl Ingester {
                     continue;
                 }
             }
-            if let Verdict::Quarantine(error) = self.validation.check(&event.id, &event.data) {
+            if let Verdict::Quarantine(error) = self.validation.judge(&event.id, proof) {
                 self.quarantine(RejectReason::Schema, error.to_string(), &event, shutdown)
                     .await?;
                 continue;
@@ -744,6 +745,96 @@ impl Ingester {
     }
 }
 
+/// What the ingester needs of a valid event's head, owned, to classify it after the check.
+#[derive(Debug, PartialEq)]
+struct Head {
+    time_ms: i64,
+    /// `meta.id`: the dedupe key, and the message key on Kafka.
+    key: Option<String>,
+    canary: bool,
+    /// Where upstream held it: topic, partition, offset.
+    position: Option<(String, i32, u64)>,
+}
+
+/// What checking one event found: `None` for an event that is not a message, the reason it is
+/// invalid, or its head and the schema's answer (`None` when validation is off). An event
+/// whose id repeats one already delivered is checked against its schema all the same; repeats
+/// are rare, and the check reads nothing but the event.
+type Check = Option<Result<(Head, Option<validation::Proof>), crate::event::Invalid>>;
+
+/// The fewest events a thread of [`check_all`] checks: below this, starting a thread costs more
+/// than it saves.
+const MIN_CHECKS_PER_THREAD: usize = 256;
+
+/// Checks one event: its head and whether it is in the future, then its schema. Reads nothing
+/// but the event, so that a group's events can be checked on several threads at once.
+fn check(event: &SseEvent, validation: &Validation, now_ms: i64, max_future_ms: i64) -> Check {
+    if event.event_type != "message" {
+        return None;
+    }
+    let checked = crate::event::inspect(&event.data).and_then(|head| {
+        crate::event::check_not_future(head.time_ms, now_ms, max_future_ms)?;
+        Ok(head)
+    });
+    Some(checked.map(|head| {
+        let head = Head {
+            time_ms: head.time_ms,
+            key: head.id.map(|id| id.into_owned()),
+            canary: head.canary,
+            position: head
+                .position
+                .map(|at| (at.topic.into_owned(), at.partition, at.offset)),
+        };
+        (head, validation.prove(&event.data))
+    }))
+}
+
+/// Checks every event of a group, in order. A group of a backlog holds thousands, and checking
+/// them (two reads of each event's JSON) was the larger half of the ingester's work: they are
+/// checked in parts on every core, while what depends on the order (the dedupe window, the
+/// watermarks, publishing) stays with the ingester. A live stream's groups of a few events are
+/// checked here, on no other thread.
+fn check_all(
+    events: &[SseEvent],
+    validation: &Validation,
+    now_ms: i64,
+    max_future_ms: i64,
+) -> Vec<Check> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let one = |event: &SseEvent| check(event, validation, now_ms, max_future_ms);
+    if threads <= 1 || events.len() < 2 * MIN_CHECKS_PER_THREAD {
+        return events.iter().map(one).collect();
+    }
+    let part = events.len().div_ceil(threads).max(MIN_CHECKS_PER_THREAD);
+    // The ingester's thread waits for the others: on a runtime of several threads, its other
+    // tasks move meanwhile.
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    let wait = |work: &dyn Fn() -> Vec<Check>| match multi_thread {
+        true => tokio::task::block_in_place(work),
+        false => work(),
+    };
+    wait(&|| {
+        std::thread::scope(|scope| {
+            let mut parts = events.chunks(part);
+            let first = parts.next().unwrap_or_default();
+            let others: Vec<_> = parts
+                .map(|chunk| scope.spawn(move || chunk.iter().map(one).collect::<Vec<_>>()))
+                .collect();
+            let mut checks: Vec<Check> = first.iter().map(one).collect();
+            for other in others {
+                // Checking does not panic (no input reaches an unwrap); were it to, the panic
+                // goes on here as it would have on this thread.
+                match other.join() {
+                    Ok(part) => checks.extend(part),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            checks
+        })
+    })
+}
+
 /// Upstream text as a log field: at most 200 characters, and (logged with `?`) every control
 /// character escaped, so that nothing upstream sends can start a line of its own or colour a
 /// terminal.
@@ -789,4 +880,63 @@ pub async fn run(
         ingester.intake = Some(intake.take().await);
     }
     ingester.run(ctx).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ValidateMode;
+    use crate::metrics::Metrics;
+
+    /// The recorded events, with non-messages, text that is not JSON and schema failures
+    /// among them.
+    fn group() -> Vec<SseEvent> {
+        let id: Arc<str> = Arc::from("[]");
+        crate::event::recorded::FILES
+            .iter()
+            .flat_map(|file| crate::event::recorded::lines(file))
+            .enumerate()
+            .map(|(n, data)| SseEvent {
+                event_type: if n % 97 == 5 { "error" } else { "message" }.into(),
+                data: match n % 13 {
+                    7 => "{not json".into(),
+                    3 => data.replacen("\"bot\":", "\"bot\":\"no\",\"was\":", 1),
+                    _ => data,
+                },
+                id: id.clone(),
+            })
+            .collect()
+    }
+
+    fn checked_in_parts_as_one_by_one() {
+        let metrics = Metrics::new(1).unwrap();
+        let validation = Validation::new(ValidateMode::Quarantine, metrics.ingest.clone()).unwrap();
+        let events = group();
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let one_by_one: Vec<Check> = events
+            .iter()
+            .map(|e| check(e, &validation, now_ms, 60_000))
+            .collect();
+        assert_eq!(check_all(&events, &validation, now_ms, 60_000), one_by_one);
+        let count = |f: &dyn Fn(&Check) -> bool| one_by_one.iter().filter(|c| f(c)).count();
+        assert!(count(&|c| c.is_none()) > 10);
+        assert!(count(&|c| matches!(c, Some(Err(_)))) > 100);
+        assert!(count(&|c| matches!(c, Some(Ok((_, Some(Err(_))))))) > 100);
+        assert!(count(&|c| matches!(c, Some(Ok((_, Some(Ok(_))))))) > 1000);
+    }
+
+    #[test]
+    fn a_group_is_checked_in_parts_as_one_by_one_off_a_runtime() {
+        checked_in_parts_as_one_by_one();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_is_checked_in_parts_as_one_by_one_on_a_runtime_of_threads() {
+        checked_in_parts_as_one_by_one();
+    }
+
+    #[tokio::test]
+    async fn a_group_is_checked_in_parts_as_one_by_one_on_a_runtime_of_one_thread() {
+        checked_in_parts_as_one_by_one();
+    }
 }

@@ -4,7 +4,7 @@
 
 use crate::config::ValidateMode;
 use crate::metrics::IngestMetrics;
-use crate::schema::{CompileError, Rule, SchemaError, Schemas};
+use crate::schema::{CompileError, Rule, SchemaError, SchemaVersion, Schemas};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,9 @@ pub enum Verdict {
 }
 
 /// The ingester's validation: the compiled schemas, the mode and the per-rule log limiter.
+/// The schema's answer for one event: the version it matched, or how it broke its schema.
+pub type Proof = Result<SchemaVersion, SchemaError>;
+
 pub struct Validation {
     mode: ValidateMode,
     schemas: Option<Schemas>,
@@ -45,10 +48,26 @@ impl Validation {
 
     /// Checks one event (`data` as received, already known to be a JSON object).
     pub fn check(&mut self, sse_id: &str, data: &str) -> Verdict {
-        let Some(schemas) = &self.schemas else {
+        let proof = self.prove(data);
+        self.judge(sse_id, proof)
+    }
+
+    /// The schema's answer for one event, or `None` when validation is off: the part of a
+    /// check that reads nothing but the event, so that many can be proven at once, on other
+    /// threads, and judged afterwards in order ([`Validation::judge`]).
+    pub fn prove(&self, data: &str) -> Option<Proof> {
+        self.schemas
+            .as_ref()
+            .map(|schemas| schemas.check_text(data))
+    }
+
+    /// What to do with an event the schema answered for as `proof` ([`Validation::prove`]):
+    /// counted, logged at a bounded rate, and a verdict by `ingest.validate`.
+    pub fn judge(&mut self, sse_id: &str, proof: Option<Proof>) -> Verdict {
+        let Some(proof) = proof else {
             return Verdict::Publish;
         };
-        let error = match schemas.check_text(data) {
+        let error = match proof {
             Ok(version) => {
                 self.metrics.validated.inc(version);
                 return Verdict::Publish;

@@ -311,6 +311,13 @@ impl Records<'_> {
     pub fn is_empty(&self) -> bool {
         self.lines.is_empty()
     }
+
+    /// How many records are left, counted without decoding them: for a reader that only
+    /// passes over them.
+    pub fn lines_left(&self) -> usize {
+        let unterminated = self.lines.last().is_some_and(|&b| b != b'\n');
+        memchr::memchr_iter(b'\n', self.lines).count() + usize::from(unterminated)
+    }
 }
 
 impl<'a> Iterator for Records<'a> {
@@ -320,11 +327,7 @@ impl<'a> Iterator for Records<'a> {
         if self.lines.is_empty() {
             return None;
         }
-        let len = self
-            .lines
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(self.lines.len(), |i| i + 1);
+        let len = memchr::memchr(b'\n', self.lines).map_or(self.lines.len(), |i| i + 1);
         let (line, rest) = self.lines.split_at(len);
         self.lines = rest;
         let start = self.offset;
@@ -351,6 +354,15 @@ fn decode_line(segment: u64, start: u64, end: u64, line: &[u8]) -> Record<'_> {
             }
         }
     };
+    if let Some((sse_id, data)) = super::split_line(text) {
+        return Record {
+            source,
+            start,
+            end,
+            sse_id,
+            data: Ok(data),
+        };
+    }
     match serde_json::from_str::<LineRecord<'_>>(text) {
         Ok(record) => Record {
             source,

@@ -137,6 +137,48 @@ impl Feed {
         }
     }
 
+    /// Moves past the records that arrived, at most about `max`, as [`Feed::next`] would, but
+    /// without building their entries: for a reader nobody is listening to. Returns how many
+    /// records it passed over; 0 when none came within `wait`.
+    pub async fn pass_over(&mut self, max: usize, wait: Duration) -> Result<usize, BusError> {
+        match self {
+            Feed::File {
+                dir,
+                reader,
+                position,
+            } => {
+                let (passed, reached) = read_blocking(dir, reader, pass_over_file).await?;
+                *position = reached;
+                if passed == 0 {
+                    tokio::time::sleep(wait).await;
+                }
+                Ok(passed)
+            }
+            Feed::Kafka {
+                reader, position, ..
+            } => {
+                let first = match tokio::time::timeout(wait, reader.recv()).await {
+                    Err(_) => return Ok(0),
+                    Ok(message) => message?,
+                };
+                let mut advance = |message: crate::bus::kafka::Message<'_>| {
+                    let record = message.record();
+                    position.advance(record.source, record.start, record.end);
+                };
+                advance(first);
+                let mut passed = 1;
+                while passed < max {
+                    match reader.recv().now_or_never() {
+                        Some(message) => advance(message?),
+                        None => break,
+                    }
+                    passed += 1;
+                }
+                Ok(passed)
+            }
+        }
+    }
+
     /// The records that arrived, at most about `max`; empty when none came within `wait`.
     pub async fn next(&mut self, max: usize, wait: Duration) -> Result<Vec<Entry>, BusError> {
         match self {
@@ -145,20 +187,7 @@ impl Feed {
                 reader,
                 position,
             } => {
-                let Some(mut taken) = reader.take() else {
-                    return Err(BusError::File(FileBusError::Task(format!(
-                        "the reader of {} was lost",
-                        dir.display()
-                    ))));
-                };
-                let (taken, read) = tokio::task::spawn_blocking(move || {
-                    let read = read_file(&mut taken);
-                    (taken, read)
-                })
-                .await
-                .map_err(task_failed)?;
-                *reader = Some(taken);
-                let (entries, reached) = read?;
+                let (entries, reached) = read_blocking(dir, reader, read_file).await?;
                 *position = reached;
                 if entries.is_empty() {
                     tokio::time::sleep(wait).await;
@@ -195,6 +224,36 @@ impl Feed {
             }
         }
     }
+}
+
+/// Runs `read` on the event files' reader on a blocking thread, and puts the reader back.
+async fn read_blocking<T: Send + 'static>(
+    dir: &Path,
+    reader: &mut Option<BusReader>,
+    read: fn(&mut BusReader) -> Result<T, BusError>,
+) -> Result<T, BusError> {
+    let Some(mut taken) = reader.take() else {
+        return Err(BusError::File(FileBusError::Task(format!(
+            "the reader of {} was lost",
+            dir.display()
+        ))));
+    };
+    let (taken, result) = tokio::task::spawn_blocking(move || {
+        let result = read(&mut taken);
+        (taken, result)
+    })
+    .await
+    .map_err(task_failed)?;
+    *reader = Some(taken);
+    result
+}
+
+/// One read of event files that builds no entries: the records passed over, and the position
+/// after them.
+fn pass_over_file(reader: &mut BusReader) -> Result<(usize, Position), BusError> {
+    let passed = reader.read(READ_BYTES)?.lines_left();
+    let (segment, offset) = reader.position();
+    Ok((passed, Position::File { segment, offset }))
 }
 
 /// One read of event files: the entries of the complete lines available, and the position

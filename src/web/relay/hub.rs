@@ -305,6 +305,30 @@ impl Hub {
         }
     }
 
+    /// Moves the ring to `head` without entries, when no client is connected: the reader read
+    /// past records nobody was there to hear, and what the ring held is history no client
+    /// needs either (one that comes back with an older id reads the bus on its own until it
+    /// reaches the ring, as any client from further back does). False, changing nothing, when
+    /// a client is connected now: its start may lie before `head`, so the reader must read
+    /// those records again and keep them. Deciding under the ring's write lock is what makes
+    /// this exact: a client admitted after the decision reads the ring's new head.
+    fn pass_over(&self, head: &Position) -> bool {
+        let Ok(mut guard) = self.ring.write() else {
+            return false;
+        };
+        let Some(ring) = guard.as_mut() else {
+            return false;
+        };
+        if self.connected.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        ring.first_seq += ring.entries.len() as u64;
+        ring.entries.clear();
+        ring.front = head.clone();
+        ring.head = head.clone();
+        true
+    }
+
     /// Waits until no client needs an entry before `seq`, for [`SLOW_GRACE`] at most; then
     /// drops those that still do.
     async fn make_room(&self, seq: u64) {
@@ -358,6 +382,26 @@ pub async fn run(
     };
     tracing::info!(from = ?feed.position(), kind = ?hub.bus.kind(), "relay reading the bus");
     loop {
+        if hub.connected.load(Ordering::Acquire) == 0 {
+            // Nobody is listening: most of a reader's work, decoding each record and building
+            // its frame, would be for nothing (in a backfill it was a sixth of the daemon's).
+            let from = feed.position().clone();
+            let passed = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                read = feed.pass_over(READ_BATCH, wait) => read?,
+            };
+            if hub.pass_over(feed.position()) {
+                if passed == 0 {
+                    hub.ready
+                        .send_if_modified(|ready| !std::mem::replace(ready, true));
+                } else {
+                    hub.metrics.bus_events.inc_by(passed as u64);
+                }
+                continue;
+            }
+            // A client came while the records were passed over: they are read again, kept.
+            feed = Feed::open(&hub.bus, &from).await?;
+        }
         let entries = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             read = feed.next(READ_BATCH, wait) => read?,

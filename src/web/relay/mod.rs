@@ -436,12 +436,8 @@ mod tests {
         writer.publish(&outgoing).unwrap();
     }
 
-    fn text(event: Event) -> String {
-        event.to_string()
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_client_left_behind_hears_why_and_its_stream_ends() {
+    /// Event files in a fresh directory holding events `0..count`, their writer and metrics.
+    fn bus_of(count: usize) -> (tempfile::TempDir, FileConfig, Metrics, SegmentWriter) {
         let dir = tempfile::tempdir().unwrap();
         let config = FileConfig {
             dir: dir.path().to_owned(),
@@ -449,9 +445,29 @@ mod tests {
         };
         let metrics = Metrics::new(1).unwrap();
         let mut writer = SegmentWriter::open(&config, metrics.file_bus.clone()).unwrap();
-        publish(&mut writer, 0, 4);
+        publish(&mut writer, 0, count);
+        (dir, config, metrics, writer)
+    }
+
+    fn text(event: Event) -> String {
+        event.to_string()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_left_behind_hears_why_and_its_stream_ends() {
+        let (_dir, config, metrics, mut writer) = bus_of(4);
         let hub = Hub::new(BusSettings::File(config), 16, 3, metrics.relay.clone());
         let shutdown = CancellationToken::new();
+        // Connected from the start, the third client makes the reader keep what it reads: with
+        // nobody connected it keeps nothing.
+        let _third = Client::connect(
+            &hub,
+            Start::Live,
+            Filter::default(),
+            Duration::from_secs(60),
+            &shutdown,
+        )
+        .unwrap();
         tokio::spawn(run(hub.clone(), Duration::from_millis(5), shutdown.clone()));
         assert!(hub.wait_ready(&shutdown).await);
 
@@ -491,14 +507,6 @@ mod tests {
             "nothing new yet"
         );
         // The third place is the last; a fourth client is refused.
-        let _third = Client::connect(
-            &hub,
-            Start::Live,
-            Filter::default(),
-            Duration::from_secs(60),
-            &shutdown,
-        )
-        .unwrap();
         assert!(Client::connect(
             &hub,
             Start::Live,
@@ -543,9 +551,16 @@ mod tests {
             &shutdown,
         )
         .unwrap();
+        let ids = ids_from(&mut resumed, 20).await;
+        let want: Vec<String> = (5..44).step_by(2).map(|n| format!("e{n}")).collect();
+        assert_eq!(ids, want);
+        shutdown.cancel();
+    }
+    /// Reads `client` until it has sent `count` events; returns their `meta.id`s.
+    async fn ids_from(client: &mut Client, count: usize) -> Vec<String> {
         let mut ids = Vec::new();
-        while ids.len() < 20 {
-            let batch = text(resumed.next().await.unwrap());
+        while ids.len() < count {
+            let batch = text(client.next().await.unwrap());
             ids.extend(
                 batch
                     .lines()
@@ -553,8 +568,47 @@ mod tests {
                     .map(|r| r.split('"').next().unwrap().to_owned()),
             );
         }
-        let want: Vec<String> = (5..44).step_by(2).map(|n| format!("e{n}")).collect();
-        assert_eq!(ids, want);
+        ids
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_nobody_connected_the_reader_keeps_nothing_and_resumes_stay_exact() {
+        let (_dir, config, metrics, mut writer) = bus_of(10);
+        let hub = Hub::new(BusSettings::File(config), 64, 4, metrics.relay.clone());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(run(hub.clone(), Duration::from_millis(5), shutdown.clone()));
+        assert!(hub.wait_ready(&shutdown).await);
+        // Read past, counted, but not kept: the ring is empty at the end of the bus.
+        let (head, seq) = hub.now().unwrap();
+        assert_eq!(hub.take(seq, 100).unwrap().len(), 0);
+        assert!(matches!(hub.join(&head), Join::At(s) if s == seq));
+        let start = Position::File {
+            segment: 1,
+            offset: 0,
+        };
+        assert!(matches!(hub.join(&start), Join::Behind));
+        assert_eq!(metrics.relay.bus_events.get(), 10);
+
+        // A client from the start reads the bus on its own, then what comes next.
+        let mut client = Client::connect(
+            &hub,
+            Start::At(start),
+            Filter::default(),
+            Duration::from_secs(60),
+            &shutdown,
+        )
+        .unwrap();
+        let want: Vec<String> = (0..10).map(|n| format!("e{n}")).collect();
+        assert_eq!(ids_from(&mut client, 10).await, want);
+        publish(&mut writer, 10, 15);
+        let want: Vec<String> = (10..15).map(|n| format!("e{n}")).collect();
+        assert_eq!(ids_from(&mut client, 5).await, want);
+        // With a client connected, what the reader reads is kept again.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while hub.take(seq, 100).unwrap().len() < 5 {
+            assert!(tokio::time::Instant::now() < deadline, "nothing was kept");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         shutdown.cancel();
     }
 }
