@@ -9,9 +9,10 @@ pub mod event;
 pub mod project;
 pub mod schema;
 pub mod sketch;
-// The base layer: configuration, metrics, and the display of progress.
+// The base layer: configuration, metrics, the display of progress, work split over cores.
 pub mod config;
 pub mod metrics;
+pub mod parts;
 pub mod progress;
 // Infrastructure: the bus, the store, the HTTP server.
 pub mod bus;

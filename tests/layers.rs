@@ -19,6 +19,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("config", &["event"]),
     ("metrics", &["event", "schema"]),
     ("progress", &[]),
+    ("parts", &[]),
     // Infrastructure.
     ("bus", &["config", "event", "metrics"]),
     (
@@ -33,7 +34,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "ingest",
         &[
-            "bus", "config", "coverage", "event", "metrics", "progress", "schema",
+            "bus", "config", "coverage", "event", "metrics", "parts", "progress", "schema",
         ],
     ),
     (
@@ -45,7 +46,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "aggregate",
         &[
-            "bus", "config", "counters", "event", "metrics", "progress", "store",
+            "bus", "config", "counters", "event", "metrics", "parts", "progress", "store",
         ],
     ),
     (

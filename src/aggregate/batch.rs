@@ -28,11 +28,11 @@ impl BatchPolicy {
     }
 }
 
-/// The fewest records a thread of [`Counting::add_all`] counts: below this, starting a thread
+/// The fewest records a thread of a rebuild's counting counts: below this, starting a thread
 /// costs more than it saves.
 const MIN_PART: usize = 256;
 
-/// What one thread of [`Counting::add_all`] counted: the sums, and the records (by index in
+/// What one thread of a rebuild's counting counted: the sums, and the records (by index in
 /// its part) that cannot be counted, with why.
 struct Part {
     len: usize,
@@ -172,6 +172,11 @@ impl Counting {
         record: &Record<'_>,
         now_ms: i64,
     ) -> Result<(), AggregateError> {
+        if self.rebuild {
+            return self
+                .count_in_parts(pending, std::slice::from_ref(record))
+                .await;
+        }
         if pending.records == 0 {
             pending.opened = Instant::now();
         }
@@ -181,26 +186,16 @@ impl Counting {
             Ok(data) => match crate::event::inspect(data) {
                 Ok(head) if head.canary => {
                     self.metrics.skipped.inc(Skip::Canary);
-                    if !self.rebuild {
-                        pending.batch.tally.cover(&head);
-                    }
+                    pending.batch.tally.cover(&head);
                     None
                 }
                 Ok(head) => {
+                    pending.batch.tally.cover(&head);
+                    self.metrics
+                        .lag_ms
+                        .observe((now_ms - head.time_ms).max(0) as f64);
                     let full = self.statistics == Statistics::Full;
-                    let tally = &mut pending.batch.tally;
-                    if self.rebuild {
-                        match full {
-                            true => tally.count_days(&head, &mut self.reuse),
-                            false => tally.count(&head, false, &mut self.reuse),
-                        }
-                    } else {
-                        tally.cover(&head);
-                        self.metrics
-                            .lag_ms
-                            .observe((now_ms - head.time_ms).max(0) as f64);
-                        tally.count(&head, full, &mut self.reuse);
-                    }
+                    pending.batch.tally.count(&head, full, &mut self.reuse);
                     None
                 }
                 Err(invalid) => Some((invalid.reason(), invalid.to_string(), *data)),
@@ -213,57 +208,48 @@ impl Counting {
         Ok(())
     }
 
-    /// Counts `records` into `pending` as [`Counting::add`] counts each, on up to `threads`
-    /// threads at once: for a rebuild, which has nobody waiting and only sums to keep (the
-    /// day counters), so parts counted apart and added up are exactly one pass over them. The
-    /// records that cannot be counted are quarantined afterwards, in bus order. Outside a
-    /// rebuild, where sketches are counted too, this is [`Counting::add`] record by record.
+    /// Counts `records` into `pending` as [`Counting::add`] counts each. For a rebuild, which
+    /// has nobody waiting and only sums to keep (the day counters), they are counted in parts on
+    /// every core and the sums added up, which is exactly one pass over them; the records that
+    /// cannot be counted are quarantined afterwards, in bus order. Outside a rebuild, where
+    /// sketches are counted too, this is [`Counting::add`] record by record.
     pub async fn add_all(
         &mut self,
         pending: &mut Pending,
         records: &[Record<'_>],
-        threads: usize,
         now_ms: i64,
+    ) -> Result<(), AggregateError> {
+        if self.rebuild {
+            return self.count_in_parts(pending, records).await;
+        }
+        for record in records {
+            self.add(pending, record, now_ms).await?;
+        }
+        Ok(())
+    }
+
+    /// A rebuild's counting of `records` ([`Counting::for_rebuild`]), in parts on every core.
+    async fn count_in_parts(
+        &mut self,
+        pending: &mut Pending,
+        records: &[Record<'_>],
     ) -> Result<(), AggregateError> {
         let Some(last) = records.last() else {
             return Ok(());
         };
-        if !self.rebuild || threads <= 1 || records.len() < 2 * MIN_PART {
-            for record in records {
-                self.add(pending, record, now_ms).await?;
-            }
-            return Ok(());
-        }
         if pending.records == 0 {
             pending.opened = Instant::now();
         }
         let full = self.statistics == Statistics::Full;
-        let part_len = records.len().div_ceil(threads).max(MIN_PART);
         let metrics = &self.metrics;
-        let reuse = &mut self.reuse;
-        let parts: Vec<Part> = tokio::task::block_in_place(|| {
-            std::thread::scope(|scope| {
-                let mut chunks = records.chunks(part_len);
-                let first = chunks.next().unwrap_or_default();
-                let others: Vec<_> = chunks
-                    .map(|chunk| {
-                        scope.spawn(move || {
-                            count_part(chunk, full, metrics, &mut CountScratch::default())
-                        })
-                    })
-                    .collect();
-                let mut parts = vec![count_part(first, full, metrics, reuse)];
-                for other in others {
-                    // Counting does not panic (no input reaches an unwrap); were it to, the
-                    // panic goes on here as it would have on this thread.
-                    match other.join() {
-                        Ok(part) => parts.push(part),
-                        Err(panic) => std::panic::resume_unwind(panic),
-                    }
-                }
-                parts
-            })
-        });
+        let parts = match records.len() < 2 * MIN_PART {
+            // Too few to split (a Kafka rebuild's one message): counted here, with the
+            // counting's own scratch rather than a fresh one per call.
+            true => vec![count_part(records, full, metrics, &mut self.reuse)],
+            false => crate::parts::in_parts(records, MIN_PART, |part| {
+                count_part(part, full, metrics, &mut CountScratch::default())
+            }),
+        };
         let mut offset = 0;
         for part in parts {
             pending.batch.tally.add_sums(part.tally);

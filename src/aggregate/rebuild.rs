@@ -135,8 +135,6 @@ struct Rebuild<'a> {
     /// Where the rebuild space is, by source (also the start of sources not read yet).
     rebuilt: Positions,
     progress: Progress,
-    /// Threads that count a chunk of a segment at once: every core.
-    threads: usize,
     renewed: Instant,
     events: u64,
     /// The newest day that keeps its live counters because the bus lost some of its events.
@@ -161,7 +159,6 @@ impl<'a> Rebuild<'a> {
             live,
             rebuilt: Positions::new(),
             progress: Progress::new(),
-            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             renewed: Instant::now(),
             events: 0,
             lost_through: None,
@@ -315,7 +312,7 @@ impl<'a> Rebuild<'a> {
                     });
                 }
                 self.counting
-                    .add_all(&mut pending, &records, self.threads, now_ms)
+                    .add_all(&mut pending, &records, now_ms)
                     .await?;
                 self.progress.read(records.len());
                 pending.is_full(&self.policy) && self.apply(&mut pending).await?

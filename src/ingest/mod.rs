@@ -800,39 +800,14 @@ fn check_all(
     now_ms: i64,
     max_future_ms: i64,
 ) -> Vec<Check> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let one = |event: &SseEvent| check(event, validation, now_ms, max_future_ms);
-    if threads <= 1 || events.len() < 2 * MIN_CHECKS_PER_THREAD {
-        return events.iter().map(one).collect();
-    }
-    let part = events.len().div_ceil(threads).max(MIN_CHECKS_PER_THREAD);
-    // The ingester's thread waits for the others: on a runtime of several threads, its other
-    // tasks move meanwhile.
-    let multi_thread = tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    let wait = |work: &dyn Fn() -> Vec<Check>| match multi_thread {
-        true => tokio::task::block_in_place(work),
-        false => work(),
-    };
-    wait(&|| {
-        std::thread::scope(|scope| {
-            let mut parts = events.chunks(part);
-            let first = parts.next().unwrap_or_default();
-            let others: Vec<_> = parts
-                .map(|chunk| scope.spawn(move || chunk.iter().map(one).collect::<Vec<_>>()))
-                .collect();
-            let mut checks: Vec<Check> = first.iter().map(one).collect();
-            for other in others {
-                // Checking does not panic (no input reaches an unwrap); were it to, the panic
-                // goes on here as it would have on this thread.
-                match other.join() {
-                    Ok(part) => checks.extend(part),
-                    Err(panic) => std::panic::resume_unwind(panic),
-                }
-            }
-            checks
-        })
+    crate::parts::in_parts(events, MIN_CHECKS_PER_THREAD, |part| {
+        part.iter()
+            .map(|event| check(event, validation, now_ms, max_future_ms))
+            .collect::<Vec<_>>()
     })
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// Upstream text as a log field: at most 200 characters, and (logged with `?`) every control
