@@ -237,6 +237,48 @@ async fn kill_9_and_a_redis_crash_keep_redis_counters_exact() {
     crash_repeatedly(StoreChoice::Redis(url), Some(&mut redis)).await;
 }
 
+/// `events` written to the bus of `scope`, what they count to, and a configuration that only
+/// aggregates them, with its metrics on the port returned.
+fn aggregating_only(scope: &TestScope, events: &[String]) -> (Expected, u16, Config) {
+    let expected = oracle(events);
+    write_bus(&scope.path("events"), events);
+    let metrics = TestScope::free_port();
+    let mut config = Config::default();
+    config.ingest.enabled = false;
+    config.web.enabled = false;
+    config.metrics.listen = loopback(metrics);
+    (expected, metrics, config)
+}
+
+/// A backlog on the live segment is counted as soon as it has been read, not a batch delay
+/// later: with a delay far longer than the deadline and batches far larger than the backlog,
+/// only the end of the backlog can have written it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlogs_last_batch_does_not_wait_out_the_batch_delay() {
+    let mut scope = TestScope::new();
+    let events = synthetic_events(5_000, 3);
+    let (expected, metrics, mut config) = aggregating_only(&scope, &events);
+    config.aggregate.batch_events = 100_000;
+    config.aggregate.batch_delay = Duration::from_secs(3600);
+    config.aggregate.poll_interval = ms(20);
+    StoreChoice::Embedded.apply(&mut config);
+    scope.write_config(&config);
+    let daemon = scope.spawn(&["--config", "pleiades.toml"]);
+    let counted = wait_for_metric(
+        metrics,
+        "pleiades_aggregator_event_count_total",
+        Duration::from_secs(60),
+        |v| v >= 5_000.0,
+    )
+    .await;
+    assert_eq!(counted, 5_000.0);
+    assert_eq!(
+        scope.terminate(daemon, Duration::from_secs(10)).await,
+        Some(0)
+    );
+    assert_counters_equal(&read_store(&scope, &StoreChoice::Embedded).await, &expected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(feature = "service-tests"),
@@ -246,14 +288,8 @@ async fn redis_commands_per_event_stay_under_budget() {
     let mut scope = TestScope::new();
     let redis = RedisServer::start(&scope, false).await;
     let events = synthetic_events(100_000, 40);
-    let expected = oracle(&events);
-    write_bus(&scope.path("events"), &events);
-    let metrics = TestScope::free_port();
-    let mut config = Config::default();
-    config.ingest.enabled = false;
-    config.web.enabled = false;
+    let (expected, metrics, mut config) = aggregating_only(&scope, &events);
     config.aggregate.workers = 2;
-    config.metrics.listen = loopback(metrics);
     StoreChoice::Redis(redis.url()).apply(&mut config);
     scope.write_config(&config);
     redis

@@ -74,6 +74,8 @@ pub struct Pending {
     /// Records covered (counted, skipped or quarantined).
     pub records: usize,
     opened: Instant,
+    /// When the latest record joined.
+    last_added: Instant,
 }
 
 impl Pending {
@@ -88,6 +90,7 @@ impl Pending {
             },
             records: 0,
             opened: Instant::now(),
+            last_added: Instant::now(),
         }
     }
 
@@ -109,6 +112,25 @@ impl Pending {
     /// Its oldest record has waited long enough.
     pub fn is_due(&self, policy: &BatchPolicy) -> bool {
         self.records > 0 && self.opened.elapsed() >= policy.delay
+    }
+
+    /// Notes that records just joined (once per read, not per record).
+    pub fn touch(&mut self) {
+        self.last_added = Instant::now();
+    }
+
+    /// It holds at least a hundredth of a full batch and filled at least as fast as a full
+    /// batch per `delay`: it is part of a backlog, not of a live stream. A backlog's last batch
+    /// need not wait out the delay once the backlog has ended (nothing new for a poll): waiting
+    /// would save no store write, only show the last events later. A live stream's batches
+    /// never fill this fast, and the few events of a quiet moment, read at once, are too few to
+    /// tell a rate: their store writes stay what the policy says.
+    pub fn is_backlog(&self, policy: &BatchPolicy) -> bool {
+        let filling = self.last_added.saturating_duration_since(self.opened);
+        self.records > 0
+            && self.records >= policy.events / 100
+            && (self.records as u128) * policy.delay.as_micros()
+                >= (policy.events as u128) * filling.as_micros().max(1)
     }
 
     /// Starts afresh at `position` (after an apply, or after a refusal).
@@ -343,5 +365,44 @@ impl Counting {
             self.metrics.store_errors.inc();
             e.into()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch of `records` that took `filling` to fill, under the default policy.
+    fn filled(records: usize, filling: Duration) -> Pending {
+        let mut pending = Pending::new("segment".into(), 0);
+        pending.records = records;
+        pending.opened = Instant::now() - filling;
+        pending.touch();
+        pending
+    }
+
+    #[test]
+    fn only_a_batch_filled_at_a_backlogs_rate_is_a_backlog() {
+        let policy = BatchPolicy {
+            events: 20_000,
+            delay: Duration::from_millis(500),
+        };
+        // A backlog: 10,000 events in 100 ms fills a batch in 200 ms, sooner than the delay.
+        assert!(filled(10_000, Duration::from_millis(100)).is_backlog(&policy));
+        // The edge: exactly a full batch per delay.
+        assert!(filled(20_000, Duration::from_millis(500)).is_backlog(&policy));
+        // A live stream: 40 events in 400 ms would take minutes to fill one.
+        assert!(!filled(40, Duration::from_millis(400)).is_backlog(&policy));
+        assert!(!filled(9_000, Duration::from_millis(400)).is_backlog(&policy));
+        assert!(!filled(0, Duration::ZERO).is_backlog(&policy));
+        // A quiet stream's one event, read the moment it came, tells no rate.
+        assert!(!filled(1, Duration::ZERO).is_backlog(&policy));
+        assert!(!filled(199, Duration::from_micros(50)).is_backlog(&policy));
+        assert!(filled(200, Duration::from_micros(50)).is_backlog(&policy));
+        // Waiting after the last record does not change how fast the batch filled.
+        let mut waited = filled(10_000, Duration::from_millis(100));
+        waited.opened -= Duration::from_secs(1);
+        waited.last_added -= Duration::from_secs(1);
+        assert!(waited.is_backlog(&policy));
     }
 }

@@ -157,6 +157,8 @@ impl FileAggregator {
         let mut reader = SegmentReader::open(path, stored)?;
         let mut pending = Pending::new(key, stored);
         let mut progressed = false;
+        // Reads in a row that found nothing new.
+        let mut idle_reads = 0;
         loop {
             let now_ms = chrono::Utc::now().timestamp_millis();
             let records = tokio::task::block_in_place(|| reader.read(READ_CHUNK))?;
@@ -164,11 +166,20 @@ impl FileAggregator {
             for record in records {
                 self.counting.add(&mut pending, &record, now_ms).await?;
             }
+            if got {
+                pending.touch();
+                idle_reads = 0;
+            } else {
+                idle_reads += 1;
+            }
             let idle = !got;
+            // A backlog that has ended: nothing new since a read a poll interval ago.
+            let backlog_ended = idle_reads >= 2 && pending.is_backlog(&self.policy);
             let shutdown = self.ctx.shutdown.is_cancelled();
             if !pending.is_empty()
                 && (pending.is_full(&self.policy)
                     || pending.is_due(&self.policy)
+                    || backlog_ended
                     || (idle && !live)
                     || shutdown)
             {

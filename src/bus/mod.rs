@@ -197,13 +197,14 @@ impl Publisher {
     /// arrived: enough to make a backlog cheap (one sync or one round of acknowledgements per
     /// group), few enough events to hold in memory. A group never straddles event segments, so
     /// on files it is an eighth of a segment at most, which keeps segments near their size. On
-    /// Kafka a group is held while it waits for room under `kafka.buffer_bytes`, on top of
-    /// them, so it is a quarter of that cap at most: the ingester's memory stays near the cap
-    /// the operator chose, even while a backlog arrives after a broker outage.
+    /// Kafka the ingester holds up to three groups while it waits for room under
+    /// `kafka.buffer_bytes` (one being published, one checked and waiting, one being read), on
+    /// top of them, so each is a twelfth of that cap at most: the ingester's memory stays near
+    /// the cap the operator chose, even while a backlog arrives after a broker outage.
     pub fn group_bytes(&self) -> usize {
         match self {
             Publisher::File(writer) => writer.segment_bytes().div_ceil(8).min(GROUP_BYTES),
-            Publisher::Kafka(publisher) => usize::try_from(publisher.buffer_bytes() / 4)
+            Publisher::Kafka(publisher) => usize::try_from(publisher.buffer_bytes() / 12)
                 .unwrap_or(usize::MAX)
                 .min(GROUP_BYTES),
         }

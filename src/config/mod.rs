@@ -279,7 +279,9 @@ pub struct AggregateConfig {
     pub workers: usize,
     /// A batch is written to the store once it covers this many events…
     pub batch_events: usize,
-    /// …or once its oldest event has waited this long, whichever comes first.
+    /// …or once its oldest event has waited this long, whichever comes first. On event files, a
+    /// backlog's last batch (at least a hundredth of `batch_events`, filled at least as fast as
+    /// `batch_events` per `batch_delay`) is written once a poll finds nothing new behind it.
     #[serde(with = "humantime_serde")]
     pub batch_delay: Duration,
     /// How often an idle aggregator looks for new events.

@@ -24,7 +24,7 @@ use sse::{SseEvent, SseParser, SseStats};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, OwnedMutexGuard};
-use validation::{Validation, Verdict};
+use validation::{Prover, Validation, Verdict};
 
 /// How long the ingester waits for the bus to make events posted to the intake safe (Kafka:
 /// acknowledged) before answering that it could not.
@@ -409,11 +409,21 @@ impl Ingester {
         self.metrics.connects.inc();
         self.metrics.connected.set(1);
         let stall = c.stall_timeout;
-        let mut parser = SseParser::new(c.max_event_bytes);
         let mut seen = SseStats::default();
-        let mut events = Vec::new();
         let mut delivered = 0u64;
-        let mut body = response.bytes_stream();
+        // The stream is read, parsed and checked on a task of its own, a group ahead of the one
+        // being published: reading and checking no longer wait for the disk, nor the disk for
+        // them. It stops when this connection ends, whichever way (the guard aborts it).
+        let (group_tx, mut groups) = mpsc::channel(1);
+        let reader = Reader {
+            parser: SseParser::new(c.max_event_bytes),
+            group_bytes: self.bus.group_bytes(),
+            prover: self.validation.prover(),
+            max_future_ms: i64::try_from(c.max_future_skew.as_millis()).unwrap_or(i64::MAX),
+            bytes_read: self.metrics.bytes.clone(),
+            peer: self.upstream.peer(),
+        };
+        let _reader = AbortOnDrop(tokio::spawn(reader.run(response.bytes_stream(), group_tx)));
         // Some buses have timed work while upstream is quiet (a sync at most every interval,
         // taking acknowledgements).
         let tick = self.bus.tick_interval();
@@ -426,9 +436,8 @@ impl Ingester {
         let mut trickled = false;
         // The `retry:` value last seen, so that a clamped one is counted once.
         let mut retry_seen = None;
-        let group_bytes = self.bus.group_bytes();
         loop {
-            let chunk = tokio::select! {
+            let group = tokio::select! {
                 biased;
                 _ = ctx.shutdown.cancelled() => return Ok(Ended::Shutdown),
                 _ = tokio::time::sleep_until(last_progress + stall) => return Ok(Ended::Stalled { delivered, trickled }),
@@ -445,64 +454,24 @@ impl Ingester {
                     last_progress += started.elapsed();
                     continue;
                 }
-                next = body.next() => next,
+                next = groups.recv() => next,
             };
-            // Group commit: what has already arrived behind this chunk joins it, so that a
-            // backlog (a backfill, a reconnect catching up) costs one sync of the bus per group
-            // instead of one per network read. Nothing waits for more: a live stream, whose
-            // reads come one at a time, is published as promptly as before. `ending` says the
-            // stream ended behind the group (true: it broke).
-            let mut chunk = chunk;
-            let mut grouped = 0;
-            let mut ending = None;
-            let group_started = tokio::time::Instant::now();
-            loop {
-                match chunk {
-                    None => ending = Some(false),
-                    Some(Err(e)) => {
-                        tracing::warn!(peer = %self.upstream.peer(), error = %e, "upstream stream broke");
-                        ending = Some(true);
-                    }
-                    Some(Ok(bytes)) => {
-                        self.metrics.bytes.inc_by(bytes.len() as u64);
-                        parser.push(&bytes, &mut events);
-                        grouped += bytes.len();
-                    }
-                }
-                if ending.is_some() || grouped >= group_bytes {
-                    break;
-                }
-                chunk = match body.next().now_or_never() {
-                    Some(next) => next,
-                    // Nothing more has arrived yet. A backlog keeps arriving within a moment,
-                    // faster than a sync: wait that long for it, up to `GROUP_TIME` after the
-                    // group began, so that its groups grow to `group_bytes` while a live stream,
-                    // whose events come one at a time, is published no more than a gap later.
-                    None => {
-                        let left = GROUP_TIME.saturating_sub(group_started.elapsed());
-                        if left.is_zero() {
-                            break;
-                        }
-                        // A read that completes is kept; one cut short by the gap lost nothing
-                        // (the stream is read again from where it was).
-                        match tokio::time::timeout(GROUP_GAP.min(left), body.next()).await {
-                            Ok(next) => next,
-                            Err(_) => break,
-                        }
-                    }
-                };
-            }
+            // The reader ends only after handing over a group that says how the stream ended.
+            let Some(mut group) = group else {
+                return Ok(Ended::Broken { delivered });
+            };
+            let ending = group.ending;
             match ending {
-                Some(false) if grouped == 0 => return Ok(Ended::Closed { delivered }),
-                Some(true) if grouped == 0 => return Ok(Ended::Broken { delivered }),
+                Some(false) if group.bytes == 0 => return Ok(Ended::Closed { delivered }),
+                Some(true) if group.bytes == 0 => return Ok(Ended::Broken { delivered }),
                 _ => {}
             }
-            if parser.retry_ms() != retry_seen {
-                retry_seen = parser.retry_ms();
+            if group.retry_ms != retry_seen {
+                retry_seen = group.retry_ms;
                 self.server_retry =
                     retry_seen.map(|ms| self.server_delay(Duration::from_millis(ms)));
             }
-            let stats = parser.stats();
+            let stats = group.stats;
             let progressed = stats.events > seen.events || stats.comments > seen.comments;
             trickled = !progressed;
             if stats.long_ids > seen.long_ids {
@@ -526,7 +495,8 @@ impl Ingester {
                 );
             }
             seen = stats;
-            match self.deliver(&mut events, &ctx.shutdown).await {
+            let checks = std::mem::take(&mut group.checks);
+            match self.deliver(&mut group.events, checks, &ctx.shutdown).await {
                 Ok(Some(n)) => delivered += n,
                 Ok(None) => return Ok(Ended::Shutdown),
                 Err(e) => return Err(StreamError::Bus(e)),
@@ -534,9 +504,9 @@ impl Ingester {
             // Everything parsed so far is on the bus (or deliberately dropped): the cursor moves.
             // On Kafka "on the bus" means queued; the resume point written into the topic moves
             // only once the brokers acknowledge (see `bus::kafka`).
-            if !parser.last_event_id().is_empty() {
-                self.cursor.last_id = Some(parser.last_event_id().to_owned());
-                self.bus.mark(parser.last_event_id());
+            if !group.last_event_id.is_empty() {
+                self.bus.mark(&group.last_event_id);
+                self.cursor.last_id = Some(group.last_event_id);
             }
             // Silence is measured from here: time spent waiting for room on the bus (Kafka's
             // backpressure) is ours, not upstream's.
@@ -577,6 +547,7 @@ impl Ingester {
     async fn deliver(
         &mut self,
         events: &mut Vec<SseEvent>,
+        checks: Vec<Check>,
         shutdown: &tokio_util::sync::CancellationToken,
     ) -> Result<Option<u64>, IngestError> {
         if events.is_empty() {
@@ -584,9 +555,6 @@ impl Ingester {
         }
         let mut accepted = Vec::with_capacity(events.len());
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let max_future_ms =
-            i64::try_from(self.config.max_future_skew.as_millis()).unwrap_or(i64::MAX);
-        let checks = check_all(events, &self.validation, now_ms, max_future_ms);
         for (event, check) in events.drain(..).zip(checks) {
             self.metrics.events.inc();
             if event.event_type != "message" {
@@ -768,7 +736,7 @@ const MIN_CHECKS_PER_THREAD: usize = 256;
 
 /// Checks one event: its head and whether it is in the future, then its schema. Reads nothing
 /// but the event, so that a group's events can be checked on several threads at once.
-fn check(event: &SseEvent, validation: &Validation, now_ms: i64, max_future_ms: i64) -> Check {
+fn check(event: &SseEvent, validation: &Prover, now_ms: i64, max_future_ms: i64) -> Check {
     if event.event_type != "message" {
         return None;
     }
@@ -796,7 +764,7 @@ fn check(event: &SseEvent, validation: &Validation, now_ms: i64, max_future_ms: 
 /// checked here, on no other thread.
 fn check_all(
     events: &[SseEvent],
-    validation: &Validation,
+    validation: &Prover,
     now_ms: i64,
     max_future_ms: i64,
 ) -> Vec<Check> {
@@ -808,6 +776,119 @@ fn check_all(
     .into_iter()
     .flatten()
     .collect()
+}
+
+/// What the reader of one connection hands over: the events a group of reads completed, and
+/// the parser's state once they were parsed.
+struct Group {
+    events: Vec<SseEvent>,
+    /// What checking each event found, in the events' order.
+    checks: Vec<Check>,
+    /// The parser's totals after this group.
+    stats: SseStats,
+    /// The last `retry:` the server sent.
+    retry_ms: Option<u64>,
+    /// The id a reconnect sends once this group is on the bus.
+    last_event_id: String,
+    /// Bytes read for this group.
+    bytes: usize,
+    /// The stream ended behind this group: `Some(true)` when it broke, `Some(false)` when the
+    /// server closed it.
+    ending: Option<bool>,
+}
+
+/// Aborts a task when dropped: a connection's reader ends with the connection.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reads one connection's stream, parses it into groups and checks their events, until the
+/// stream ends or the ingester stops taking them.
+struct Reader {
+    parser: SseParser,
+    group_bytes: usize,
+    prover: Prover,
+    max_future_ms: i64,
+    bytes_read: prometheus::IntCounter,
+    peer: String,
+}
+
+impl Reader {
+    /// Group commit: what has already arrived behind a read joins it, so that a backlog (a
+    /// backfill, a reconnect catching up) costs one sync of the bus per group instead of one per
+    /// network read. Nothing waits long for more: a live stream, whose reads come one at a
+    /// time, is handed over a gap later at most.
+    async fn run<S, E>(mut self, mut body: S, groups: mpsc::Sender<Group>)
+    where
+        S: futures_util::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let mut capacity = 0;
+        loop {
+            let mut chunk = body.next().await;
+            let mut group = Group {
+                events: Vec::with_capacity(capacity),
+                checks: Vec::new(),
+                stats: SseStats::default(),
+                retry_ms: None,
+                last_event_id: String::new(),
+                bytes: 0,
+                ending: None,
+            };
+            let group_started = tokio::time::Instant::now();
+            loop {
+                match chunk {
+                    None => group.ending = Some(false),
+                    Some(Err(e)) => {
+                        tracing::warn!(peer = %self.peer, error = %e, "upstream stream broke");
+                        group.ending = Some(true);
+                    }
+                    Some(Ok(bytes)) => {
+                        self.bytes_read.inc_by(bytes.len() as u64);
+                        self.parser.push(&bytes, &mut group.events);
+                        group.bytes += bytes.len();
+                    }
+                }
+                if group.ending.is_some() || group.bytes >= self.group_bytes {
+                    break;
+                }
+                chunk = match body.next().now_or_never() {
+                    Some(next) => next,
+                    // Nothing more has arrived yet. A backlog keeps arriving within a moment,
+                    // faster than a sync: wait that long for it, up to `GROUP_TIME` after the
+                    // group began, so that its groups grow to `group_bytes` while a live
+                    // stream, whose events come one at a time, is handed over no more than a
+                    // gap later.
+                    None => {
+                        let left = GROUP_TIME.saturating_sub(group_started.elapsed());
+                        if left.is_zero() {
+                            break;
+                        }
+                        // A read that completes is kept; one cut short by the gap lost nothing
+                        // (the stream is read again from where it was).
+                        match tokio::time::timeout(GROUP_GAP.min(left), body.next()).await {
+                            Ok(next) => next,
+                            Err(_) => break,
+                        }
+                    }
+                };
+            }
+            capacity = group.events.len();
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            group.checks = check_all(&group.events, &self.prover, now_ms, self.max_future_ms);
+            group.stats = self.parser.stats();
+            group.retry_ms = self.parser.retry_ms();
+            group.last_event_id = self.parser.last_event_id().to_owned();
+            let ending = group.ending.is_some();
+            if groups.send(group).await.is_err() || ending {
+                return;
+            }
+        }
+    }
 }
 
 /// Upstream text as a log field: at most 200 characters, and (logged with `?`) every control
@@ -890,9 +971,12 @@ mod tests {
         let now_ms = chrono::Utc::now().timestamp_millis();
         let one_by_one: Vec<Check> = events
             .iter()
-            .map(|e| check(e, &validation, now_ms, 60_000))
+            .map(|e| check(e, &validation.prover(), now_ms, 60_000))
             .collect();
-        assert_eq!(check_all(&events, &validation, now_ms, 60_000), one_by_one);
+        assert_eq!(
+            check_all(&events, &validation.prover(), now_ms, 60_000),
+            one_by_one
+        );
         let count = |f: &dyn Fn(&Check) -> bool| one_by_one.iter().filter(|c| f(c)).count();
         assert!(count(&|c| c.is_none()) > 10);
         assert!(count(&|c| matches!(c, Some(Err(_)))) > 100);

@@ -92,12 +92,11 @@ impl SseParser {
                     continue;
                 }
             }
-            match input.iter().position(|&b| b == b'\n' || b == b'\r') {
+            match memchr::memchr2(b'\n', b'\r', input) {
                 Some(end) => {
-                    self.extend_line(&input[..end]);
                     self.skip_lf = input[end] == b'\r';
+                    self.end_line(&input[..end], out);
                     input = &input[end + 1..];
-                    self.end_line(out);
                 }
                 None => {
                     self.extend_line(input);
@@ -134,30 +133,44 @@ impl SseParser {
         }
     }
 
-    fn end_line(&mut self, out: &mut Vec<SseEvent>) {
+    /// Completes the current line with `tail`, its last bytes in this chunk. A line that began
+    /// in this chunk (nearly every line) is interpreted where it lies, never copied.
+    fn end_line(&mut self, tail: &[u8], out: &mut Vec<SseEvent>) {
         self.stats.lines += 1;
         let first = std::mem::replace(&mut self.first_line, false);
-        if std::mem::replace(&mut self.line_over, false) {
+        if !self.line.is_empty() || self.line_over {
+            self.extend_line(tail);
+            if std::mem::replace(&mut self.line_over, false) {
+                self.event_over = true;
+                return;
+            }
+            let line = std::mem::take(&mut self.line);
+            self.interpret_bytes(&line, first, out);
+            // Keep a modest buffer for the next line, but give back what one huge line took.
+            self.line = if line.capacity() <= 64 * 1024 {
+                let mut reused = line;
+                reused.clear();
+                reused
+            } else {
+                Vec::new()
+            };
+        } else if tail.len() > self.max_bytes {
             self.event_over = true;
-            return;
-        }
-        let line = std::mem::take(&mut self.line);
-        let bytes = if first {
-            line.strip_prefix(BOM).unwrap_or(&line)
         } else {
-            &line[..]
+            self.interpret_bytes(tail, first, out);
+        }
+    }
+
+    /// Interprets one complete line, without its line end.
+    fn interpret_bytes(&mut self, bytes: &[u8], first: bool, out: &mut Vec<SseEvent>) {
+        let bytes = if first {
+            bytes.strip_prefix(BOM).unwrap_or(bytes)
+        } else {
+            bytes
         };
         // Invalid UTF-8 is replaced rather than fatal; valid lines are borrowed, not copied.
         let text = String::from_utf8_lossy(bytes);
         self.interpret(&text, out);
-        // Keep a modest buffer for the next line, but give back what one huge line took.
-        self.line = if line.capacity() <= 64 * 1024 {
-            let mut reused = line;
-            reused.clear();
-            reused
-        } else {
-            Vec::new()
-        };
     }
 
     fn interpret(&mut self, line: &str, out: &mut Vec<SseEvent>) {
@@ -186,6 +199,8 @@ impl SseParser {
                     self.event_over = true;
                     self.data = String::new();
                 } else {
+                    // One allocation for the usual single-line data, the line end included.
+                    self.data.reserve(value.len() + 1);
                     self.data.push_str(value);
                     self.data.push('\n');
                 }

@@ -6,6 +6,7 @@ use crate::config::ValidateMode;
 use crate::metrics::IngestMetrics;
 use crate::schema::{CompileError, Rule, SchemaError, SchemaVersion, Schemas};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How often one rule's failures are logged; the lines in between are counted, not written.
@@ -24,9 +25,25 @@ pub enum Verdict {
 /// The schema's answer for one event: the version it matched, or how it broke its schema.
 pub type Proof = Result<SchemaVersion, SchemaError>;
 
+/// Proves events against the compiled schemas, on any thread: the pure half of a
+/// [`Validation`], shared rather than compiled again.
+#[derive(Clone)]
+pub struct Prover {
+    schemas: Option<Arc<Schemas>>,
+}
+
+impl Prover {
+    /// The schema's answer for one event, or `None` when validation is off.
+    pub fn prove(&self, data: &str) -> Option<Proof> {
+        self.schemas
+            .as_ref()
+            .map(|schemas| schemas.check_text(data))
+    }
+}
+
 pub struct Validation {
     mode: ValidateMode,
-    schemas: Option<Schemas>,
+    prover: Prover,
     metrics: IngestMetrics,
     logged: HashMap<Rule, (Instant, u64)>,
 }
@@ -36,11 +53,11 @@ impl Validation {
     pub fn new(mode: ValidateMode, metrics: IngestMetrics) -> Result<Self, CompileError> {
         let schemas = match mode {
             ValidateMode::Off => None,
-            ValidateMode::Warn | ValidateMode::Quarantine => Some(Schemas::new()?),
+            ValidateMode::Warn | ValidateMode::Quarantine => Some(Arc::new(Schemas::new()?)),
         };
         Ok(Validation {
             mode,
-            schemas,
+            prover: Prover { schemas },
             metrics,
             logged: HashMap::new(),
         })
@@ -56,9 +73,12 @@ impl Validation {
     /// check that reads nothing but the event, so that many can be proven at once, on other
     /// threads, and judged afterwards in order ([`Validation::judge`]).
     pub fn prove(&self, data: &str) -> Option<Proof> {
-        self.schemas
-            .as_ref()
-            .map(|schemas| schemas.check_text(data))
+        self.prover.prove(data)
+    }
+
+    /// The part of this validation that proves events, to hand to whoever checks them.
+    pub fn prover(&self) -> Prover {
+        self.prover.clone()
     }
 
     /// What to do with an event the schema answered for as `proof` ([`Validation::prove`]):

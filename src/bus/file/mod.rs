@@ -102,7 +102,7 @@ pub fn encode_record(id: &str, data: &str, out: &mut Vec<u8>) {
     // Serialising a &str into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, id);
     out.extend_from_slice(b",\"data\":");
-    if data.contains(['\n', '\r']) {
+    if memchr::memchr2(b'\n', b'\r', data.as_bytes()).is_some() {
         out.extend(
             data.bytes()
                 .map(|b| if b == b'\n' || b == b'\r' { b' ' } else { b }),

@@ -490,20 +490,11 @@ impl SegmentWriter {
 /// Compresses closed segments on a thread of their own, oldest first: the ingest path never
 /// waits for it. A failure leaves the segment plain (readers read both forms); the writer's
 /// next start tries again.
-/// The nice value of the thread that compresses closed segments (19 is the lowest priority).
-const COMPRESSION_NICE: libc::c_int = 10;
-
 fn spawn_compression(closed: Vec<PathBuf>, metrics: FileBusMetrics) {
     let spawned = std::thread::Builder::new()
         .name("pleiades-compress".into())
         .spawn(move || {
-            // Compressing is background work: on a busy host (a backfill keeping every core
-            // busy) it yields to ingesting and counting, which it would otherwise slow down by
-            // a core's worth. On Linux this sets the nice value of this thread alone.
-            // SAFETY: setpriority reads no memory of ours; a refusal only leaves the priority.
-            unsafe {
-                libc::setpriority(libc::PRIO_PROCESS, 0, COMPRESSION_NICE);
-            }
+            run_when_idle();
             for path in closed {
                 let started = Instant::now();
                 match compress_segment(&path, LEVEL) {
@@ -528,6 +519,26 @@ fn spawn_compression(closed: Vec<PathBuf>, metrics: FileBusMetrics) {
         });
     if let Err(error) = spawned {
         tracing::warn!(%error, "cannot start compressing closed event segments");
+    }
+}
+
+/// Puts the calling thread in the idle scheduling class: it runs only on a core nothing else
+/// wants. Compressing is background work, and a backfill keeps the cores busy in bursts: a nice
+/// value only shrinks its share, so each wake-up of the ingester or an aggregator may still
+/// wait behind it, while an idle-class thread gives way at once. Where the class is refused
+/// (not Linux), the lowest nice value is the fallback.
+fn run_when_idle() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: `param` outlives the call, which only reads it; 0 names this thread.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } == 0 {
+            return;
+        }
+    }
+    // SAFETY: setpriority reads no memory of ours; a refusal only leaves the priority.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
     }
 }
 
