@@ -12,7 +12,7 @@
 mod common;
 
 use common::*;
-use pleiades::config::{Config, Statistics};
+use pleiades::config::Statistics;
 use std::time::{Duration, Instant};
 
 const ON_DISK: usize = 200_000;
@@ -72,10 +72,7 @@ async fn aggregate_on_disk(events: &[String], statistics: Statistics) -> (f64, u
     let mut scope = TestScope::new();
     write_bus(&scope.path("events"), events);
     let metrics = TestScope::free_port();
-    let mut config = Config::default();
-    config.ingest.enabled = false;
-    config.web.enabled = false;
-    config.metrics.listen = loopback(metrics);
+    let mut config = aggregate_config(metrics);
     config.store.path = scope.path("store.db");
     config.file.dir = scope.path("events");
     config.file.retention = Duration::from_secs(100 * 365 * 86_400);

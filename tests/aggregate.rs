@@ -243,11 +243,7 @@ fn aggregating_only(scope: &TestScope, events: &[String]) -> (Expected, u16, Con
     let expected = oracle(events);
     write_bus(&scope.path("events"), events);
     let metrics = TestScope::free_port();
-    let mut config = Config::default();
-    config.ingest.enabled = false;
-    config.web.enabled = false;
-    config.metrics.listen = loopback(metrics);
-    (expected, metrics, config)
+    (expected, metrics, aggregate_config(metrics))
 }
 
 /// A backlog on the live segment is counted as soon as it has been read, not a batch delay

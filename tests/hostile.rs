@@ -300,12 +300,9 @@ async fn an_absurd_length_already_on_the_bus_is_quarantined_by_the_aggregator() 
     write_bus(&scope.path("events"), &lines);
     let expected = oracle(&lines);
     let metrics = TestScope::free_port();
-    let mut config = Config::default();
-    config.ingest.enabled = false;
-    config.web.enabled = false;
+    let mut config = aggregate_config(metrics);
     config.aggregate.batch_delay = ms(50);
     config.aggregate.poll_interval = ms(20);
-    config.metrics.listen = loopback(metrics);
     config.store.path = "counters.db".into();
     scope.write_config(&config);
     let daemon = scope.spawn(&["--config", "pleiades.toml"]);

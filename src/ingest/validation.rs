@@ -33,7 +33,9 @@ pub struct Prover {
 }
 
 impl Prover {
-    /// The schema's answer for one event, or `None` when validation is off.
+    /// The schema's answer for one event, or `None` when validation is off: the part of a
+    /// check that reads nothing but the event, so that many can be proven at once, on other
+    /// threads, and judged afterwards in order ([`Validation::judge`]).
     pub fn prove(&self, data: &str) -> Option<Proof> {
         self.schemas
             .as_ref()
@@ -65,15 +67,8 @@ impl Validation {
 
     /// Checks one event (`data` as received, already known to be a JSON object).
     pub fn check(&mut self, sse_id: &str, data: &str) -> Verdict {
-        let proof = self.prove(data);
+        let proof = self.prover.prove(data);
         self.judge(sse_id, proof)
-    }
-
-    /// The schema's answer for one event, or `None` when validation is off: the part of a
-    /// check that reads nothing but the event, so that many can be proven at once, on other
-    /// threads, and judged afterwards in order ([`Validation::judge`]).
-    pub fn prove(&self, data: &str) -> Option<Proof> {
-        self.prover.prove(data)
     }
 
     /// The part of this validation that proves events, to hand to whoever checks them.
@@ -81,7 +76,7 @@ impl Validation {
         self.prover.clone()
     }
 
-    /// What to do with an event the schema answered for as `proof` ([`Validation::prove`]):
+    /// What to do with an event the schema answered for as `proof` ([`Prover::prove`]):
     /// counted, logged at a bounded rate, and a verdict by `ingest.validate`.
     pub fn judge(&mut self, sse_id: &str, proof: Option<Proof>) -> Verdict {
         let Some(proof) = proof else {

@@ -264,6 +264,16 @@ pub fn replay_options(events: Vec<PathBuf>) -> pleiades::replay::ReplayOptions {
     }
 }
 
+/// An aggregate-only configuration (the bus in `./events`, no ingest, no web role), metrics
+/// on `metrics_port`.
+pub fn aggregate_config(metrics_port: u16) -> Config {
+    let mut config = Config::default();
+    config.ingest.enabled = false;
+    config.web.enabled = false;
+    config.metrics.listen = loopback(metrics_port);
+    config
+}
+
 /// An ingest-only configuration pointed at `upstream`, quick to reconnect, metrics on
 /// `metrics_port`.
 pub fn ingest_config(upstream: SocketAddr, metrics_port: u16) -> Config {
