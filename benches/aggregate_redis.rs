@@ -8,7 +8,7 @@
 //! `PROFILE_COUNTING=1` twenty passes of the counting alone, and nothing else.
 
 use pleiades::config::Statistics;
-use pleiades::counters::{CountScratch, Deltas, Scratch, Tally};
+use pleiades::counters::{Deltas, OpenTally, Scratch};
 use pleiades::store::{Applied, Batch, Store};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -55,19 +55,18 @@ async fn pleiades_batched(
 ) -> Duration {
     let started = Instant::now();
     let mut position = 0u64;
-    let mut reuse = CountScratch::default();
+    let mut tally = OpenTally::default();
     let mut in_store = Duration::ZERO;
     for chunk in events.chunks(batch_events) {
-        let mut tally = Tally::default();
         for event in chunk {
             let head = pleiades::event::inspect(event).expect("valid");
-            tally.count(&head, statistics == Statistics::Full, &mut reuse);
+            tally.count(&head, statistics == Statistics::Full);
         }
         let batch = Batch {
             source: "bench".into(),
             start: position,
             end: position + chunk.len() as u64,
-            tally,
+            tally: tally.seal(),
         };
         let applying = Instant::now();
         assert_eq!(store.apply(&batch).await.expect("apply"), Applied::Counted);
@@ -89,15 +88,14 @@ async fn pleiades_batched(
 /// Counting alone, into a tally per batch as the aggregators do, without a store.
 fn counting_only(events: &[String], batch_events: usize, statistics: Statistics) -> Duration {
     let started = Instant::now();
-    let mut reuse = CountScratch::default();
+    let mut tally = OpenTally::default();
     let mut counted = 0;
     for chunk in events.chunks(batch_events) {
-        let mut tally = Tally::default();
         for event in chunk {
             let head = pleiades::event::inspect(event).expect("valid");
-            tally.count(&head, statistics == Statistics::Full, &mut reuse);
+            tally.count(&head, statistics == Statistics::Full);
         }
-        counted += std::hint::black_box(tally).events;
+        counted += std::hint::black_box(tally.seal()).events;
     }
     assert_eq!(counted as usize, events.len());
     started.elapsed()

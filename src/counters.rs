@@ -4,14 +4,15 @@
 //! This is the domain layer beside `event`: the store and the web role read counter names and
 //! descriptions from here, so they never depend on the aggregate role.
 
-use crate::coverage::DayCoverage;
 use crate::event::{epoch_day, EventHead, DAY_MS};
 use crate::project::{language_label, Family, Project};
-use crate::sketch::hll::HyperLogLog;
-use crate::sketch::top::{event_hash, TopSketch};
+use crate::sketch::top::event_hash;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
+
+mod tally;
+pub use tally::{OpenTally, Tally};
 
 /// A map of the counting path: counter names, days and sketch keys, filled for every event of
 /// a batch. foldhash rather than SipHash: the maps live for one batch and their hasher is
@@ -122,45 +123,141 @@ impl<'a> Deltas<'a> {
         }
     }
 
-    /// Calls `f(name, delta)` for every counter this event changes. `name` is built in a reused
-    /// buffer, so a caller that already knows the name allocates nothing.
-    pub fn for_each(&self, name: &mut String, mut f: impl FnMut(&str, i64)) {
-        f(TOTAL, 1);
+    /// Calls `f(counter, delta)` for every counter this event changes: the SPEC §5 rules.
+    pub fn for_each_counter(&self, mut f: impl FnMut(Counter<'a>, i64)) {
+        f(Counter::Total, 1);
         if let Some(wiki) = self.wiki {
-            name.clear();
-            name.push_str(WIKI_PREFIX);
-            name.push_str(wiki);
-            f(name, 1);
+            f(Counter::Wiki(wiki), 1);
         }
-        match self.kind {
-            Some(TypeName::Text(kind)) => {
-                name.clear();
-                name.push_str(TYPE_PREFIX);
-                name.push_str(kind);
-                f(name, 1);
-            }
-            Some(TypeName::Number(n)) => {
-                name.clear();
-                name.push_str(TYPE_PREFIX);
-                name.push_str(&n.to_string());
-                f(name, 1);
-            }
-            None => {}
+        if let Some(kind) = self.kind {
+            f(Counter::Type(kind), 1);
         }
         if self.bot {
-            f(BOT, 1);
+            f(Counter::Bot, 1);
         }
         if self.minor {
-            f(MINOR, 1);
+            f(Counter::Minor, 1);
         }
         if let Some((old, new)) = self.length {
             if new > old {
-                f(LENGTH_INC, 1);
+                f(Counter::LengthInc, 1);
             } else if new < old {
-                f(LENGTH_DEC, 1);
+                f(Counter::LengthDec, 1);
             }
-            f(GROWTH, new.saturating_sub(old));
+            f(Counter::Growth, new.saturating_sub(old));
         }
+    }
+
+    /// [`Deltas::for_each_counter`] by name: `f(name, delta)`, the name built in `name`.
+    pub fn for_each(&self, name: &mut String, mut f: impl FnMut(&str, i64)) {
+        self.for_each_counter(|counter, delta| {
+            counter.write_name(Share::All, name);
+            f(name, delta)
+        });
+    }
+}
+
+/// Whose events a counter counts: all of them, or the Wikidata events among them (the
+/// `pleiades_wikidata_<x>` share of `pleiades_<x>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Share {
+    All,
+    Wikidata,
+}
+
+/// A counter before it has a name: what the counter rules produce, so that counting can
+/// place it by structure (`tally`), and [`Counter::write_name`] spells it once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter<'a> {
+    Total,
+    Wiki(&'a str),
+    Type(TypeName<'a>),
+    Bot,
+    Minor,
+    LengthInc,
+    LengthDec,
+    Growth,
+    Family(Family),
+    /// A family and its language code, as the event spells it ([`language_label`] names it).
+    Language(Family, &'a str),
+    Namespace(i64),
+    User(UserClass),
+    LogType(&'a str),
+    /// A log type and its action.
+    LogAction(&'a str, &'a str),
+    Patrolled,
+    Unpatrolled,
+    BytesAdded,
+    BytesRemoved,
+    /// Per hour only: events not made by bots.
+    Human,
+}
+
+impl Counter<'_> {
+    /// Writes the counter's name for `share` into `name` (cleared first).
+    pub fn write_name(self, share: Share, name: &mut String) {
+        use std::fmt::Write;
+        name.clear();
+        name.push_str(match share {
+            Share::All => "pleiades_",
+            Share::Wikidata => WIKIDATA_PREFIX,
+        });
+        let fixed = match self {
+            Counter::Total => "total",
+            Counter::Bot => "bot",
+            Counter::Minor => "minor",
+            Counter::LengthInc => "length_inc",
+            Counter::LengthDec => "length_dec",
+            Counter::Growth => "growth",
+            Counter::Patrolled => "patrolled",
+            Counter::Unpatrolled => "unpatrolled",
+            Counter::BytesAdded => "bytes_added",
+            Counter::BytesRemoved => "bytes_removed",
+            Counter::Human => "human",
+            Counter::Wiki(wiki) => {
+                name.push_str("wiki_");
+                wiki
+            }
+            Counter::Type(TypeName::Text(kind)) => {
+                name.push_str("type_");
+                kind
+            }
+            Counter::Type(TypeName::Number(n)) => {
+                // Writing into a String cannot fail.
+                let _ = write!(name, "type_{n}");
+                ""
+            }
+            Counter::Family(family) => {
+                name.push_str("family_");
+                family.as_str()
+            }
+            Counter::Language(family, language) => {
+                name.push_str("language_");
+                name.push_str(family.as_str());
+                name.push('_');
+                name.push_str(&language_label(language));
+                ""
+            }
+            Counter::Namespace(n) => {
+                let _ = write!(name, "namespace_{n}");
+                ""
+            }
+            Counter::User(class) => {
+                name.push_str("user_");
+                class.as_str()
+            }
+            Counter::LogType(log_type) => {
+                name.push_str("log_type_");
+                log_type
+            }
+            Counter::LogAction(log_type, action) => {
+                name.push_str("log_action_");
+                name.push_str(log_type);
+                name.push('/');
+                action
+            }
+        };
+        name.push_str(fixed);
     }
 }
 
@@ -169,125 +266,6 @@ impl<'a> Deltas<'a> {
 pub struct Scratch {
     wiki: Option<String>,
     kind: Option<String>,
-}
-
-/// Increments merged in memory: per day, and all-time ([`Tally::all_time`]).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Tally {
-    pub days: FastMap<i64, Counts>,
-    /// Events counted into this tally.
-    pub events: u64,
-    /// The per-hour counters of each day, named `HH:<counter>` ([`hour_counter`]).
-    pub hours: FastMap<i64, Counts>,
-    /// The distinct-editor sketch of each day and family.
-    pub editors: FastMap<(i64, Family), HyperLogLog>,
-    /// The busiest-pages and busiest-editors sketches of each day and family.
-    pub top: FastMap<(i64, Family, TopList), TopSketch>,
-    /// The upstream offsets of each day's events, canaries included (`coverage`).
-    pub coverage: FastMap<i64, DayCoverage>,
-}
-
-/// What counting an event into a [`Tally`] reuses from one event to the next: the name being
-/// built and the owned copies of escaped fields.
-#[derive(Debug, Default)]
-pub struct CountScratch {
-    name: String,
-    scratch: Scratch,
-    dimensions: DimensionScratch,
-}
-
-impl Tally {
-    /// Counts one event: the original counters, and the further dimensions when `dimensions`
-    /// is set. Every source of events (the aggregators, tests, benchmarks) counts through this.
-    pub fn count(&mut self, head: &EventHead<'_>, dimensions: bool, reuse: &mut CountScratch) {
-        let deltas = Deltas::of(head, &mut reuse.scratch);
-        self.add(&deltas, &mut reuse.name);
-        if dimensions {
-            let dims = Dimensions::of(head, &deltas, &mut reuse.dimensions);
-            self.add_dimensions(&deltas, &dims, &mut reuse.name);
-        }
-    }
-
-    /// Counts one event into the day counters only, the original ones and the further
-    /// dimensions' alike, without the per-hour buckets and the sketches: what a rebuild writes
-    /// (`store::space`), which leaves those two to the aggregators that keep them.
-    pub fn count_days(&mut self, head: &EventHead<'_>, reuse: &mut CountScratch) {
-        let deltas = Deltas::of(head, &mut reuse.scratch);
-        self.add(&deltas, &mut reuse.name);
-        let dims = Dimensions::of(head, &deltas, &mut reuse.dimensions);
-        let day = self.days.entry(deltas.day).or_default();
-        dims.for_each(&deltas, &mut reuse.name, |counter, delta| {
-            bump(day, counter, delta)
-        });
-    }
-
-    /// Records where upstream held an event (or that it carried no position), for coverage.
-    /// Every delivered valid event is covered, canaries too: they take offsets like any other.
-    pub fn cover(&mut self, head: &EventHead<'_>) {
-        let day = self.coverage.entry(epoch_day(head.time_ms)).or_default();
-        match &head.position {
-            Some(at) => day.add(&at.topic, at.partition, at.offset, head.time_ms),
-            None => day.unpositioned = day.unpositioned.saturating_add(1),
-        }
-    }
-
-    /// Adds one event's increments.
-    pub fn add(&mut self, deltas: &Deltas<'_>, name: &mut String) {
-        let day = self.days.entry(deltas.day).or_default();
-        deltas.for_each(name, |counter, delta| bump(day, counter, delta));
-        self.events += 1;
-    }
-
-    /// Adds another tally's day counters and events to this one: for tallies that hold sums
-    /// only ([`Tally::count_days`]), where counting parts apart and adding them up is one pass.
-    /// The per-hour buckets, sketches and coverage of `other` are not taken.
-    pub fn add_sums(&mut self, other: Tally) {
-        for (day, values) in other.days {
-            let into = self.days.entry(day).or_default();
-            if into.is_empty() {
-                *into = values;
-                continue;
-            }
-            for (name, delta) in values {
-                match into.get_mut(&name) {
-                    Some(value) => *value = value.saturating_add(delta),
-                    None => {
-                        into.insert(name, delta);
-                    }
-                }
-            }
-        }
-        self.events += other.events;
-    }
-
-    /// The all-time increments: the sum of the days'. An event counts the same in its day and
-    /// all-time, so each event is added to one map, and the days are summed once per batch.
-    pub fn all_time(&self) -> Counts {
-        let mut all = Counts::default();
-        for values in self.days.values() {
-            for (name, delta) in values {
-                bump(&mut all, name, *delta);
-            }
-        }
-        all
-    }
-
-    /// True when the tally neither counts an event nor covers one.
-    pub fn is_empty(&self) -> bool {
-        self.events == 0 && self.coverage.is_empty()
-    }
-}
-
-/// Adds `delta`, saturating at the bounds of i64: events are range-checked (see
-/// `event::MAX_PAGE_LENGTH`), so only an absurd number of them could get there, and a counter
-/// pinned at its bound is better than one that wraps or a batch that can never be applied.
-fn bump(map: &mut Counts, counter: &str, delta: i64) {
-    match map.get_mut(counter) {
-        Some(value) => *value = value.saturating_add(delta),
-        None => {
-            map.insert(counter.to_owned(), delta);
-        }
-    }
 }
 
 // The further dimensions (SPEC §5 welcomes them under new names; the counters above never
@@ -339,6 +317,11 @@ impl UserClass {
         UserClass::Anonymous,
     ];
 
+    /// Its place in [`UserClass::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             UserClass::Bot => "bot",
@@ -373,6 +356,11 @@ pub enum TopList {
 
 impl TopList {
     pub const ALL: [TopList; 2] = [TopList::Pages, TopList::Editors];
+
+    /// Its place in [`TopList::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -503,133 +491,101 @@ impl<'a> Dimensions<'a> {
         self.project.family == Family::Wikidata
     }
 
-    /// Calls `f(name, delta)` for every further counter of the event's day and of all time:
-    /// its family and language, namespace, user class, log type and action, patrol state,
+    /// Calls `f(share, counter, delta)` for every further counter of the event's day and of all
+    /// time: its family and language, namespace, user class, log type and action, patrol state,
     /// bytes added or removed, and the Wikidata share of these and of the SPEC §5 counters.
-    pub fn for_each(&self, deltas: &Deltas<'_>, name: &mut String, mut f: impl FnMut(&str, i64)) {
+    pub fn for_each_counter(
+        &self,
+        deltas: &Deltas<'a>,
+        mut f: impl FnMut(Share, Counter<'a>, i64),
+    ) {
         let wikidata = self.wikidata();
-        // `pleiades_<parts>`, and `pleiades_wikidata_<parts>` for a Wikidata event.
-        let mut put = |name: &mut String, parts: &[&str], delta: i64, mirrored: bool| {
-            name.clear();
-            name.push_str("pleiades_");
-            parts.iter().for_each(|p| name.push_str(p));
-            f(name, delta);
+        // Every event's, and for a mirrored counter of a Wikidata event, Wikidata's share.
+        let mut put = |counter: Counter<'a>, delta: i64, mirrored: bool| {
+            f(Share::All, counter, delta);
             if mirrored && wikidata {
-                name.clear();
-                name.push_str(WIKIDATA_PREFIX);
-                parts.iter().for_each(|p| name.push_str(p));
-                f(name, delta);
+                f(Share::Wikidata, counter, delta);
             }
         };
-        let family = self.project.family.as_str();
-        put(name, &["family_", family], 1, false);
+        let family = self.project.family;
+        put(Counter::Family(family), 1, false);
         if let Some(language) = self.project.language {
-            put(
-                name,
-                &["language_", family, "_", &language_label(language)],
-                1,
-                false,
-            );
+            put(Counter::Language(family, language), 1, false);
         }
         if let Some(namespace) = self.namespace {
-            put(name, &["namespace_", &namespace.to_string()], 1, true);
+            put(Counter::Namespace(namespace), 1, true);
         }
         if let Some((_, class)) = self.user {
-            put(name, &["user_", class.as_str()], 1, true);
+            put(Counter::User(class), 1, true);
         }
         if let Some(log_type) = self.log_type {
-            put(name, &["log_type_", log_type], 1, true);
+            put(Counter::LogType(log_type), 1, true);
             if let Some(action) = self.log_action {
-                put(name, &["log_action_", log_type, "/", action], 1, false);
+                put(Counter::LogAction(log_type, action), 1, false);
             }
         }
         match self.patrolled {
-            Some(true) => put(name, &["patrolled"], 1, true),
-            Some(false) => put(name, &["unpatrolled"], 1, true),
+            Some(true) => put(Counter::Patrolled, 1, true),
+            Some(false) => put(Counter::Unpatrolled, 1, true),
             None => {}
         }
         if let Some((old, new)) = deltas.length {
             if new > old {
-                put(name, &["bytes_added"], new.saturating_sub(old), true);
+                put(Counter::BytesAdded, new.saturating_sub(old), true);
             } else if new < old {
-                put(name, &["bytes_removed"], old.saturating_sub(new), true);
+                put(Counter::BytesRemoved, old.saturating_sub(new), true);
             }
         }
         if wikidata {
-            // The Wikidata share of the SPEC §5 counters (the total is pleiades_family_wikidata).
-            let mut mirrored = String::new();
-            deltas.for_each(name, |counter, delta| {
-                if let Some(rest) = counter.strip_prefix("pleiades_") {
-                    if counter != TOTAL && !counter.starts_with(WIKI_PREFIX) {
-                        mirrored.clear();
-                        mirrored.push_str(WIKIDATA_PREFIX);
-                        mirrored.push_str(rest);
-                        f(&mirrored, delta);
-                    }
+            // The Wikidata share of the SPEC §5 counters but the total (that is
+            // pleiades_family_wikidata) and the wiki (wikidatawiki is all Wikidata).
+            deltas.for_each_counter(|counter, delta| {
+                if !matches!(counter, Counter::Total | Counter::Wiki(_)) {
+                    f(Share::Wikidata, counter, delta);
                 }
             });
         }
     }
 
-    /// Calls `f(name, 1)` for every per-hour counter of the event ([`hour_counter`] names):
-    /// the total, bots or humans, its family, and the Wikidata share of bots and humans.
-    pub fn for_each_hourly(&self, deltas: &Deltas<'_>, name: &mut String, mut f: impl FnMut(&str)) {
-        let hour = self.hour.min(23);
-        let mut put = |name: &mut String, parts: &[&str]| {
-            name.clear();
-            name.push(char::from(b'0' + (hour / 10) as u8));
-            name.push(char::from(b'0' + (hour % 10) as u8));
-            name.push(':');
-            parts.iter().for_each(|p| name.push_str(p));
-            f(name);
+    /// [`Dimensions::for_each_counter`] by name: `f(name, delta)`, the name built in `name`.
+    pub fn for_each(&self, deltas: &Deltas<'a>, name: &mut String, mut f: impl FnMut(&str, i64)) {
+        self.for_each_counter(deltas, |share, counter, delta| {
+            counter.write_name(share, name);
+            f(name, delta)
+        });
+    }
+
+    /// Calls `f(share, counter)` for every per-hour counter of the event (each counts 1 in the
+    /// event's hour): the total, bots or humans, its family, and the Wikidata share of bots and
+    /// humans.
+    pub fn for_each_hourly_counter(
+        &self,
+        deltas: &Deltas<'_>,
+        mut f: impl FnMut(Share, Counter<'static>),
+    ) {
+        f(Share::All, Counter::Total);
+        let who = if deltas.bot {
+            Counter::Bot
+        } else {
+            Counter::Human
         };
-        put(name, &[TOTAL]);
-        let who = if deltas.bot { "bot" } else { "human" };
-        put(name, &["pleiades_", who]);
-        put(name, &[FAMILY_PREFIX, self.project.family.as_str()]);
+        f(Share::All, who);
+        f(Share::All, Counter::Family(self.project.family));
         if self.wikidata() {
-            put(name, &[WIKIDATA_PREFIX, who]);
+            f(Share::Wikidata, who);
         }
     }
-}
 
-impl Tally {
-    /// Adds one event's further dimensions: their counters per day and all-time, per hour,
-    /// the distinct-editor sketch and the top lists. `deltas` must be the same event's.
-    pub fn add_dimensions(
-        &mut self,
-        deltas: &Deltas<'_>,
-        dimensions: &Dimensions<'_>,
-        name: &mut String,
-    ) {
-        let day = self.days.entry(deltas.day).or_default();
-        dimensions.for_each(deltas, name, |counter, delta| bump(day, counter, delta));
-        let hours = self.hours.entry(deltas.day).or_default();
-        dimensions.for_each_hourly(deltas, name, |counter| bump(hours, counter, 1));
-        let family = dimensions.project.family;
-        let server = dimensions.server.unwrap_or("");
-        if let Some((user, _)) = dimensions.user {
-            self.editors
-                .entry((deltas.day, family))
-                .or_default()
-                .add(user.as_bytes());
-            self.top
-                .entry((deltas.day, family, TopList::Editors))
-                .or_default()
-                .add(user, server, dimensions.event_hash);
-        }
-        if let (Some(wiki), Some(title)) = (deltas.wiki, dimensions.title) {
-            // The name buffer is free again: it holds the page's key.
-            let key = name;
-            key.clear();
-            key.push_str(wiki);
-            key.push('\t');
-            key.push_str(title);
-            self.top
-                .entry((deltas.day, family, TopList::Pages))
-                .or_default()
-                .add(key, server, dimensions.event_hash);
-        }
+    /// [`Dimensions::for_each_hourly_counter`] by name ([`hour_counter`] names): `f(name)`.
+    pub fn for_each_hourly(&self, deltas: &Deltas<'_>, name: &mut String, mut f: impl FnMut(&str)) {
+        let hour = self.hour.min(23);
+        let mut counter_name = String::new();
+        self.for_each_hourly_counter(deltas, |share, counter| {
+            counter.write_name(share, &mut counter_name);
+            name.clear();
+            name.push_str(&hour_counter(hour, &counter_name));
+            f(name)
+        });
     }
 }
 
@@ -709,29 +665,16 @@ mod tests {
     }
 
     #[test]
-    fn sums_saturate_instead_of_wrapping() {
-        let mut day = Counts::default();
-        bump(&mut day, GROWTH, i64::MAX - 1);
-        bump(&mut day, GROWTH, 5);
-        assert_eq!(day[GROWTH], i64::MAX);
-        bump(&mut day, LENGTH_DEC, i64::MIN);
-        bump(&mut day, LENGTH_DEC, -1);
-        assert_eq!(day[LENGTH_DEC], i64::MIN);
-    }
-
-    #[test]
     fn tally_merges_by_day_and_all_time() {
-        let mut tally = Tally::default();
-        let mut name = String::new();
+        let mut open = OpenTally::default();
         for data in [
             r#"{"meta":{"dt":"2022-12-11T04:27:02Z"},"wiki":"enwiki"}"#,
             r#"{"meta":{"dt":"2022-12-11T23:59:59Z"},"wiki":"enwiki"}"#,
             r#"{"meta":{"dt":"2022-12-12T00:00:00Z"},"wiki":"dewiki"}"#,
         ] {
-            let head = inspect(data).unwrap();
-            let mut scratch = Scratch::default();
-            tally.add(&Deltas::of(&head, &mut scratch), &mut name);
+            open.count(&inspect(data).unwrap(), false);
         }
+        let tally = open.seal();
         assert_eq!(tally.events, 3);
         assert_eq!(tally.days[&19337]["pleiades_wiki_enwiki"], 2);
         assert_eq!(tally.days[&19338]["pleiades_wiki_dewiki"], 1);
@@ -866,6 +809,12 @@ mod tests {
             let odd = variant(&lines[1], |v| v["user"] = missing.clone());
             assert_eq!(class(&odd), None, "{odd}");
         }
+        for (index, class) in UserClass::ALL.into_iter().enumerate() {
+            assert_eq!(class.index(), index);
+        }
+        for (index, list) in TopList::ALL.into_iter().enumerate() {
+            assert_eq!(list.index(), index);
+        }
         assert_eq!(UserClass::of("~", false), UserClass::Temporary);
         assert_eq!(UserClass::of("::1", false), UserClass::Anonymous);
         assert_eq!(UserClass::of("1.2.3", false), UserClass::Registered);
@@ -982,11 +931,11 @@ mod tests {
                 (975_218, 37_722),
             ),
         ] {
-            let mut tally = Tally::default();
-            let mut reuse = CountScratch::default();
+            let mut open = OpenTally::default();
             for line in recorded(file) {
-                tally.count(&inspect(&line).unwrap(), true, &mut reuse);
+                open.count(&inspect(&line).unwrap(), true);
             }
+            let tally = open.seal();
             let all = tally.all_time();
             let get = |n: &str| all.get(n).copied().unwrap_or(0);
             for (class, want) in users {
@@ -1044,7 +993,7 @@ mod tests {
                     .insert(v["user"].as_str().unwrap().to_owned());
             }
             for (day, names) in users {
-                let mut union = HyperLogLog::default();
+                let mut union = crate::sketch::hll::HyperLogLog::default();
                 for ((d, _), sketch) in &tally.editors {
                     if *d == day {
                         union.merge(sketch);
@@ -1078,16 +1027,16 @@ mod tests {
     #[test]
     fn a_rebuild_counts_the_same_days_without_hours_or_sketches() {
         for file in crate::event::recorded::FILES {
-            let (mut everything, mut days) = (Tally::default(), Tally::default());
-            let mut reuse = CountScratch::default();
+            let (mut everything, mut days) = (OpenTally::default(), OpenTally::default());
             for line in recorded(file) {
                 let head = inspect(&line).unwrap();
                 if head.canary {
                     continue;
                 }
-                everything.count(&head, true, &mut reuse);
-                days.count_days(&head, &mut reuse);
+                everything.count(&head, true);
+                days.count_days(&head);
             }
+            let (everything, days) = (everything.seal(), days.seal());
             assert!(
                 everything.events > 0 && !everything.hours.is_empty(),
                 "{file}"
@@ -1097,17 +1046,18 @@ mod tests {
             assert!(days.hours.is_empty() && days.editors.is_empty() && days.top.is_empty());
             // Counted in three parts and added up, the sums are those of one pass.
             let lines = recorded(file);
-            let mut summed = Tally::default();
+            let mut summed = OpenTally::default();
             for part in lines.chunks(lines.len().div_ceil(3)) {
-                let mut tally = Tally::default();
+                let mut tally = OpenTally::default();
                 for line in part {
                     let head = inspect(line).unwrap();
                     if !head.canary {
-                        tally.count_days(&head, &mut reuse);
+                        tally.count_days(&head);
                     }
                 }
-                summed.add_sums(tally);
+                summed.add_sums(tally.seal());
             }
+            let summed = summed.seal();
             assert_eq!(summed.days, days.days, "{file}");
             assert_eq!(summed.events, days.events, "{file}");
         }

@@ -55,6 +55,11 @@ impl Family {
         Family::Other,
     ];
 
+    /// Its place in [`Family::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The name used in counter names and the API: lowercase, no separator.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -363,8 +368,9 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_hosts_are_checked() {
-        for family in Family::ALL {
+        for (index, family) in Family::ALL.into_iter().enumerate() {
             assert_eq!(Family::parse(family.as_str()), Some(family));
+            assert_eq!(family.index(), index);
         }
         assert_eq!(Family::parse("Wikipedia"), None);
         assert!(is_host_name("en.wikipedia.org"));

@@ -438,7 +438,7 @@ async fn redis_counters_stay_exact_beyond_2_53_and_saturate_like_the_embedded_st
     ignore = "needs redis-server (scripts/test)"
 )]
 async fn sketch_merges_beside_the_batches_keep_sketches_exact_and_bounded() {
-    use pleiades::counters::{CountScratch, Tally};
+    use pleiades::counters::OpenTally;
     use pleiades::store::{redis::COMPACT_AFTER, Applied, Batch, Store};
     let scope = TestScope::new();
     let redis = RedisServer::start(&scope, false).await;
@@ -451,20 +451,19 @@ async fn sketch_merges_beside_the_batches_keep_sketches_exact_and_bounded() {
         .await
         .expect("store");
     let events = synthetic_events(30_000, 1);
-    let (mut whole, mut reuse) = (Tally::default(), CountScratch::default());
+    let (mut whole, mut tally) = (OpenTally::default(), OpenTally::default());
     let mut position = 0;
     for chunk in events.chunks(250) {
-        let mut tally = Tally::default();
         for event in chunk {
             let head = pleiades::event::inspect(event).expect("a valid event");
-            tally.count(&head, true, &mut reuse);
-            whole.count(&head, true, &mut reuse);
+            tally.count(&head, true);
+            whole.count(&head, true);
         }
         let batch = Batch {
             source: "merges".into(),
             start: position,
             end: position + chunk.len() as u64,
-            tally,
+            tally: tally.seal(),
         };
         assert_eq!(store.apply(&batch).await.expect("apply"), Applied::Counted);
         position = batch.end;
@@ -476,6 +475,7 @@ async fn sketch_merges_beside_the_batches_keep_sketches_exact_and_bounded() {
     )
     .await;
 
+    let whole = whole.seal();
     assert!(!whole.editors.is_empty() && !whole.top.is_empty());
     for ((day, family), sketch) in &whole.editors {
         let stored = store.editors(*day, &[*family]).await.expect("editors");

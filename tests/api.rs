@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use pleiades::config::{StoreConfig, StoreKind, StoreSettings, WebConfig};
-use pleiades::counters::{CountScratch, Tally};
+use pleiades::counters::OpenTally;
 use pleiades::health::Readiness;
 use pleiades::metrics::{Component, Metrics, StoreRead};
 use pleiades::store::{Batch, Store};
@@ -38,8 +38,7 @@ async fn filled_store(scope: &TestScope, metrics: &Metrics, lines: &[String]) ->
 
 /// `lines` counted once into one batch at bus position `start`, as an aggregator counts them.
 fn batch_of(lines: &[String], start: u64) -> Batch {
-    let mut tally = Tally::default();
-    let mut reuse = CountScratch::default();
+    let mut tally = OpenTally::default();
     let mut seen = std::collections::HashSet::new();
     for line in lines {
         let Ok(head) = pleiades::event::inspect(line) else {
@@ -53,13 +52,13 @@ fn batch_of(lines: &[String], start: u64) -> Batch {
         {
             continue;
         }
-        tally.count(&head, true, &mut reuse);
+        tally.count(&head, true);
     }
     Batch {
         source: "test".into(),
         start,
         end: start + 1,
-        tally,
+        tally: tally.seal(),
     }
 }
 
@@ -599,10 +598,10 @@ async fn fifty_dashboards_loading_at_once_read_the_store_once_per_cache_period()
 
     // A batch counted by this process ends the period for what it changes: the next 50 loads
     // read each of those once more, and the days the batch did not touch not at all.
-    let mut tally = Tally::default();
+    let mut tally = OpenTally::default();
     let event = &lines[0];
     let head = pleiades::event::inspect(event).expect("valid");
-    tally.count(&head, false, &mut CountScratch::default());
+    tally.count(&head, false);
     let touched = head.time_ms.div_euclid(86_400_000);
     assert_ne!(
         touched, last,
@@ -613,7 +612,7 @@ async fn fifty_dashboards_loading_at_once_read_the_store_once_per_cache_period()
             source: "test".into(),
             start: 1,
             end: 2,
-            tally,
+            tally: tally.seal(),
         })
         .await
         .expect("applied");

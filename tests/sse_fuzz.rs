@@ -6,7 +6,7 @@
 //!
 //! Each run draws a new seed and prints it; `PLEIADES_FUZZ_SEED` (64 hex digits) replays one.
 
-use pleiades::counters::{Deltas, Scratch, Tally, GROWTH};
+use pleiades::counters::{OpenTally, GROWTH};
 use pleiades::event::{inspect, MAX_PAGE_LENGTH};
 use pleiades::ingest::sse::{SseEvent, SseParser, MAX_ID_BYTES};
 use proptest::prelude::*;
@@ -145,9 +145,8 @@ fn parser_promises(bytes: &[u8], cuts: &[usize]) -> Result<Vec<SseEvent>, TestCa
 /// The event view's promises: no panic, the length rule holds for what it accepts, and sums
 /// of accepted events are exact.
 fn view_promises(events: &[SseEvent]) -> Result<(), TestCaseError> {
-    let mut tally = Tally::default();
+    let mut tally = OpenTally::default();
     let mut exact: i128 = 0;
-    let mut name = String::new();
     for event in events {
         let Ok(head) = inspect(&event.data) else {
             continue;
@@ -172,10 +171,9 @@ fn view_promises(events: &[SseEvent]) -> Result<(), TestCaseError> {
                 exact += sides[1] - sides[0];
             }
         }
-        let mut scratch = Scratch::default();
-        tally.add(&Deltas::of(&head, &mut scratch), &mut name);
+        tally.count(&head, false);
     }
-    let counted = tally.all_time().get(GROWTH).copied().unwrap_or(0) as i128;
+    let counted = tally.seal().all_time().get(GROWTH).copied().unwrap_or(0) as i128;
     prop_assert_eq!(counted, exact);
     Ok(())
 }

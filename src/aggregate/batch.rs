@@ -5,7 +5,7 @@
 use super::AggregateError;
 use crate::bus::{Quarantine, QuarantineRecord, Record, Source};
 use crate::config::{AggregateConfig, Statistics};
-use crate::counters::{CountScratch, Tally};
+use crate::counters::{OpenTally, Tally};
 use crate::event::RejectReason;
 use crate::metrics::{AggregateMetrics, Skip};
 use crate::store::{Applied, Batch, Store, StoreError};
@@ -36,7 +36,7 @@ const MIN_PART: usize = 256;
 /// its part) that cannot be counted, with why.
 struct Part {
     len: usize,
-    tally: crate::counters::Tally,
+    tally: Tally,
     rejected: Vec<(usize, RejectReason, String)>,
 }
 
@@ -45,16 +45,15 @@ fn count_part(
     records: &[Record<'_>],
     full: bool,
     metrics: &AggregateMetrics,
-    reuse: &mut CountScratch,
+    tally: &mut OpenTally,
 ) -> Part {
-    let mut tally = crate::counters::Tally::default();
     let mut rejected = Vec::new();
     for (index, record) in records.iter().enumerate() {
         match &record.data {
             Ok(data) => match crate::event::inspect(data) {
                 Ok(head) if head.canary => metrics.skipped.inc(Skip::Canary),
-                Ok(head) if full => tally.count_days(&head, reuse),
-                Ok(head) => tally.count(&head, false, reuse),
+                Ok(head) if full => tally.count_days(&head),
+                Ok(head) => tally.count(&head, false),
                 Err(invalid) => rejected.push((index, invalid.reason(), invalid.to_string())),
             },
             Err(bad) => rejected.push((index, RejectReason::BadRecord, bad.error.clone())),
@@ -62,15 +61,20 @@ fn count_part(
     }
     Part {
         len: records.len(),
-        tally,
+        tally: tally.seal(),
         rejected,
     }
 }
 
-/// The batch being built for one source (a segment, a partition).
+/// The batch being built for one source (a segment, a partition): the positions it covers
+/// and what their events count so far.
 #[derive(Debug)]
 pub struct Pending {
-    pub batch: Batch,
+    /// The store's key of the source.
+    pub source: String,
+    pub start: u64,
+    pub end: u64,
+    pub tally: OpenTally,
     /// Records covered (counted, skipped or quarantined).
     pub records: usize,
     opened: Instant,
@@ -82,12 +86,10 @@ impl Pending {
     /// An empty batch for the store's source `key`, starting at `position`.
     pub fn new(key: String, position: u64) -> Self {
         Pending {
-            batch: Batch {
-                source: key,
-                start: position,
-                end: position,
-                tally: Tally::default(),
-            },
+            source: key,
+            start: position,
+            end: position,
+            tally: OpenTally::default(),
             records: 0,
             opened: Instant::now(),
             last_added: Instant::now(),
@@ -96,12 +98,12 @@ impl Pending {
 
     /// True when the batch covers no position yet.
     pub fn is_empty(&self) -> bool {
-        self.batch.end <= self.batch.start
+        self.end <= self.start
     }
 
     /// The position the next record must start at.
     pub fn end(&self) -> u64 {
-        self.batch.end
+        self.end
     }
 
     /// Full by count.
@@ -133,11 +135,23 @@ impl Pending {
                 >= (policy.events as u128) * filling.as_micros().max(1)
     }
 
+    /// The batch to apply: its positions and what it counted, sealed. The open tally starts
+    /// afresh, and so does the batch, at its end, once the store has answered ([`Pending::restart`]).
+    fn seal(&mut self) -> Batch {
+        Batch {
+            source: self.source.clone(),
+            start: self.start,
+            end: self.end,
+            tally: self.tally.seal(),
+        }
+    }
+
     /// Starts afresh at `position` (after an apply, or after a refusal).
     fn restart(&mut self, position: u64) {
-        self.batch.start = position;
-        self.batch.end = position;
-        self.batch.tally = Tally::default();
+        self.start = position;
+        self.end = position;
+        // Empty already after a seal; a restart never keeps counts of another range.
+        self.tally.seal();
         self.records = 0;
     }
 }
@@ -148,7 +162,8 @@ pub struct Counting {
     store: Store,
     metrics: AggregateMetrics,
     quarantine: Quarantine,
-    reuse: CountScratch,
+    /// The tally of a rebuild's records too few to count in parts.
+    small_part: OpenTally,
     statistics: Statistics,
     /// Counting for a rebuild: only what the rebuild space holds ([`Counting::for_rebuild`]).
     rebuild: bool,
@@ -160,7 +175,7 @@ impl Counting {
             store,
             metrics,
             quarantine,
-            reuse: CountScratch::default(),
+            small_part: OpenTally::default(),
             statistics: Statistics::Full,
             rebuild: false,
         }
@@ -202,22 +217,22 @@ impl Counting {
         if pending.records == 0 {
             pending.opened = Instant::now();
         }
-        pending.batch.end = record.end;
+        pending.end = record.end;
         pending.records += 1;
         let rejected = match &record.data {
             Ok(data) => match crate::event::inspect(data) {
                 Ok(head) if head.canary => {
                     self.metrics.skipped.inc(Skip::Canary);
-                    pending.batch.tally.cover(&head);
+                    pending.tally.cover(&head);
                     None
                 }
                 Ok(head) => {
-                    pending.batch.tally.cover(&head);
+                    pending.tally.cover(&head);
                     self.metrics
                         .lag_ms
                         .observe((now_ms - head.time_ms).max(0) as f64);
                     let full = self.statistics == Statistics::Full;
-                    pending.batch.tally.count(&head, full, &mut self.reuse);
+                    pending.tally.count(&head, full);
                     None
                 }
                 Err(invalid) => Some((invalid.reason(), invalid.to_string(), *data)),
@@ -266,15 +281,15 @@ impl Counting {
         let metrics = &self.metrics;
         let parts = match records.len() < 2 * MIN_PART {
             // Too few to split (a Kafka rebuild's one message): counted here, with the
-            // counting's own scratch rather than a fresh one per call.
-            true => vec![count_part(records, full, metrics, &mut self.reuse)],
+            // counting's own tally rather than a fresh one per call.
+            true => vec![count_part(records, full, metrics, &mut self.small_part)],
             false => crate::parts::in_parts(records, MIN_PART, |part| {
-                count_part(part, full, metrics, &mut CountScratch::default())
+                count_part(part, full, metrics, &mut OpenTally::default())
             }),
         };
         let mut offset = 0;
         for part in parts {
-            pending.batch.tally.add_sums(part.tally);
+            pending.tally.add_sums(part.tally);
             for (index, reason, error) in part.rejected {
                 let record = &records[offset + index];
                 let data = match &record.data {
@@ -285,7 +300,7 @@ impl Counting {
             }
             offset += part.len;
         }
-        pending.batch.end = last.end;
+        pending.end = last.end;
         pending.records += records.len();
         Ok(())
     }
@@ -321,6 +336,8 @@ impl Counting {
     /// at its end. Refused because the store's position for the source is elsewhere (a replay
     /// after a crash, a stale owner after a rebalance): nothing is changed, the refusal is
     /// counted, and the batch starts afresh at the stored position, where its reader must go.
+    /// An error leaves the batch without its counts: it ends the aggregator, whose successor
+    /// reads again from the stored position, as after a crash.
     pub async fn apply(&mut self, pending: &mut Pending) -> Result<Applied, AggregateError> {
         if pending.is_empty() {
             return Ok(Applied::Counted);
@@ -328,11 +345,11 @@ impl Counting {
         // The batch's quarantined records must be on disk before the store moves past them.
         self.quarantine.sync().await?;
         let started = Instant::now();
-        let applied = self.store_call(self.store.apply(&pending.batch)).await?;
+        let batch = pending.seal();
+        let applied = self.store_call(self.store.apply(&batch)).await?;
         self.metrics
             .apply_seconds
             .observe(started.elapsed().as_secs_f64());
-        let batch = &pending.batch;
         match applied {
             Applied::Counted => {
                 self.metrics.batch_events.observe(pending.records as f64);

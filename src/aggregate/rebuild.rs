@@ -424,8 +424,8 @@ impl<'a> Rebuild<'a> {
                 .await?;
             self.renewed = Instant::now();
         }
-        let events = pending.batch.tally.events;
-        let source = pending.batch.source.clone();
+        let events = pending.tally.events();
+        let source = pending.source.clone();
         let applied = self.counting.apply(pending).await?;
         if applied == Applied::Counted {
             self.events += events;

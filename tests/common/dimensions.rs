@@ -297,19 +297,19 @@ pub async fn stored_sketches(store: &pleiades::store::Store) -> Sketches {
 /// One clean pass: the delivered events (valid, non-canary, each `meta.id` once, as the
 /// oracle says) counted in one batch into a fresh embedded store at `path`, by the library.
 pub async fn clean_pass(path: &std::path::Path, lines: &[String]) -> pleiades::store::Store {
-    use pleiades::counters::{CountScratch, Tally};
+    use pleiades::counters::OpenTally;
     let settings = pleiades::config::StoreSettings::Embedded(pleiades::config::StoreConfig {
         kind: pleiades::config::StoreKind::Embedded,
         path: path.to_owned(),
     });
     let store = super::open_store(&settings).await;
-    let mut tally = Tally::default();
-    let mut reuse = CountScratch::default();
+    let mut open = OpenTally::default();
     for line in super::delivered(lines) {
         let head = pleiades::event::inspect(&line).expect("a delivered event is valid");
-        tally.cover(&head);
-        tally.count(&head, true, &mut reuse);
+        open.cover(&head);
+        open.count(&head, true);
     }
+    let tally = open.seal();
     let batch = pleiades::store::Batch {
         source: "clean-pass".into(),
         start: 0,
