@@ -66,7 +66,7 @@ async fn pleiades_batched(
             source: "bench".into(),
             start: position,
             end: position + chunk.len() as u64,
-            tally: tally.seal(),
+            tally: tally.seal().into(),
         };
         let applying = Instant::now();
         assert_eq!(store.apply(&batch).await.expect("apply"), Applied::Counted);

@@ -6,7 +6,8 @@
 //! files → aggregators → embedded store), where all of the counting cost lies; (2) the whole
 //! pipeline (replay → ingest → event files → aggregate → embedded store) until the daemon has
 //! counted every event. Also prints the store's size on disk per day for each setting. Needs
-//! nothing outside the repository; prints figures.
+//! nothing outside the repository; prints figures. For a profiler, `PROFILE_FULL=1` runs the
+//! first measurement three times with every dimension, and nothing else.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -107,6 +108,12 @@ async fn main() {
     let source_file = source.path().join("events.jsonl");
     std::fs::write(&source_file, pipeline.join("\n") + "\n").expect("events written");
 
+    if std::env::var_os("PROFILE_FULL").is_some() {
+        for _ in 0..3 {
+            aggregate_on_disk(&on_disk, Statistics::Full).await;
+        }
+        return;
+    }
     println!("The further dimensions' cost, {ROUNDS} rounds alternating, {DAYS} days of events");
     let mut disk = [(f64::MAX, 0u64); 2];
     let mut whole = [f64::MAX; 2];

@@ -86,7 +86,7 @@ async fn main() {
             source: "bench".into(),
             start: position,
             end: position + 1,
-            tally: day_tally(day, 1),
+            tally: day_tally(day, 1).into(),
         };
         store.apply(&batch).await.expect("apply");
         position += 1;
@@ -122,7 +122,7 @@ async fn main() {
                     source: "bench".into(),
                     start: position,
                     end: position + 1,
-                    tally: day_tally(today, 1),
+                    tally: day_tally(today, 1).into(),
                 };
                 store.apply(&batch).await.expect("apply");
                 position += 1;

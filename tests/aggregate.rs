@@ -412,7 +412,7 @@ async fn redis_counters_stay_exact_beyond_2_53_and_saturate_like_the_embedded_st
             source: "exact".into(),
             start: n as u64,
             end: n as u64 + 1,
-            tally,
+            tally: tally.into(),
         };
         for store in &stores {
             store.apply(&batch).await.expect("applied");
@@ -463,7 +463,7 @@ async fn sketch_merges_beside_the_batches_keep_sketches_exact_and_bounded() {
             source: "merges".into(),
             start: position,
             end: position + chunk.len() as u64,
-            tally: tally.seal(),
+            tally: tally.seal().into(),
         };
         assert_eq!(store.apply(&batch).await.expect("apply"), Applied::Counted);
         position = batch.end;

@@ -58,7 +58,7 @@ fn batch_of(lines: &[String], start: u64) -> Batch {
         source: "test".into(),
         start,
         end: start + 1,
-        tally: tally.seal(),
+        tally: tally.seal().into(),
     }
 }
 
@@ -612,7 +612,7 @@ async fn fifty_dashboards_loading_at_once_read_the_store_once_per_cache_period()
             source: "test".into(),
             start: 1,
             end: 2,
-            tally: tally.seal(),
+            tally: tally.seal().into(),
         })
         .await
         .expect("applied");

@@ -371,7 +371,8 @@ async fn the_embedded_store_switches_beside_its_aggregator_and_keeps_what_the_bu
             .collect(),
             events: 5,
             ..Default::default()
-        },
+        }
+        .into(),
     };
     assert_eq!(
         store.apply(&bogus).await.unwrap(),

@@ -142,7 +142,7 @@ impl Pending {
             source: self.source.clone(),
             start: self.start,
             end: self.end,
-            tally: self.tally.seal(),
+            tally: self.tally.seal().into(),
         }
     }
 

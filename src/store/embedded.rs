@@ -228,6 +228,7 @@ impl EmbeddedStore {
     }
 
     pub async fn apply(&self, batch: &Batch) -> Result<Applied, StoreError> {
+        // The tally is shared, not copied: a batch's sketches are large.
         let batch = batch.clone();
         let sketches = self.sketches.clone();
         let tables = self.tables;

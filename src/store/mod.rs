@@ -34,7 +34,8 @@ pub struct Batch {
     pub source: String,
     pub start: u64,
     pub end: u64,
-    pub tally: Tally,
+    /// Shared, not copied: the embedded store applies it on a thread of its own.
+    pub tally: std::sync::Arc<Tally>,
 }
 
 /// What a sketch of the further dimensions is, as both stores name it: each day has one of

@@ -314,7 +314,7 @@ pub async fn clean_pass(path: &std::path::Path, lines: &[String]) -> pleiades::s
         source: "clean-pass".into(),
         start: 0,
         end: 1,
-        tally,
+        tally: tally.into(),
     };
     store.apply(&batch).await.expect("the clean pass applies");
     store
