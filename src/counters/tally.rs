@@ -14,8 +14,8 @@ use super::{
 use crate::coverage::DayCoverage;
 use crate::event::{epoch_day, EventHead};
 use crate::project::Family;
-use crate::sketch::hll::HyperLogLog;
-use crate::sketch::top::TopSketch;
+use crate::sketch::hll::{HyperLogLog, Registers};
+use crate::sketch::top::{TopCount, TopSketch};
 
 /// Increments merged in memory: per day, and all-time ([`Tally::all_time`]); what a batch
 /// applies. Counted by an [`OpenTally`].
@@ -287,9 +287,9 @@ struct Day {
     /// By hour × [`HOURLY`] + per-hour cell; empty until an event counts in them.
     hours: Vec<i64>,
     /// By family.
-    editors: [HyperLogLog; Family::ALL.len()],
+    editors: [Registers; Family::ALL.len()],
     /// By family, then [`TopList`].
-    top: [[TopSketch; 2]; Family::ALL.len()],
+    top: [[TopCount; 2]; Family::ALL.len()],
 }
 
 impl Day {
@@ -500,13 +500,13 @@ impl OpenTally {
             }
             for (family, sketch) in Family::ALL.into_iter().zip(editors) {
                 if !sketch.is_empty() {
-                    tally.editors.insert((day, family), sketch);
+                    tally.editors.insert((day, family), sketch.into_sketch());
                 }
             }
             for (family, lists) in Family::ALL.into_iter().zip(top) {
                 for (list, sketch) in TopList::ALL.into_iter().zip(lists) {
                     if !sketch.is_empty() {
-                        tally.top.insert((day, family, list), sketch);
+                        tally.top.insert((day, family, list), sketch.into_sketch());
                     }
                 }
             }
@@ -550,6 +550,21 @@ mod tests {
                 dims.for_each(&deltas, &mut name, |n, d| add(day, n, d));
                 let hours = tally.hours.entry(deltas.day).or_default();
                 dims.for_each_hourly(&deltas, &mut name, |n| add(hours, n, 1));
+                // The sketches, added one event at a time through their own `add`.
+                let family = dims.project.family;
+                let server = dims.server.unwrap_or("");
+                if let Some((user, _)) = dims.user {
+                    let editors = tally.editors.entry((deltas.day, family)).or_default();
+                    editors.add(user.as_bytes());
+                    let top = (deltas.day, family, TopList::Editors);
+                    let top = tally.top.entry(top).or_default();
+                    top.add(user, server, dims.event_hash);
+                }
+                if let (Some(wiki), Some(title)) = (deltas.wiki, dims.title) {
+                    let top = (deltas.day, family, TopList::Pages);
+                    let top = tally.top.entry(top).or_default();
+                    top.add(&format!("{wiki}\t{title}"), server, dims.event_hash);
+                }
             }
         }
         tally
@@ -610,6 +625,8 @@ mod tests {
             assert_eq!(got.events, want.events);
             assert_eq!(got.editors.is_empty(), !dimensions);
             assert_eq!(got.top.is_empty(), !dimensions);
+            assert_eq!(got.editors, want.editors, "dimensions: {dimensions}");
+            assert_eq!(got.top, want.top, "dimensions: {dimensions}");
         }
         // A type counted as a number and as text of the same digits is one counter.
         let got = open(&lines, false);

@@ -43,6 +43,42 @@ pub struct HyperLogLog {
     chunks: BTreeMap<u16, [u8; CHUNK]>,
 }
 
+/// A sketch being counted, every register in place: adding an element is one array update.
+/// For a batch, which adds many; [`Registers::into_sketch`] keeps the chunks that hold
+/// something. Empty (and without memory) until the first element.
+#[derive(Debug, Clone, Default)]
+pub struct Registers {
+    registers: Vec<u8>,
+}
+
+impl Registers {
+    /// Adds one element, as [`HyperLogLog::add`] does.
+    pub fn add(&mut self, element: &[u8]) {
+        if self.registers.is_empty() {
+            self.registers = vec![0; REGISTERS];
+        }
+        let (register, value) = register_of(element);
+        if let Some(slot) = self.registers.get_mut(register) {
+            *slot = (*slot).max(value);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.registers.is_empty()
+    }
+
+    /// The sketch of the elements added.
+    pub fn into_sketch(self) -> HyperLogLog {
+        let mut sketch = HyperLogLog::default();
+        for (index, chunk) in self.registers.chunks_exact(CHUNK).enumerate() {
+            if let Ok(chunk) = <&[u8; CHUNK]>::try_from(chunk) {
+                sketch.merge_chunk(index as u16, chunk);
+            }
+        }
+        sketch
+    }
+}
+
 impl HyperLogLog {
     /// Adds one element (a user name).
     pub fn add(&mut self, element: &[u8]) {
@@ -220,6 +256,20 @@ mod tests {
             sketch.add(name.as_bytes());
         }
         sketch
+    }
+
+    #[test]
+    fn registers_in_place_give_the_sketch_adding_gives() {
+        let mut registers = Registers::default();
+        assert!(registers.is_empty());
+        assert_eq!(Registers::default().into_sketch(), HyperLogLog::default());
+        for i in 0..3_000 {
+            registers.add(format!("editor-{i}").as_bytes());
+        }
+        let added = sketch_of((0..3_000).map(|i| format!("editor-{i}")));
+        let counted = registers.into_sketch();
+        assert_eq!(counted, added);
+        assert_eq!(counted.to_bytes(), added.to_bytes());
     }
 
     #[test]

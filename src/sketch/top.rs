@@ -63,6 +63,35 @@ pub struct Bucket {
 }
 
 impl Bucket {
+    /// A bucket no event was counted in: each part is the neutral element of its merge.
+    fn empty() -> Bucket {
+        Bucket {
+            count: 0,
+            key_min: u64::MAX,
+            key_max: 0,
+            key_sum: 0,
+            sample_hash: u64::MAX,
+            sample: String::new(),
+        }
+    }
+
+    /// Counts one event of the key `hashed` (already cut), seen on `server`: the one rule of
+    /// adding an event, whatever holds the bucket.
+    fn count(&mut self, hashed: &Hashed, key: &str, server: &str, event_hash: u64) {
+        self.count = self.count.saturating_add(1);
+        self.key_min = self.key_min.min(hashed.fingerprint);
+        self.key_max = self.key_max.max(hashed.fingerprint);
+        self.key_sum = (self.key_sum + hashed.fingerprint) % CHECKSUM_MODULUS;
+        // Event hashes keep 52 bits, so the first event of an empty bucket always wins.
+        if event_hash < self.sample_hash {
+            self.sample_hash = event_hash;
+            // The old sample's buffer is reused: a new sample wins often in a busy bucket,
+            // and an allocation per win showed in profiles.
+            self.sample.clear();
+            push_sample(&mut self.sample, key, server);
+        }
+    }
+
     /// Merges `other` in: what one bucket would hold after both sets of events.
     pub fn merge(&mut self, other: &Bucket) {
         self.count = self.count.saturating_add(other.count);
@@ -265,6 +294,50 @@ pub struct TopSketch {
     buckets: HashMap<u32, Bucket, foldhash::fast::RandomState>,
 }
 
+/// A sketch being counted: where each bucket lies is found by its id in an array, not by a
+/// hash lookup, so counting an event is two array updates. For a batch, which counts many;
+/// [`TopCount::into_sketch`] gives the sketch. Empty (and without memory) until the first event.
+#[derive(Debug, Clone, Default)]
+pub struct TopCount {
+    /// By bucket id: 0 for none yet, else the bucket's place in `buckets` plus one.
+    places: Vec<u32>,
+    buckets: Vec<(u32, Bucket)>,
+}
+
+impl TopCount {
+    /// Counts one event, as [`TopSketch::add`] does.
+    pub fn add(&mut self, key: &str, server: &str, event_hash: u64) {
+        if self.places.is_empty() {
+            self.places = vec![0; (ROWS * WIDTH) as usize];
+        }
+        let key = cut(key, KEY_BYTES);
+        let hashed = hashed(key);
+        for id in hashed.buckets {
+            let Some(place) = self.places.get_mut(id as usize) else {
+                continue;
+            };
+            if *place == 0 {
+                self.buckets.push((id, Bucket::empty()));
+                *place = self.buckets.len() as u32;
+            }
+            if let Some((_, bucket)) = self.buckets.get_mut(*place as usize - 1) {
+                bucket.count(&hashed, key, server, event_hash);
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+
+    /// The sketch of the events counted.
+    pub fn into_sketch(self) -> TopSketch {
+        let mut buckets = HashMap::with_capacity_and_hasher(self.buckets.len(), Default::default());
+        buckets.extend(self.buckets);
+        TopSketch { buckets }
+    }
+}
+
 /// One key's estimate in a set of sketches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Estimate {
@@ -288,34 +361,10 @@ impl TopSketch {
         let key = cut(key, KEY_BYTES);
         let hashed = hashed(key);
         for id in hashed.buckets {
-            match self.buckets.get_mut(&id) {
-                Some(bucket) => {
-                    bucket.count = bucket.count.saturating_add(1);
-                    bucket.key_min = bucket.key_min.min(hashed.fingerprint);
-                    bucket.key_max = bucket.key_max.max(hashed.fingerprint);
-                    bucket.key_sum = (bucket.key_sum + hashed.fingerprint) % CHECKSUM_MODULUS;
-                    if event_hash < bucket.sample_hash {
-                        bucket.sample_hash = event_hash;
-                        // The old sample's buffer is reused: a new sample wins often in a
-                        // busy bucket, and an allocation per win showed in profiles.
-                        bucket.sample.clear();
-                        push_sample(&mut bucket.sample, key, server);
-                    }
-                }
-                None => {
-                    self.buckets.insert(
-                        id,
-                        Bucket {
-                            count: 1,
-                            key_min: hashed.fingerprint,
-                            key_max: hashed.fingerprint,
-                            key_sum: hashed.fingerprint,
-                            sample_hash: event_hash,
-                            sample: sample_text(key, server),
-                        },
-                    );
-                }
-            }
+            self.buckets
+                .entry(id)
+                .or_insert_with(Bucket::empty)
+                .count(&hashed, key, server, event_hash);
         }
     }
 
@@ -515,13 +564,8 @@ impl Resolved<'_> {
     }
 }
 
-fn sample_text(key: &str, server: &str) -> String {
-    let mut text = String::with_capacity(key.len() + server.len() + 1);
-    push_sample(&mut text, key, server);
-    text
-}
-
 fn push_sample(text: &mut String, key: &str, server: &str) {
+    text.reserve(key.len() + 1 + server.len());
     text.push_str(key);
     text.push('\t');
     text.push_str(server);
@@ -615,6 +659,26 @@ mod tests {
             events.push((format!("l{k}"), format!("enwiki\tLight {k}")));
         }
         events
+    }
+
+    #[test]
+    fn counting_in_place_gives_the_sketch_adding_gives() {
+        let events = events(5_000);
+        let mut counted = TopCount::default();
+        assert!(counted.is_empty());
+        for (i, (id, key)) in events.iter().enumerate() {
+            // Servers differ, so that the samples' servers are checked too.
+            counted.add(key, &format!("s{}", i % 3), event_hash(id));
+        }
+        let mut added = TopSketch::default();
+        for (i, (id, key)) in events.iter().enumerate() {
+            added.add(key, &format!("s{}", i % 3), event_hash(id));
+        }
+        assert!(!counted.is_empty());
+        let counted = counted.into_sketch();
+        assert_eq!(counted, added);
+        assert_eq!(counted.to_bytes(), added.to_bytes());
+        assert_eq!(TopCount::default().into_sketch(), TopSketch::default());
     }
 
     #[test]
