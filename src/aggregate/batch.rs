@@ -136,7 +136,8 @@ impl Pending {
     }
 
     /// The batch to apply: its positions and what it counted, sealed. The open tally starts
-    /// afresh, and so does the batch, at its end, once the store has answered ([`Pending::restart`]).
+    /// afresh; the positions do once the store has answered ([`Pending::restart`]: at the
+    /// batch's end when counted, at the stored position when refused).
     fn seal(&mut self) -> Batch {
         Batch {
             source: self.source.clone(),

@@ -172,7 +172,8 @@ struct Names {
 }
 
 /// More cells than this and the names start afresh at the next seal: a stream of ever new
-/// wikis, types or log actions (a hostile one) cannot grow them without bound.
+/// wikis, types or log actions (a hostile one) cannot grow them from batch to batch. Within
+/// a batch they grow at most with its events (a dozen cells each).
 const MAX_CELLS: usize = 1 << 16;
 
 impl Names {
@@ -279,6 +280,13 @@ struct Cell {
     counted: bool,
 }
 
+/// The days of a batch counted in cells: a batch of live or backfilled events spans one or
+/// two. Further days (events of many days in one batch, as a hostile peer may send) are
+/// counted by name into maps ([`count_named`]), so that a batch's memory grows with what it
+/// counts, never with days × cells (a day's cells cost 16 bytes for every name met, and its
+/// sketches up to 40 KiB per family).
+const DENSE_DAYS: usize = 8;
+
 /// What a batch counted in one day.
 #[derive(Debug)]
 struct Day {
@@ -327,12 +335,16 @@ pub struct OpenTally {
     last: usize,
     events: u64,
     coverage: FastMap<i64, DayCoverage>,
+    /// The days beyond [`DENSE_DAYS`], counted by name.
+    overflow: Tally,
     /// Sums counted elsewhere and added ([`OpenTally::add_sums`]).
     sums: Tally,
     scratch: Scratch,
     dimensions: DimensionScratch,
     /// Where a page's key is built.
     key: String,
+    /// Where a counter's name is built ([`count_named`]).
+    name: String,
 }
 
 impl Default for OpenTally {
@@ -344,30 +356,93 @@ impl Default for OpenTally {
             last: 0,
             events: 0,
             coverage: FastMap::default(),
+            overflow: Tally::default(),
             sums: Tally::default(),
             scratch: Scratch::default(),
             dimensions: DimensionScratch::default(),
             key: String::new(),
+            name: String::new(),
         }
     }
 }
 
-/// The place of `day` in `days`, added when new.
+/// The place of `day` in `days`, added when new; `None` for a day beyond [`DENSE_DAYS`].
 fn day_of(
     days: &mut Vec<Day>,
     by_day: &mut FastMap<i64, usize>,
     last: &mut usize,
     day: i64,
-) -> usize {
+) -> Option<usize> {
     if days.get(*last).is_some_and(|d| d.day == day) {
-        return *last;
+        return Some(*last);
     }
     let at = *by_day.entry(day).or_insert_with(|| {
+        if days.len() >= DENSE_DAYS {
+            return usize::MAX;
+        }
         days.push(Day::new(day));
         days.len() - 1
     });
+    if at == usize::MAX {
+        return None;
+    }
     *last = at;
-    at
+    Some(at)
+}
+
+/// Adds `delta` to the counter `name` of `map`.
+fn bump(map: &mut Counts, name: &str, delta: i64) {
+    match map.get_mut(name) {
+        Some(value) => *value = value.saturating_add(delta),
+        None => {
+            map.insert(name.to_owned(), delta);
+        }
+    }
+}
+
+/// Counts an event of a day beyond [`DENSE_DAYS`] into `tally` by name, through the same
+/// rules as the cells. Rare, and kept out of the counting path's code.
+#[allow(clippy::too_many_arguments)]
+#[cold]
+#[inline(never)]
+fn count_named<'a>(
+    tally: &mut Tally,
+    head: &EventHead<'a>,
+    deltas: &Deltas<'a>,
+    more: &'a mut DimensionScratch,
+    dimensions: bool,
+    hours_and_sketches: bool,
+    name: &mut String,
+    key: &mut String,
+) {
+    let day = tally.days.entry(deltas.day).or_default();
+    deltas.for_each(name, |counter, delta| bump(day, counter, delta));
+    if !dimensions {
+        return;
+    }
+    let dims = Dimensions::of(head, deltas, more);
+    dims.for_each(deltas, name, |counter, delta| bump(day, counter, delta));
+    if !hours_and_sketches {
+        return;
+    }
+    let hours = tally.hours.entry(deltas.day).or_default();
+    dims.for_each_hourly(deltas, name, |counter| bump(hours, counter, 1));
+    let family = dims.project.family;
+    let server = dims.server.unwrap_or("");
+    if let Some((user, _)) = dims.user {
+        let editors = tally.editors.entry((deltas.day, family)).or_default();
+        editors.add(user.as_bytes());
+        let top = tally.top.entry((deltas.day, family, TopList::Editors));
+        top.or_default().add(user, server, dims.event_hash);
+    }
+    if let (Some(wiki), Some(title)) = (deltas.wiki, dims.title) {
+        key.clear();
+        key.push_str(wiki);
+        key.push('\t');
+        key.push_str(title);
+        let top = tally.top.entry((deltas.day, family, TopList::Pages));
+        top.or_default().add(key, server, dims.event_hash);
+    }
 }
 
 impl OpenTally {
@@ -394,16 +469,22 @@ impl OpenTally {
             scratch,
             dimensions: more,
             key,
+            overflow,
+            name,
             ..
         } = self;
         let deltas = Deltas::of(head, scratch);
-        let at = day_of(days, by_day, last, deltas.day);
+        *events += 1;
+        let Some(at) = day_of(days, by_day, last, deltas.day) else {
+            let (full, hours) = (dimensions, hours_and_sketches);
+            count_named(overflow, head, &deltas, more, full, hours, name, key);
+            return;
+        };
         let day = &mut days[at];
         deltas.for_each_counter(|counter, delta| {
             let cell = names.cell(Share::All, counter);
             day.add(cell, delta, names.names.len());
         });
-        *events += 1;
         if !dimensions {
             return;
         }
@@ -465,6 +546,16 @@ impl OpenTally {
         let mut tally = std::mem::take(&mut self.sums);
         tally.events += std::mem::take(&mut self.events);
         tally.coverage = std::mem::take(&mut self.coverage);
+        // The overflow's days are none of the cells' days: their hours and sketches join as
+        // they are, their counters by name (sums added elsewhere may hold the same days).
+        let overflow = std::mem::take(&mut self.overflow);
+        tally.hours.extend(overflow.hours);
+        tally.editors.extend(overflow.editors);
+        tally.top.extend(overflow.top);
+        tally.add_sums(Tally {
+            days: overflow.days,
+            ..Tally::default()
+        });
         self.by_day.clear();
         self.last = 0;
         for day in self.days.drain(..) {
@@ -610,6 +701,14 @@ mod tests {
             v["meta"]["dt"] = "1969-12-31T22:10:00Z".into()
         }));
         lines.push(first.replace(r#""wiki":"wikidatawiki""#, r#""wiki":"wikidata\u0077iki""#));
+        // Recorded events moved to ten more days, so that days beyond DENSE_DAYS count too.
+        for k in 0..40 {
+            let line = lines[k * 7].clone();
+            let day = 1 + k % 10;
+            lines.push(edit(&line, &|v| {
+                v["meta"]["dt"] = format!("2020-01-{day:02}T12:00:00Z").into()
+            }));
+        }
         lines
     }
 
@@ -619,7 +718,9 @@ mod tests {
         for dimensions in [false, true] {
             let want = by_name(&lines, dimensions);
             let got = open(&lines, dimensions);
-            assert!(want.days.len() > 1, "several days");
+            // Days beyond the first DENSE_DAYS are counted by name: both ways are held to the
+            // rules.
+            assert!(want.days.len() > DENSE_DAYS, "{} days", want.days.len());
             assert_eq!(got.days, want.days, "dimensions: {dimensions}");
             assert_eq!(got.hours, want.hours, "dimensions: {dimensions}");
             assert_eq!(got.events, want.events);
@@ -633,7 +734,13 @@ mod tests {
         let all = got.all_time();
         assert_eq!(all["pleiades_type_3"], 2);
         // A growth of zero still makes the counter exist, as the rules say.
-        let same = &lines[lines.len() - 5];
+        let same = lines
+            .iter()
+            .find(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["length"] == serde_json::json!({"old": 5, "new": 5})
+            })
+            .unwrap();
         let got = open(std::slice::from_ref(same), false);
         assert_eq!(got.days.values().next().unwrap()[GROWTH], 0);
     }
@@ -645,7 +752,11 @@ mod tests {
         for line in &lines {
             tally.count(&inspect(line).unwrap(), true);
         }
+        // However many days a batch holds, only DENSE_DAYS of them have cells.
+        assert_eq!(tally.days.len(), DENSE_DAYS);
+        assert!(!tally.overflow.days.is_empty());
         let first = tally.seal();
+        assert!(tally.overflow.days.is_empty() && tally.days.is_empty());
         assert_eq!(tally.events(), 0);
         assert_eq!(tally.seal(), Tally::default());
         for line in &lines {
