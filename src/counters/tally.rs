@@ -58,12 +58,7 @@ impl Tally {
         let mut all = Counts::default();
         for values in self.days.values() {
             for (name, delta) in values {
-                match all.get_mut(name.as_str()) {
-                    Some(value) => *value = value.saturating_add(*delta),
-                    None => {
-                        all.insert(name.clone(), *delta);
-                    }
-                }
+                bump(&mut all, name, *delta);
             }
         }
         all
@@ -568,14 +563,9 @@ impl OpenTally {
             } = day;
             let counts = tally.days.entry(day).or_default();
             for (cell, slot) in cells.iter().enumerate() {
+                // Two counters may share a name (type "3" and type 3): one sum.
                 if let (true, Some(name)) = (slot.counted, self.names.names.get(cell)) {
-                    match counts.get_mut(name.as_str()) {
-                        // Two counters may share a name (type "3" and type 3): one sum.
-                        Some(value) => *value = value.saturating_add(slot.value),
-                        None => {
-                            counts.insert(name.clone(), slot.value);
-                        }
-                    }
+                    bump(counts, name, slot.value);
                 }
             }
             if counts.is_empty() {
