@@ -65,22 +65,89 @@ async fn stored_state(redis: &str) -> (Expected, i64) {
 
 /// Waits until the topic holds every event of `lines` and Redis has counted as many, then
 /// asserts that each is on the topic once and that the counters equal a clean pass; returns
-/// the clean pass, what Redis holds and the topic.
+/// the clean pass, what Redis holds and the topic. A timeout says how far each side got and
+/// what the hosts whose metrics are on `ports` reported.
 async fn wait_on_topic_and_counted_once(
     brokers: &str,
     url: &str,
     lines: &[String],
     limit: Duration,
+    ports: &[u16],
 ) -> (Expected, Expected, Vec<TopicMessage>) {
     let expected = oracle(lines);
     let wanted = expected_ids(lines).len() as i64;
-    wait_until(limit, "every event on the topic and counted", async || {
+    let mut last = (0, 0);
+    let arrived = try_wait_until(limit, async || {
         // Offsets include transaction markers: more than the events, never fewer.
         let on_topic = tokio::task::block_in_place(|| topic_len(brokers, TOPIC));
         let (found, _) = stored_state(url).await;
+        last = (on_topic, found.events);
         (on_topic >= wanted && found.events >= expected.events).then_some(())
     })
     .await;
+    if arrived.is_none() {
+        let mut hosts = String::new();
+        for port in ports {
+            let metrics = scrape(*port).await.unwrap_or_default();
+            let mut shown: Vec<_> = metrics
+                .iter()
+                .filter(|(k, _)| {
+                    k.starts_with("pleiades_kafka_publish_events_total")
+                        || k.starts_with("pleiades_kafka_publish_writes_total")
+                        || k.starts_with("pleiades_kafka_writer_errors_total")
+                        || k.starts_with("pleiades_kafka_buffered_bytes")
+                        || k.starts_with("pleiades_kafka_consumer_lag_messages")
+                        || k.starts_with("pleiades_kafka_assigned_partitions")
+                        || k.starts_with("pleiades_aggregator_event_count_total")
+                        || k.starts_with("pleiades_ingest_connected")
+                        || k.starts_with("pleiades_aggregator_skipped_events_total")
+                        || k.starts_with("pleiades_recv_event_lines_total")
+                        || k.starts_with("pleiades_recv_duplicate_events_total")
+                })
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            shown.sort();
+            hosts.push_str(&format!("\n  host {port}: {}", shown.join(" ")));
+        }
+        // Which events are missing, and what the topic holds around them.
+        let topic = tokio::task::block_in_place(|| read_topic(brokers, TOPIC));
+        let on_topic: HashMap<&str, &TopicMessage> = topic
+            .iter()
+            .filter_map(|m| m.key.as_deref().map(|k| (k, m)))
+            .collect();
+        let ids = expected_ids(lines);
+        let mut missing = String::new();
+        for (n, id) in ids.iter().enumerate() {
+            if on_topic.contains_key(id.as_str()) {
+                continue;
+            }
+            let neighbour = |m: Option<&String>| {
+                m.and_then(|id| on_topic.get(id.as_str())).map(|m| {
+                    format!(
+                        "p{}@{} sse={:?} cursor={:?}",
+                        m.partition,
+                        m.offset,
+                        m.headers.get("sse-id"),
+                        m.headers.get("pleiades-cursor")
+                    )
+                })
+            };
+            missing.push_str(&format!(
+                "\n  missing #{n} {id}; before: {:?}; after: {:?}",
+                neighbour(n.checked_sub(1).and_then(|b| ids.get(b))),
+                neighbour(ids.get(n + 1))
+            ));
+        }
+        panic!(
+            "timed out after {limit:?} waiting for every event on the topic and counted: \
+             {} of {wanted} offsets on the topic, {} of {} events counted, {} messages read \
+             back{hosts}{missing}",
+            last.0,
+            last.1,
+            expected.events,
+            topic.len()
+        );
+    }
     let topic = tokio::task::block_in_place(|| read_topic(brokers, TOPIC));
     assert_topic_exactly_once(&topic, lines);
     let (found, _) = stored_state(url).await;
@@ -272,7 +339,8 @@ async fn three_hosts_count_exactly_once_through_kills_and_a_broker_restart() {
 
     // Everything arrives, exactly once, and is counted exactly once.
     let (expected, found, topic) =
-        wait_on_topic_and_counted_once(&brokers, &url, &lines, Duration::from_secs(240)).await;
+        wait_on_topic_and_counted_once(&brokers, &url, &lines, Duration::from_secs(240), &ports)
+            .await;
     assert_eq!(found.events, expected.events);
 
     // The invalid lines went to the quarantine topic, not to the aggregators.
@@ -534,7 +602,8 @@ async fn two_ingesters_started_together_the_newest_wins_and_the_topic_holds_each
     );
 
     let (_, _, topic) =
-        wait_on_topic_and_counted_once(&brokers, &url, &lines, Duration::from_secs(120)).await;
+        wait_on_topic_and_counted_once(&brokers, &url, &lines, Duration::from_secs(120), &ports)
+            .await;
     let gaps =
         scrape(ports[2]).await.expect("scrape")["pleiades_kafka_retention_gap_messages_total"];
     assert_eq!(gaps, 0.0, "transaction markers are not retention gaps");
