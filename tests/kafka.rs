@@ -548,6 +548,16 @@ async fn two_ingesters_started_together_the_newest_wins_and_the_topic_holds_each
     std::fs::write(&events, lines.join("\n")).expect("events written");
     let mut options = replay_options(vec![events]);
     options.rate = Some(1500.0);
+    // Upstream turns the first connection away for two seconds. Each ingester takes the
+    // transactional id over before it connects, so whichever of them is fenced is fenced
+    // before its first event reaches the broker: the one that connected first waits out the
+    // Retry-After, the other had already been fenced when it connected. This keeps the test
+    // clear of a defect of the test broker (nisshi 0.7.0-pre.2 on SQLite) that real Kafka
+    // does not have: a transaction that is not a producer's first in its epoch is visible to
+    // read_committed readers before it commits, the next producer's InitProducerId does not
+    // abort it, and that producer's commits then never become visible where they overlap it.
+    options.throttle = 1;
+    options.retry_after = 2;
     let upstream = scope.replay(options).await;
     let brokers = broker.brokers();
     let url = redis.url();
