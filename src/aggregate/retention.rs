@@ -27,6 +27,10 @@ struct Known {
     times: HashMap<u64, (Option<i64>, Option<i64>)>,
     /// Closed segments whose stored position reached their length: counted for good.
     counted: HashSet<u64>,
+    /// The newest event time any pass has read. A pass can miss the newest segments (being
+    /// compressed as it looks, or the one being written not yet holding a whole line), and age
+    /// is measured from the newest event on the bus, not from the newest one this pass read.
+    newest_ms: Option<i64>,
 }
 
 /// Runs retention passes every `file.retention_interval` until shutdown; `blocked` carries the
@@ -85,6 +89,15 @@ async fn pass(
         }
         paths.insert(number, path);
         states.push(state);
+    }
+    let seen = states.iter().filter_map(|s| s.last_event_ms).max();
+    known.newest_ms = known.newest_ms.max(seen);
+    if let (Some(open), Some(newest_ms)) = (states.last_mut(), known.newest_ms) {
+        // The segment being written is never deleted: carrying the newest time seen keeps the
+        // age of every other segment right when this pass could not read the newest ones.
+        if Some(open.number) == newest && open.last_event_ms.is_none_or(|t| t < newest_ms) {
+            open.last_event_ms = Some(newest_ms);
+        }
     }
     let retention_ms = config.retention.as_millis().min(i64::MAX as u128) as i64;
     // Room for the segment being written to grow to its full size, and for the one just

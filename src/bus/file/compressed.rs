@@ -193,6 +193,16 @@ pub fn compress_segment(plain: &Path, level: i32) -> Result<Compressed, FileBusE
             .open(&temporary)
             .and_then(|f| f.set_modified(modified));
     }
+    // Retention may delete a counted segment before the compressor is done with it (the
+    // budget does not wait for a busy host): then the copy is dropped, not brought back.
+    if !plain.exists() {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(FileBusError::Io {
+            op: "compress",
+            path: plain.to_owned(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+    }
     std::fs::rename(&temporary, &target).map_err(io_err("rename", &temporary))?;
     let dir = plain.parent().unwrap_or(Path::new("."));
     sync_dir(dir)?;

@@ -510,6 +510,9 @@ fn spawn_compression(closed: Vec<PathBuf>, metrics: FileBusMetrics) {
                             "compressed a closed event segment"
                         );
                     }
+                    Err(error) if error.is_not_found() => {
+                        tracing::debug!(segment = %path.display(), "a closed event segment was deleted by retention before it was compressed");
+                    }
                     Err(error) => {
                         metrics.errors.inc();
                         tracing::warn!(segment = %path.display(), %error, "cannot compress a closed event segment; it stays as it is");
